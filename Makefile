@@ -1,0 +1,43 @@
+# effseq: every target builds .venv from setup.cfg on first use (and again when setup.cfg changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Quiet JAX's CPU-only notice; keep JAX from grabbing every core's worth of threads twice.
+export JAX_PLATFORMS ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test test-slow lint format bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## run: the main job (for now the ops benchmark; prints its table)
+run: $(STAMP)
+	$(BIN)/python -m benchmarks.ops
+
+## test: lint, then the fast test suite (what CI runs)
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+## test-slow: only the tests marked slow
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## bench: the full ops benchmark (t = 1k..16k), writes benchmarks/results/ops.json
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.ops --full
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

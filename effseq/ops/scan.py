@@ -1,0 +1,102 @@
+"""First-order linear recurrences h_t = a_t * h_{t-1} + b_t, the engine of every diagonal scan.
+
+One entry point, :func:`linear_scan`, with the implementation picked by ``impl`` (resolved in
+:mod:`effseq.ops._impl`): ``"sequential"`` (a ``lax.scan``; least work, best on CPU) or
+``"associative"`` (``lax.associative_scan``; log depth, best on GPU/TPU). Accumulation is in
+float32 (or complex64 for complex inputs) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effseq.ops import _checks
+from effseq.ops._impl import resolve_impl
+from effseq.typing import Array
+
+# Steps per iteration of the sequential loop: amortises the loop overhead on CPU.
+_UNROLL = 8
+
+
+def _acc_dtype(x):
+    return jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
+
+
+def linear_scan_time_major(a: Array, b: Array, h0: Array | None, impl: str, reverse: bool = False):
+    """Time-major core used by the ops: a, b (t, ...); h0 (...) or None. Returns states (t, ...).
+
+    ``impl`` must already be resolved. With ``reverse`` the recurrence runs from t-1 down to 0.
+    """
+    if h0 is None:
+        h0 = jnp.zeros(b.shape[1:], b.dtype)
+    if impl == "sequential":
+
+        def step(h, ab):
+            a_t, b_t = ab
+            h = a_t * h + b_t
+            return h, h
+
+        _, hs = jax.lax.scan(step, h0, (a, b), reverse=reverse, unroll=_UNROLL)
+        return hs
+
+    def combine(left, right):
+        # Compose two affine maps; ``left`` acts first.
+        a_l, b_l = left
+        a_r, b_r = right
+        return a_r * a_l, a_r * b_l + b_r
+
+    a_cum, b_cum = jax.lax.associative_scan(combine, (a, b), reverse=reverse, axis=0)
+    return a_cum * h0 + b_cum
+
+
+def linear_scan(
+    a: Array,
+    b: Array,
+    h0: Array | None = None,
+    *,
+    reverse: bool = False,
+    impl: str | None = None,
+) -> tuple[Array, Array]:
+    """Runs h_t = a_t * h_{t-1} + b_t (elementwise) over axis 1.
+
+    Args:
+      a: (b, t, ...) decay, real or complex.
+      b: (b, t, ...) input, same shape as ``a``.
+      h0: (b, ...) initial state, or None for zeros.
+      reverse: run from the last step to the first (h_{t+1} feeds h_t).
+      impl: ``"sequential"`` or ``"associative"``; None picks the backend default.
+
+    Returns:
+      ``(h, h_last)``: every state (b, t, ...) and the final one (b, ...), in float32 (complex64
+      for complex inputs). With ``reverse`` the final state is the one at t = 0.
+    """
+    op = "linear_scan"
+    impl = resolve_impl(op, impl)
+    if a.ndim < 2:
+        raise ValueError(f"{op}: `a` must have rank >= 2 (b, t, ...), got {_checks.shape_str(a)}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{op}: `a` and `b` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if h0 is not None and (h0.shape[0] != a.shape[0] or h0.shape[1:] != a.shape[2:]):
+        raise ValueError(
+            f"{op}: `h0` must have shape {(a.shape[0], *a.shape[2:])}, got {tuple(h0.shape)}"
+        )
+    dtype = jnp.result_type(_acc_dtype(a), _acc_dtype(b))
+    a_t = jnp.moveaxis(a.astype(dtype), 1, 0)
+    b_t = jnp.moveaxis(b.astype(dtype), 1, 0)
+    hs = linear_scan_time_major(a_t, b_t, None if h0 is None else h0.astype(dtype), impl, reverse)
+    h_last = hs[0] if reverse else hs[-1]
+    return jnp.moveaxis(hs, 0, 1), h_last
+
+
+def linear_scan_reference(a: Array, b: Array, h0: Array | None = None) -> tuple[Array, Array]:
+    """Slow reference for :func:`linear_scan` (forward direction): a Python loop over time."""
+    dtype = jnp.result_type(_acc_dtype(a), _acc_dtype(b))
+    h = jnp.zeros((a.shape[0], *a.shape[2:]), dtype) if h0 is None else h0.astype(dtype)
+    out = []
+    for t in range(a.shape[1]):
+        h = a[:, t].astype(dtype) * h + b[:, t].astype(dtype)
+        out.append(h)
+    return jnp.stack(out, axis=1), h
