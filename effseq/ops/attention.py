@@ -1,0 +1,172 @@
+"""Softmax attention, the baseline mixer (Vaswani et al. 2017, "Attention Is All You Need", eq. 1).
+
+Shapes: q (b, t, h, k); keys k (b, s, h, k); values v (b, s, h, v). When s > t (decoding with a
+cache) the queries are the last t positions: query i sits at position s - t + i.
+
+``impl="xla"`` forms the (b, h, t, s) score matrix; ``impl="blockwise"`` walks over key blocks with
+a running (online) softmax and recomputes in the backward pass, so memory grows with
+t * block instead of t * s (Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory";
+Dao et al. 2022, "FlashAttention").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effseq.ops import _checks
+from effseq.ops._impl import resolve_impl
+from effseq.typing import Array
+
+# Keys per block of the blockwise path: large enough for efficient matmuls on CPU.
+_KEY_BLOCK = 512
+
+
+def _allowed(q_pos: Array, k_pos: Array, causal: bool, window: int | None) -> Array:
+    """Boolean mask (tq, tk): may query at q_pos attend to key at k_pos."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    ok = jnp.ones(diff.shape, bool)
+    if causal:
+        ok = diff >= 0
+    if window is not None:
+        ok = ok & (diff < window) & (causal | (diff > -window))
+    return ok
+
+
+def _validate(q, k, v, causal, window, scale):
+    op = "attention"
+    layouts = (("q", q, "(b, t, h, k)"), ("k", k, "(b, s, h, k)"), ("v", v, "(b, s, h, v)"))
+    for name, x, layout in layouts:
+        _checks.check_rank(op, name, x, 4, layout)
+        _checks.check_real(op, name, x)
+    _checks.check_dims(
+        op,
+        [
+            ("q", q, 0, "b"),
+            ("k", k, 0, "b"),
+            ("v", v, 0, "b"),
+            ("k", k, 1, "s"),
+            ("v", v, 1, "s"),
+            ("q", q, 2, "h"),
+            ("k", k, 2, "h"),
+            ("v", v, 2, "h"),
+            ("q", q, 3, "k"),
+            ("k", k, 3, "k"),
+        ],
+    )
+    if causal and q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"{op}: causal attention needs at least as many keys as queries, got `q` "
+            f"{tuple(q.shape)} and `k` {tuple(k.shape)}"
+        )
+    if window is not None:
+        _checks.check_positive_int(op, "window", window)
+    if scale is not None and isinstance(scale, complex):
+        raise ValueError(f"{op}: `scale` must be real, got {scale!r}")
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    impl: str | None = None,
+) -> Array:
+    """Multi-head softmax attention o = softmax(scale q k^T + mask) v, per head.
+
+    Args:
+      q: (b, t, h, k) queries.
+      k: (b, s, h, k) keys.
+      v: (b, s, h, v) values.
+      causal: query i sees keys at positions <= its own.
+      window: sliding-window (local) attention: with ``causal`` a query sees its last ``window``
+        positions (itself included); without, keys less than ``window`` positions away.
+      scale: score scale, default k**-0.5.
+      impl: ``"xla"`` or ``"blockwise"``; None picks the backend default.
+
+    Returns:
+      o (b, t, h, v) in q's dtype. Scores, softmax and sums are float32.
+    """
+    _validate(q, k, v, causal, window, scale)
+    impl = resolve_impl("attention", impl)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    t, s = q.shape[1], k.shape[1]
+    q_pos = jnp.arange(t) + (s - t)
+    if impl == "xla":
+        o = _attention_xla(q, k, v, q_pos, causal, window, scale)
+    else:
+        o = _attention_blockwise(q, k, v, q_pos, causal, window, scale)
+    return o.astype(q.dtype)
+
+
+def _attention_xla(q, k, v, q_pos, causal, window, scale):
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = _allowed(q_pos, jnp.arange(k.shape[1]), causal, window)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
+
+
+def _attention_blockwise(q, k, v, q_pos, causal, window, scale):
+    b, s, h, dv = v.shape
+    block = min(_KEY_BLOCK, s)
+    nblocks = -(-s // block)
+    pad = nblocks * block - s
+    k_blocks = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, -1)
+    v_blocks = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, dv)
+    t = q.shape[1]
+
+    @jax.checkpoint
+    def step(carry, xs):
+        m, l, acc = carry  # running max (b,h,t), normaliser (b,h,t), numerator (b,h,t,v)
+        k_blk, v_blk, start = xs
+        k_pos = start + jnp.arange(block)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k_blk, preferred_element_type=jnp.float32)
+        mask = _allowed(q_pos, k_pos, causal, window) & (k_pos < s)[None, :]
+        scores = jnp.where(mask, scores * scale, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(-1))
+        # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not nan.
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(scores - shift[..., None])
+        correction = jnp.exp(m - shift)
+        l = l * correction + p.sum(-1)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "bhts,bshd->bhtd", p, v_blk.astype(jnp.float32)
+        )
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((b, h, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, h, t), jnp.float32),
+        jnp.zeros((b, h, t, dv), jnp.float32),
+    )
+    xs = (jnp.moveaxis(k_blocks, 1, 0), jnp.moveaxis(v_blocks, 1, 0), jnp.arange(nblocks) * block)
+    (_, l, acc), _ = jax.lax.scan(step, init, xs)
+    return jnp.moveaxis(acc / l[..., None], 1, 2)
+
+
+def attention_reference(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Slow reference for :func:`attention`: the visibility rule written out key by key in NumPy,
+    then a dense float32 softmax."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    t, s = q.shape[1], k.shape[1]
+    visible = np.zeros((t, s), bool)
+    for i in range(t):
+        pos = s - t + i
+        for j in range(s):
+            visible[i, j] = (not causal or j <= pos) and (window is None or abs(pos - j) < window)
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    p = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))

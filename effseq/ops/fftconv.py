@@ -1,0 +1,178 @@
+"""Long convolutions along time, computed with real FFTs (the S4/SGConv convolution mode).
+
+Shapes (see :mod:`effseq.typing`): inputs u (b, t, h); kernels k (h, l), one per channel.
+A kernel longer than the sequence is cut to t; a shorter one acts as if zero-padded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from effseq.ops import _checks
+from effseq.ops._impl import resolve_impl
+from effseq.typing import Array
+
+
+@functools.cache
+def next_fast_len(n: int) -> int:
+    """Smallest m >= n whose only prime factors are 2, 3, 5 and 7 (fast sizes for FFT libraries)."""
+    if n <= 1:
+        return 1
+    best = 1 << (n - 1).bit_length()  # the next power of two is always a candidate
+    p7 = 1
+    while p7 < best:
+        p5 = p7
+        while p5 < best:
+            p3 = p5
+            while p3 < best:
+                m = p3
+                while m < n:
+                    m *= 2
+                best = min(best, m)
+                p3 *= 3
+            p5 *= 5
+        p7 *= 7
+    return best
+
+
+def _validate(op: str, u: Array, kernels: dict[str, Array]) -> None:
+    _checks.check_rank(op, "u", u, 3, "(b, t, h)")
+    _checks.check_real(op, "u", u)
+    dims = [("u", u, 2, "h")]
+    for name, k in kernels.items():
+        _checks.check_rank(op, name, k, 2, "(h, l)")
+        _checks.check_real(op, name, k)
+        dims.append((name, k, 0, "h"))
+    _checks.check_dims(op, dims)
+
+
+def _fit(k: Array, length: int) -> Array:
+    """Cuts or zero-pads the kernel's last axis to ``length``."""
+    l = k.shape[-1]
+    if l >= length:
+        return k[:, :length]
+    return jnp.pad(k, ((0, 0), (0, length - l)))
+
+
+def _conv_fft(u: Array, k_full: Array, n: int, t: int) -> Array:
+    """Circular convolution of u (b, t, h) with k_full (h, n) at FFT size n; first t outputs."""
+    u_f = jnp.fft.rfft(u, n=n, axis=1)
+    k_f = jnp.fft.rfft(k_full, n=n, axis=-1)
+    return jnp.fft.irfft(u_f * k_f.T[None], n=n, axis=1)[:, :t]
+
+
+def _conv_direct(u: Array, k: Array) -> Array:
+    """Depthwise causal convolution as an XLA convolution: best for short kernels."""
+    l = k.shape[-1]
+    h = u.shape[-1]
+    # conv_general_dilated correlates, so flip the kernel; (l, 1, h) is WIO, one input per group.
+    rhs = jnp.flip(k, -1).T[:, None, :]
+    return jax.lax.conv_general_dilated(
+        u,
+        rhs,
+        window_strides=(1,),
+        padding=[(l - 1, 0)],
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=h,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
+    """Causal depthwise convolution y[b, t, h] = sum_{s <= t} k[h, s] * u[b, t - s, h].
+
+    The convolution form of a linear time-invariant SSM (Gu et al. 2022, "Efficiently Modeling
+    Long Sequences with Structured State Spaces", eq. 4-5).
+
+    Args:
+      u: (b, t, h) real input.
+      k: (h, l) real kernel; cut to t or zero-padded.
+      impl: ``"fft"`` (O(t log t); the default) or ``"direct"`` (XLA convolution, O(t l); better
+        for short kernels such as Mamba's width-4 convolution).
+
+    Returns:
+      y (b, t, h) in u's dtype, accumulated in float32.
+    """
+    op = "causal_conv"
+    _validate(op, u, {"k": k})
+    impl = resolve_impl(op, impl)
+    t = u.shape[1]
+    uf = u.astype(jnp.float32)
+    kf = k.astype(jnp.float32)
+    if impl == "direct":
+        y = _conv_direct(uf, kf[:, :t])
+    else:
+        l = min(k.shape[-1], t)
+        # Linear (not circular) convolution needs n >= t + l - 1.
+        n = next_fast_len(t + l - 1)
+        y = _conv_fft(uf, _fit(kf, l), n, t)
+    return y.astype(u.dtype)
+
+
+def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None = None) -> Array:
+    """Non-causal convolution: a causal kernel plus an anti-causal one.
+
+    y[b, t, h] = sum_{s >= 0} k_fwd[h, s] * u[b, t - s, h]
+               + sum_{s >= 0} k_bwd[h, s] * u[b, t + 1 + s, h]
+
+    The backward kernel starts at lag 1 so the current token is counted once (the convention of
+    bidirectional S4). One FFT of size >= 2t - 1 evaluates both halves.
+
+    Args:
+      u: (b, t, h) real input.
+      k_fwd: (h, l) kernel over the past and present.
+      k_bwd: (h, l) kernel over the future.
+      impl: ``"fft"`` or ``"direct"``, as for :func:`causal_conv`.
+
+    Returns:
+      y (b, t, h) in u's dtype.
+    """
+    op = "bidirectional_conv"
+    _validate(op, u, {"k_fwd": k_fwd, "k_bwd": k_bwd})
+    impl = resolve_impl("causal_conv", impl)
+    t = u.shape[1]
+    uf = u.astype(jnp.float32)
+    kf = _fit(k_fwd.astype(jnp.float32), t)
+    kb = _fit(k_bwd.astype(jnp.float32), t - 1) if t > 1 else None
+    if impl == "direct":
+        y = _conv_direct(uf, kf)
+        if kb is not None:
+            # Reversing time turns the future into the past; the lag-1 start is a leading zero.
+            kb_shifted = jnp.pad(kb, ((0, 0), (1, 0)))
+            y = y + jnp.flip(_conv_direct(jnp.flip(uf, 1), kb_shifted), 1)
+    else:
+        n = next_fast_len(2 * t - 1)
+        k_full = jnp.zeros((k_fwd.shape[0], n), jnp.float32).at[:, :t].set(kf)
+        if kb is not None:
+            # Lag -(s + 1) lives at circular index n - 1 - s.
+            k_full = k_full.at[:, n - (t - 1) :].set(jnp.flip(kb, -1))
+        y = _conv_fft(uf, k_full, n, t)
+    return y.astype(u.dtype)
+
+
+def _toeplitz(k: Array, t: int, lag_offset: int) -> Array:
+    """(h, t, t) matrix T[h, i, j] = k[h, i - j - lag_offset] where in range, else 0."""
+    lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :] - lag_offset
+    valid = (lag >= 0) & (lag < k.shape[-1])
+    return jnp.where(valid, k.astype(jnp.float32)[:, jnp.clip(lag, 0, k.shape[-1] - 1)], 0.0)
+
+
+def causal_conv_reference(u: Array, k: Array) -> Array:
+    """Slow reference for :func:`causal_conv`: the dense (t, t) Toeplitz matrix product, float32."""
+    t = u.shape[1]
+    return jnp.einsum("hts,bsh->bth", _toeplitz(k, t, 0), u.astype(jnp.float32))
+
+
+def bidirectional_conv_reference(u: Array, k_fwd: Array, k_bwd: Array) -> Array:
+    """Slow reference for :func:`bidirectional_conv`: dense Toeplitz products, float32.
+
+    The anti-causal part is the causal one of the time-reversed input, with the kernel
+    starting at lag 1.
+    """
+    t = u.shape[1]
+    uf = u.astype(jnp.float32)
+    backward = jnp.einsum("hts,bsh->bth", _toeplitz(k_bwd, t, 1), jnp.flip(uf, 1))
+    return causal_conv_reference(u, k_fwd) + jnp.flip(backward, 1)

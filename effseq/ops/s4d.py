@@ -1,0 +1,178 @@
+"""Diagonal state space models (S4D): discretization, convolution kernel, recurrent step.
+
+Gu, Gupta, Goel & Re 2022, "On the Parameterization and Initialization of Diagonal State Space
+Models". A layer has h independent channels, each a diagonal SSM of n complex modes. The modes
+come in conjugate pairs, so n complex modes stand for 2n real states and every output is
+2 * Re(...) of the sum over the n stored modes.
+
+Shapes: log_dt (h,) real; A, B, C (h, n) complex; kernels K (h, l) real.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from effseq.ops import _checks
+from effseq.typing import Array
+
+DISCRETIZATIONS = ("zoh", "bilinear")
+
+
+def _validate_ssm(op: str, log_dt: Array, A: Array, B: Array, C: Array | None = None) -> None:
+    _checks.check_rank(op, "log_dt", log_dt, 1, "(h,)")
+    _checks.check_real(op, "log_dt", log_dt)
+    dims = [("log_dt", log_dt, 0, "h")]
+    for name, x in (("A", A), ("B", B), ("C", C)):
+        if x is None:
+            continue
+        _checks.check_rank(op, name, x, 2, "(h, n)")
+        _checks.check_complex(op, name, x)
+        dims += [(name, x, 0, "h"), (name, x, 1, "n")]
+    _checks.check_dims(op, dims)
+
+
+def _log_dA(log_dt: Array, A: Array, discretization: str) -> Array:
+    """log(dA), exactly dt*A for ZOH so powers dA**l = exp(l * dt * A) lose no accuracy."""
+    dtA = jnp.exp(log_dt.astype(jnp.float32))[:, None] * A.astype(jnp.complex64)
+    if discretization == "zoh":
+        return dtA
+    return jnp.log((1 + dtA / 2) / (1 - dtA / 2))
+
+
+def s4d_discretize(
+    log_dt: Array, A: Array, B: Array, discretization: str = "zoh"
+) -> tuple[Array, Array]:
+    """Discretizes x' = A x + B u with step dt = exp(log_dt) (S4D paper, sec. 3 / eq. 3).
+
+    ZOH: dA = exp(dt A), dB = (dA - 1) / A * B.
+    Bilinear: dA = (1 + dt A / 2) / (1 - dt A / 2), dB = dt B / (1 - dt A / 2).
+
+    Args:
+      log_dt: (h,) real log step sizes.
+      A: (h, n) complex state matrix diagonal (Re A < 0 for stability).
+      B: (h, n) complex input matrix.
+      discretization: ``"zoh"`` or ``"bilinear"``.
+
+    Returns:
+      ``(dA, dB)``, both (h, n) complex64.
+    """
+    op = "s4d_discretize"
+    _validate_ssm(op, log_dt, A, B)
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(
+            f"{op}: unknown discretization={discretization!r}; choose one of "
+            f"{', '.join(DISCRETIZATIONS)}"
+        )
+    dt = jnp.exp(log_dt.astype(jnp.float32))[:, None]
+    A = A.astype(jnp.complex64)
+    B = B.astype(jnp.complex64)
+    if discretization == "zoh":
+        dA = jnp.exp(dt * A)
+        dB = (dA - 1) / A * B
+    else:
+        denom = 1 - dt * A / 2
+        dA = (1 + dt * A / 2) / denom
+        dB = dt * B / denom
+    return dA, dB
+
+
+def _fine_size(length: int) -> int:
+    """Power of two near sqrt(length): balances the two factor tables of the Vandermonde split."""
+    return 1 << max(0, math.ceil(math.log2(max(1, length)) / 2))
+
+
+def s4d_kernel(
+    log_dt: Array, A: Array, B: Array, C: Array, length: int, discretization: str = "zoh"
+) -> Array:
+    """The SSM convolution kernel K[h, l] = 2 Re(sum_n C dB dA**l) for l < length.
+
+    (S4D paper, eq. 5: the kernel is a Vandermonde matrix-vector product.) Writing l = q c + r
+    with a fine size c near sqrt(length) splits dA**l = dA**(q c) * dA**r, so the kernel is one
+    batched real matmul of a (h, length/c, n) coarse table by a (h, n, c) fine table. That is
+    O(h n sqrt(length)) exponentials and memory instead of the direct product's O(h n length);
+    the (h, n, length) table of powers is never formed.
+
+    Args:
+      log_dt: (h,) real; A, B, C: (h, n) complex; length: kernel length l (Python int).
+      discretization: ``"zoh"`` or ``"bilinear"``.
+
+    Returns:
+      K (h, length) float32.
+    """
+    op = "s4d_kernel"
+    _validate_ssm(op, log_dt, A, B, C)
+    _checks.check_positive_int(op, "length", length)
+    dA, dB = s4d_discretize(log_dt, A, B, discretization)
+    W = C.astype(jnp.complex64) * dB  # (h, n)
+    log_dA = _log_dA(log_dt, A, discretization)  # (h, n)
+
+    c = _fine_size(length)
+    q = -(-length // c)
+    fine = jnp.exp(log_dA[..., None] * jnp.arange(c, dtype=jnp.float32))  # (h, n, c)
+    coarse = W[..., None] * jnp.exp(
+        log_dA[..., None] * (c * jnp.arange(q, dtype=jnp.float32))
+    )  # (h, n, q)
+    # 2 Re(sum_n coarse * fine) as real matmuls: Re(a b) = Re a Re b - Im a Im b.
+    K = jnp.einsum("hnq,hnr->hqr", coarse.real, fine.real) - jnp.einsum(
+        "hnq,hnr->hqr", coarse.imag, fine.imag
+    )
+    return 2 * K.reshape(K.shape[0], q * c)[:, :length]
+
+
+def s4d_kernel_reference(
+    log_dt: Array, A: Array, B: Array, C: Array, length: int, discretization: str = "zoh"
+) -> Array:
+    """Slow reference for :func:`s4d_kernel`: the direct Vandermonde product.
+
+    Forms the whole (h, n, length) table dA**l = exp(l log dA). This is also the baseline
+    that benchmarks/ops.py times against.
+    """
+    dA, dB = s4d_discretize(log_dt, A, B, discretization)
+    W = C.astype(jnp.complex64) * dB
+    powers = jnp.exp(
+        _log_dA(log_dt, A, discretization)[..., None] * jnp.arange(length, dtype=jnp.float32)
+    )
+    return 2 * jnp.einsum("hn,hnl->hl", W, powers).real
+
+
+def s4d_step(x: Array, u_t: Array, dA: Array, dB: Array, C: Array) -> tuple[Array, Array]:
+    """One recurrent step: x <- dA x + dB u_t, y_t = 2 Re(sum_n C x).
+
+    Args:
+      x: (b, h, n) complex state.
+      u_t: (b, h) real input at this step.
+      dA, dB: (h, n) complex, from :func:`s4d_discretize`.
+      C: (h, n) complex.
+
+    Returns:
+      ``(x, y_t)``: the new state (b, h, n) complex64 and y_t (b, h) in u_t's dtype.
+    """
+    op = "s4d_step"
+    _checks.check_rank(op, "x", x, 3, "(b, h, n)")
+    _checks.check_complex(op, "x", x)
+    _checks.check_rank(op, "u_t", u_t, 2, "(b, h)")
+    _checks.check_real(op, "u_t", u_t)
+    for name, p in (("dA", dA), ("dB", dB), ("C", C)):
+        _checks.check_rank(op, name, p, 2, "(h, n)")
+        _checks.check_complex(op, name, p)
+    _checks.check_dims(
+        op,
+        [
+            ("x", x, 0, "b"),
+            ("u_t", u_t, 0, "b"),
+            ("x", x, 1, "h"),
+            ("u_t", u_t, 1, "h"),
+            ("dA", dA, 0, "h"),
+            ("dB", dB, 0, "h"),
+            ("C", C, 0, "h"),
+            ("x", x, 2, "n"),
+            ("dA", dA, 1, "n"),
+            ("dB", dB, 1, "n"),
+            ("C", C, 1, "n"),
+        ],
+    )
+    x = dA * x.astype(jnp.complex64) + dB * u_t.astype(jnp.float32)[..., None]
+    y = 2 * jnp.einsum("hn,bhn->bh", C.astype(jnp.complex64), x).real
+    return x, y.astype(u_t.dtype)

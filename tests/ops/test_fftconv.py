@@ -1,0 +1,129 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effseq.ops import (
+    bidirectional_conv,
+    bidirectional_conv_reference,
+    causal_conv,
+    causal_conv_reference,
+    next_fast_len,
+)
+from tests.ops.compare import compare_with_reference
+
+# (t, l): t = 1, a prime t, kernels shorter than, equal to and longer than t.
+SHAPES = [(1, 1), (1, 5), (37, 37), (37, 100), (64, 10), (100, 250)]
+IMPLS = ["fft", "direct"]
+DTYPES = ["float32", "bfloat16"]
+# Every shape under jit; eager (op-by-op) dispatch once, at the prime length.
+CASES = [(i, d, s, True) for i in IMPLS for d in DTYPES for s in SHAPES] + [
+    (i, d, (37, 37), False) for i in IMPLS for d in DTYPES
+]
+
+
+def _inputs(t, l, dtype, h=3, b=2, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    u = jax.random.normal(k1, (b, t, h)).astype(dtype)
+    k = (jax.random.normal(k2, (h, l)) / np.sqrt(l)).astype(dtype)
+    kb = (jax.random.normal(k3, (h, l)) / np.sqrt(l)).astype(dtype)
+    return u, k, kb
+
+
+@pytest.mark.parametrize("impl,dtype,shape,jit", CASES)
+def test_causal_conv_matches_reference(impl, dtype, shape, jit):
+    u, k, _ = _inputs(*shape, dtype)
+    out, _ = compare_with_reference(
+        lambda u, k: causal_conv(u, k, impl=impl),
+        causal_conv_reference,
+        (u, k),
+        dtype,
+        jit=jit,
+        names=["u", "k"],
+    )
+    assert out.dtype == u.dtype and out.shape == u.shape
+
+
+@pytest.mark.parametrize("impl,dtype,shape,jit", CASES)
+def test_bidirectional_conv_matches_reference(impl, dtype, shape, jit):
+    u, k, kb = _inputs(*shape, dtype)
+    out, _ = compare_with_reference(
+        lambda u, k, kb: bidirectional_conv(u, k, kb, impl=impl),
+        bidirectional_conv_reference,
+        (u, k, kb),
+        dtype,
+        jit=jit,
+        names=["u", "k_fwd", "k_bwd"],
+    )
+    assert out.dtype == u.dtype and out.shape == u.shape
+
+
+def test_bidirectional_counts_the_present_once():
+    # A delta input at position p: the output at p is k_fwd[0] alone; at p - 1 - s it is k_bwd[s].
+    t, p = 9, 4
+    u = jnp.zeros((1, t, 1)).at[0, p, 0].set(1.0)
+    kf = jnp.arange(1.0, t + 1)[None]
+    kb = -jnp.arange(1.0, t + 1)[None]
+    y = np.asarray(bidirectional_conv(u, kf, kb, impl="fft"))[0, :, 0]
+    expected = np.zeros(t)
+    expected[p:] = np.arange(1.0, t - p + 1)
+    expected[:p] = -np.arange(p, 0, -1)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+def _future_jacobian(impl, t=23):
+    u, k, _ = _inputs(t, t, "float32")
+    jac = jax.jacrev(lambda u: causal_conv(u, k, impl=impl)[0, :, 0])(u)[:, 0, :, 0]  # (t, t)
+    return np.asarray(jac)
+
+
+def test_direct_conv_is_exactly_causal():
+    jac = _future_jacobian("direct")
+    assert np.all(np.triu(jac, 1) == 0)
+    assert np.any(np.tril(jac) != 0)
+
+
+def test_fft_conv_is_causal_up_to_roundoff():
+    # An FFT mixes every position through its rounding errors, so the anticausal part of the
+    # Jacobian is float32 roundoff rather than exactly zero: a few ulps of the largest entry.
+    jac = _future_jacobian("fft")
+    scale = np.abs(np.tril(jac)).max()
+    assert np.abs(np.triu(jac, 1)).max() <= 16 * np.finfo(np.float32).eps * scale
+
+
+def test_next_fast_len_is_the_smallest_7_smooth_size():
+    def smooth(m):
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in range(1, 1100):
+        m = next_fast_len(n)
+        assert m >= n and smooth(m), n
+        assert not any(smooth(x) for x in range(n, m)), n
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((jnp.zeros((4, 3)), jnp.zeros((3, 5))), r"`u` must have rank 3 \(b, t, h\)"),
+        ((jnp.zeros((2, 4, 3)), jnp.zeros((3, 5, 1))), r"`k` must have rank 2"),
+        ((jnp.zeros((2, 4, 3)), jnp.zeros((4, 5))), r"dimension 'h' must agree.*`u` \(2, 4, 3\)"),
+        ((jnp.zeros((2, 4, 3), jnp.complex64), jnp.zeros((3, 5))), r"`u` must be real"),
+        ((jnp.zeros((2, 4, 3), jnp.int32), jnp.zeros((3, 5))), r"`u` must be a floating"),
+    ],
+)
+def test_causal_conv_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        causal_conv(*args)
+
+
+def test_bad_impl_lists_choices():
+    with pytest.raises(ValueError, match="unknown impl='fast'; choose one of fft, direct"):
+        causal_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 3)), impl="fast")
+
+
+def test_bidirectional_rejects_mismatched_backward_kernel():
+    with pytest.raises(ValueError, match="`k_bwd`"):
+        bidirectional_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 3)), jnp.zeros((3, 3)))

@@ -1,0 +1,144 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effseq.ops import (
+    causal_conv,
+    s4d_discretize,
+    s4d_kernel,
+    s4d_kernel_reference,
+    s4d_step,
+)
+from tests.ops.compare import compare_with_reference
+from tests.tolerances import assert_close
+
+H, N = 4, 8
+
+
+def _ssm(init="lin", seed=0, h=H, n=N):
+    """log_dt log-uniform in [1e-3, 1e-1]; A from S4D-Lin or S4D-Inv; random B, C."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    log_dt = jax.random.uniform(k[0], (h,), minval=np.log(1e-3), maxval=np.log(1e-1))
+    idx = jnp.arange(n)
+    imag = jnp.pi * idx if init == "lin" else n / jnp.pi * (n / (2 * idx + 1) - 1)
+    A = jnp.broadcast_to(-0.5 + 1j * imag, (h, n)).astype(jnp.complex64)
+    B = (jax.random.normal(k[1], (h, n)) + 1j * jax.random.normal(k[2], (h, n))).astype(
+        jnp.complex64
+    )
+    C = (jax.random.normal(k[3], (h, n)) + 1j * jax.random.normal(k[4], (h, n))).astype(
+        jnp.complex64
+    ) * 0.5
+    return log_dt, A, B, C
+
+
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+def test_discretize_matches_formula(discretization):
+    log_dt, A, B, _ = _ssm()
+    dA, dB = s4d_discretize(log_dt, A, B, discretization)
+    dt = np.exp(np.asarray(log_dt, np.float64))[:, None]
+    A64, B64 = np.asarray(A, np.complex128), np.asarray(B, np.complex128)
+    if discretization == "zoh":
+        dA_ref = np.exp(dt * A64)
+        dB_ref = (dA_ref - 1) / A64 * B64
+    else:
+        dA_ref = (1 + dt * A64 / 2) / (1 - dt * A64 / 2)
+        dB_ref = dt * B64 / (1 - dt * A64 / 2)
+    assert_close(dA, dA_ref)
+    assert_close(dB, dB_ref)
+
+
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+@pytest.mark.parametrize("init", ["lin", "inv"])
+@pytest.mark.parametrize("length,jit", [(1, True), (37, True), (1000, True), (37, False)])
+def test_kernel_matches_vandermonde(discretization, init, length, jit):
+    params = _ssm(init)
+    out, _ = compare_with_reference(
+        lambda *p: s4d_kernel(*p, length, discretization),
+        lambda *p: s4d_kernel_reference(*p, length, discretization),
+        params,
+        jit=jit,
+        names=["log_dt", "A", "B", "C"],
+    )
+    assert out.shape == (H, length) and out.dtype == jnp.float32
+
+
+def test_kernel_accepts_bfloat16_step_sizes():
+    log_dt, A, B, C = _ssm()
+    K = s4d_kernel(log_dt.astype(jnp.bfloat16), A, B, C, 64)
+    K_ref = s4d_kernel_reference(log_dt.astype(jnp.bfloat16).astype(jnp.float32), A, B, C, 64)
+    assert K.dtype == jnp.float32
+    assert_close(K, K_ref)
+
+
+def test_kernel_never_forms_the_table_of_powers():
+    # The direct product needs an (h, n, l) complex64 table; the split needs O(h n sqrt(l)).
+    h, n, length = 16, 32, 4096
+    params = _ssm(h=h, n=n)
+    fast = jax.jit(lambda *p: s4d_kernel(*p, length)).lower(*params).compile()
+    table_bytes = h * n * length * 8
+    assert fast.memory_analysis().temp_size_in_bytes < table_bytes / 8
+
+
+def _recurrence(u, log_dt, A, B, C, discretization):
+    dA, dB = s4d_discretize(log_dt, A, B, discretization)
+    x0 = jnp.zeros((u.shape[0], A.shape[0], A.shape[1]), jnp.complex64)
+
+    def step(x, u_t):
+        x, y_t = s4d_step(x, u_t, dA, dB, C)
+        return x, y_t
+
+    _, y = jax.lax.scan(step, x0, jnp.moveaxis(u, 1, 0))
+    return jnp.moveaxis(y, 0, 1)
+
+
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+@pytest.mark.parametrize("t", [1, 37, 256])
+def test_convolution_equals_recurrence(discretization, t):
+    log_dt, A, B, C = _ssm()
+    u = jax.random.normal(jax.random.key(3), (2, t, H))
+    y_conv = causal_conv(u, s4d_kernel(log_dt, A, B, C, t, discretization))
+    y_rec = jax.jit(_recurrence, static_argnums=5)(u, log_dt, A, B, C, discretization)
+    assert_close(y_conv, y_rec)
+
+
+def test_step_output_dtype_follows_input():
+    log_dt, A, B, C = _ssm()
+    dA, dB = s4d_discretize(log_dt, A, B)
+    x = jnp.zeros((2, H, N), jnp.complex64)
+    x, y = s4d_step(x, jnp.ones((2, H), jnp.bfloat16), dA, dB, C)
+    assert y.dtype == jnp.bfloat16 and x.dtype == jnp.complex64 and y.shape == (2, H)
+
+
+def test_discretize_rejects_bad_input():
+    log_dt, A, B, _ = _ssm()
+    with pytest.raises(ValueError, match=r"`A` must be complex"):
+        s4d_discretize(log_dt, A.real, B)
+    with pytest.raises(ValueError, match=r"`log_dt` must be real"):
+        s4d_discretize(log_dt.astype(jnp.complex64), A, B)
+    with pytest.raises(ValueError, match=r"`log_dt` must have rank 1 \(h,\)"):
+        s4d_discretize(log_dt[None], A, B)
+    with pytest.raises(ValueError, match=r"dimension 'n' must agree.*`B` \(4, 3\)"):
+        s4d_discretize(log_dt, A, B[:, :3])
+    with pytest.raises(ValueError, match=r"unknown discretization='euler'"):
+        s4d_discretize(log_dt, A, B, "euler")
+
+
+def test_kernel_rejects_bad_length_and_shapes():
+    log_dt, A, B, C = _ssm()
+    with pytest.raises(ValueError, match=r"`length` must be a positive Python int, got 0"):
+        s4d_kernel(log_dt, A, B, C, 0)
+    with pytest.raises(ValueError, match=r"dimension 'h' must agree.*`C` \(3, 8\)"):
+        s4d_kernel(log_dt, A, B, C[:3], 16)
+
+
+def test_step_rejects_bad_input():
+    log_dt, A, B, C = _ssm()
+    dA, dB = s4d_discretize(log_dt, A, B)
+    x = jnp.zeros((2, H, N), jnp.complex64)
+    with pytest.raises(ValueError, match=r"`x` must be complex"):
+        s4d_step(x.real, jnp.ones((2, H)), dA, dB, C)
+    with pytest.raises(ValueError, match=r"dimension 'b' must agree.*`u_t` \(3, 4\)"):
+        s4d_step(x, jnp.ones((3, H)), dA, dB, C)
+    with pytest.raises(ValueError, match=r"`u_t` must have rank 2 \(b, h\)"):
+        s4d_step(x, jnp.ones((2, 5, H)), dA, dB, C)
