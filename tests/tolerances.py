@@ -8,6 +8,11 @@ float32: fast paths reorder float32 sums (chunking, FFT), so agreement is to a f
   largest magnitude involved: rtol/atol near 1e-5 on O(1) values.
 bfloat16: the output is rounded to bfloat16 (8 mantissa bits, relative spacing 2**-8 = 3.9e-3)
   after float32 accumulation, so a couple of bf16 ulps.
+long: gradients at realistic lengths (t in the thousands) are float32 sums of thousands of
+  products, and individual entries cancel to far below the array's scale, where entrywise
+  relative error means nothing. Errors are measured against the array's largest magnitude
+  instead. Against a float64 truth, the reference and the fast paths measured alike (e.g. the
+  kernel gradient of an FFT conv at t = 8191: 1.2e-4 fast, 1.9e-4 direct, on a scale of 627).
 """
 
 import numpy as np
@@ -16,11 +21,21 @@ TOL = {
     "float32": {"value": dict(rtol=2e-5, atol=2e-5), "grad": dict(rtol=5e-5, atol=5e-5)},
     "bfloat16": {"value": dict(rtol=1e-2, atol=1e-2), "grad": dict(rtol=2e-2, atol=2e-2)},
 }
+# Relative to max |expected| over the whole array (see "long" above).
+LONG_RTOL = {"float32": 1e-5}
 
 
 def assert_close(actual, expected, dtype="float32", kind="value", err_msg=""):
-    """Compares in float32 with the table's tolerance for ``dtype`` and ``kind``."""
-    tol = TOL[str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype][kind]
+    """Compares in float32 with the table's tolerance for ``dtype`` and ``kind``.
+
+    ``kind`` is "value", "grad", or "long" (scale-relative, for realistic lengths).
+    """
+    dtype = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    if kind == "long":
+        scale = float(np.max(np.abs(np.asarray(expected)))) if np.size(expected) else 0.0
+        tol = dict(rtol=0.0, atol=LONG_RTOL[dtype] * scale)
+    else:
+        tol = TOL[dtype][kind]
     np.testing.assert_allclose(
         np.asarray(actual, dtype=np.float32) if not np.iscomplexobj(actual) else np.asarray(actual),
         np.asarray(expected, dtype=np.float32)
