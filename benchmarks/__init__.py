@@ -1,0 +1,1 @@
+"""Timing scripts: ``python -m benchmarks.ops`` (``make run`` / ``make bench``)."""
