@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import jax
 
-# op -> its implementations. The first is the portable fast path.
+# op -> its implementations.
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "causal_conv": ("fft", "direct"),
-    "s4d_kernel": ("chunked", "vandermonde"),
+    "bidirectional_conv": ("fft", "direct"),
     "linear_scan": ("sequential", "associative"),
     "selective_scan": ("chunked", "associative"),
     "gated_linear_attention": ("chunked", "recurrent"),
-    "attention": ("xla", "blockwise", "cudnn"),
+    "attention": ("xla", "blockwise"),
 }
 
-# Backend-specific defaults; ops missing here use the first entry of IMPLEMENTATIONS.
-# On CPU a sequential loop beats a log-depth tree (work, not depth, is what costs); on
-# accelerators the tree's parallelism wins.
-_BACKEND_DEFAULTS: dict[str, dict[str, str]] = {
-    "cpu": {"linear_scan": "sequential"},
-    "gpu": {"linear_scan": "associative"},
-    "tpu": {"linear_scan": "associative"},
+# The default per backend, for every op. On CPU a sequential loop beats a log-depth tree
+# (work, not depth, is what costs); on accelerators the tree's parallelism wins. The chunked
+# selective scan calls linear_scan inside, so it inherits that choice. Backends not
+# listed (e.g. a plugin) use the CPU column, which is correct everywhere.
+_DEFAULTS: dict[str, dict[str, str]] = {
+    "cpu": {
+        "causal_conv": "fft",
+        "bidirectional_conv": "fft",
+        "linear_scan": "sequential",
+        "selective_scan": "chunked",
+        "gated_linear_attention": "chunked",
+        "attention": "xla",
+    },
 }
+_DEFAULTS["gpu"] = _DEFAULTS["tpu"] = {**_DEFAULTS["cpu"], "linear_scan": "associative"}
 
 
 def resolve_impl(op: str, impl: str | None) -> str:
@@ -37,7 +44,7 @@ def resolve_impl(op: str, impl: str | None) -> str:
     """
     choices = IMPLEMENTATIONS[op]
     if impl is None:
-        return _BACKEND_DEFAULTS.get(jax.default_backend(), {}).get(op, choices[0])
+        return _DEFAULTS.get(jax.default_backend(), _DEFAULTS["cpu"])[op]
     if impl not in choices:
         raise ValueError(f"{op}: unknown impl={impl!r}; choose one of {', '.join(choices)}")
     return impl

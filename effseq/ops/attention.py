@@ -3,10 +3,11 @@
 Shapes: q (b, t, h, k); keys k (b, s, h, k); values v (b, s, h, v). When s > t (decoding with a
 cache) the queries are the last t positions: query i sits at position s - t + i.
 
-``impl="xla"`` forms the (b, h, t, s) score matrix; ``impl="blockwise"`` walks over key blocks with
-a running (online) softmax and recomputes in the backward pass, so memory grows with
-t * block instead of t * s (Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory";
-Dao et al. 2022, "FlashAttention").
+``impl="xla"`` forms the (b, h, t, s) score matrix; ``impl="blockwise"`` walks over key blocks
+with a running (online) softmax (Rabe & Staats 2021, "Self-attention Does Not Need O(n^2)
+Memory"; Dao et al. 2022, "FlashAttention"). The score matrix is never formed: a block's scores
+are recomputed in the backward pass, which stores only the running statistics per key block,
+(s / block) * t * (v + 2) numbers instead of t * s.
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
 
     Returns:
       y (b, t, h) in u's dtype, accumulated in float32.
+
+    Causality: ``"direct"`` is exactly causal (the gradient of y_t w.r.t. later inputs is 0).
+    ``"fft"`` is causal up to float32 roundoff: an FFT spreads rounding errors over every
+    position, so that gradient is a few ulps of the kernel's scale, not exactly 0.
     """
     op = "causal_conv"
     _validate(op, u, {"k": k})
@@ -132,7 +136,7 @@ def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None
     """
     op = "bidirectional_conv"
     _validate(op, u, {"k_fwd": k_fwd, "k_bwd": k_bwd})
-    impl = resolve_impl("causal_conv", impl)
+    impl = resolve_impl(op, impl)
     t = u.shape[1]
     uf = u.astype(jnp.float32)
     kf = _fit(k_fwd.astype(jnp.float32), t)

@@ -10,8 +10,10 @@ Shapes: log_dt (h,) real; A, B, C (h, n) complex; kernels K (h, l) real.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
 from effseq.ops import _checks
@@ -38,7 +40,8 @@ def _log_dA(log_dt: Array, A: Array, discretization: str) -> Array:
     dtA = jnp.exp(log_dt.astype(jnp.float32))[:, None] * A.astype(jnp.complex64)
     if discretization == "zoh":
         return dtA
-    return jnp.log((1 + dtA / 2) / (1 - dtA / 2))
+    # log((1 + x) / (1 - x)) = 2 atanh(x), without the cancellation of the ratio near 1.
+    return 2 * jnp.arctanh(dtA / 2)
 
 
 def s4d_discretize(
@@ -70,7 +73,8 @@ def s4d_discretize(
     B = B.astype(jnp.complex64)
     if discretization == "zoh":
         dA = jnp.exp(dt * A)
-        dB = (dA - 1) / A * B
+        # expm1, not dA - 1: for |dt A| ~ 1e-3 the subtraction loses ~3 of float32's 7 digits.
+        dB = jnp.expm1(dt * A) / A * B
     else:
         denom = 1 - dt * A / 2
         dA = (1 + dt * A / 2) / denom
@@ -114,10 +118,10 @@ def s4d_kernel(
     coarse = W[..., None] * jnp.exp(
         log_dA[..., None] * (c * jnp.arange(q, dtype=jnp.float32))
     )  # (h, n, q)
-    # 2 Re(sum_n coarse * fine) as real matmuls: Re(a b) = Re a Re b - Im a Im b.
-    K = jnp.einsum("hnq,hnr->hqr", coarse.real, fine.real) - jnp.einsum(
-        "hnq,hnr->hqr", coarse.imag, fine.imag
-    )
+    # 2 Re(sum_n coarse * fine) as real matmuls: Re(a b) = Re a Re b - Im a Im b. HIGHEST
+    # keeps them float32 on accelerators (no TF32 / single bf16 pass).
+    mm = functools.partial(jnp.einsum, "hnq,hnr->hqr", precision=jax.lax.Precision.HIGHEST)
+    K = mm(coarse.real, fine.real) - mm(coarse.imag, fine.imag)
     return 2 * K.reshape(K.shape[0], q * c)[:, :length]
 
 

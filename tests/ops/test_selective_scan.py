@@ -108,9 +108,7 @@ def test_matches_reference_eager(impl):
 def test_chunked_with_associative_inner_scan(monkeypatch):
     # On GPU/TPU the chunked path runs its in-chunk recurrences (forward and adjoint) with the
     # associative scan; force that choice on CPU so the combination is covered here too.
-    monkeypatch.setitem(
-        _impl._BACKEND_DEFAULTS, jax.default_backend(), {"linear_scan": "associative"}
-    )
+    monkeypatch.setitem(_impl._DEFAULTS, jax.default_backend(), _impl._DEFAULTS["gpu"])
     assert _impl.resolve_impl("linear_scan", None) == "associative"
     assert_matches_reference(positional(selective_scan, impl="chunked", chunk_size=CHUNK), 37)
 

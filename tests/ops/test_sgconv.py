@@ -63,7 +63,7 @@ def test_upsampling_interpolates_linearly():
     w = jnp.zeros((3, 1, d)).at[2, 0].set(jnp.arange(d, dtype=jnp.float32))
     K = np.asarray(sgconv_kernel(w, sgconv_length(3, d), decay=1.0))[0, 2 * d :]
     x = np.clip((np.arange(2 * d) + 0.5) / 2 - 0.5, 0, d - 1)
-    np.testing.assert_allclose(K, x)
+    assert_close(K, x)
 
 
 def test_rejects_bad_input():
