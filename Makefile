@@ -3,8 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Quiet JAX's CPU-only notice; keep JAX from grabbing every core's worth of threads twice.
-export JAX_PLATFORMS ?= cpu
+# Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test test-slow lint format bench clean

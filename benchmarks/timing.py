@@ -46,14 +46,12 @@ def time_jitted(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> Timin
     return Timing(statistics.median(times), min(times), max(times), repeats, compile_s, temp)
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def provenance() -> dict:
@@ -69,5 +67,9 @@ def provenance() -> dict:
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        # Uncommitted changes to tracked files mean the commit alone does not reproduce it.
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS"),
     }
