@@ -58,10 +58,15 @@ def _fit(k: Array, length: int) -> Array:
 
 
 def _conv_fft(u: Array, k_full: Array, n: int, t: int) -> Array:
-    """Circular convolution of u (b, t, h) with k_full (h, n) at FFT size n; first t outputs."""
-    u_f = jnp.fft.rfft(u, n=n, axis=1)
+    """Circular convolution of u (b, t, h) with k_full (h, n) at FFT size n; first t outputs.
+
+    The FFTs run over the last axis of a (b, h, t) copy: transforms of contiguous rows were
+    faster than transforms along the strided time axis on CPU, fwd+bwd at (2, t, 256), by 2x
+    at t = 2048 and 12% at t = 8192, the transposes included.
+    """
+    u_f = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n, axis=-1)
     k_f = jnp.fft.rfft(k_full, n=n, axis=-1)
-    return jnp.fft.irfft(u_f * k_f.T[None], n=n, axis=1)[:, :t]
+    return jnp.swapaxes(jnp.fft.irfft(u_f * k_f[None], n=n, axis=-1)[..., :t], 1, 2)
 
 
 def _conv_direct(u: Array, k: Array) -> Array:
