@@ -7,7 +7,8 @@ Every mixer runs at width 256 (4 heads x 64 for GLA and attention), batch 2, flo
 Baselines implemented here or beside each op: the direct Vandermonde product
 (``s4d_kernel_reference``), a plain per-step ``lax.scan`` (``selective_scan_reference``,
 ``gated_linear_attention_reference``) and XLA softmax attention (``impl="xla"``).
-Results go to ``benchmarks/results/ops.json`` (with provenance) and ``ops.md``.
+``--full`` writes ``benchmarks/results/ops.json`` (with provenance) and ``ops.md``, the figures
+the README shows; the quick run writes ``results/ops/ops_quick.{json,md}`` (not tracked).
 """
 
 from __future__ import annotations
@@ -323,13 +324,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every op at t = 1k..16k")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help=f"results folder (default: {RESULTS} with --full, else results/ops, untracked)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these op names")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 for a median worth reporting")
 
     plan = full_plan() if args.full else QUICK_PLAN
+    if args.out is None:
+        args.out = RESULTS if args.full else pathlib.Path("results/ops")
     if args.only:
         unknown = sorted(set(args.only) - set(CASES))
         if unknown:
