@@ -1,0 +1,16 @@
+"""Flax Linen sequence-mixer layers; all maths through :mod:`effseq.ops`.
+
+Every mixer follows one protocol, so models can swap them by name:
+
+* fields ``d_model`` (width d), ``dtype`` (compute, default float32) and ``param_dtype``
+  (storage, default float32), plus its own hyper-parameters with the paper's defaults;
+* ``__call__(x)``: x (b, t, d) -> y (b, t, d), the parallel (training) form;
+* ``init_state(batch, max_len)``: the decoding state (a pytree of arrays) before any token;
+* ``step(x_t, state)``: x_t (b, d) -> (y_t (b, d), state), one token of the recurrent form,
+  equal to the parallel form position by position (causal mixers only; a bidirectional mixer
+  raises).
+
+Every parameter carries logical axis names (:mod:`effseq.sharding`), created through
+:func:`effseq.layers.params.param`; parameters that need the SSM optimizer treatment are tagged
+there (``ssm=True``).
+"""
