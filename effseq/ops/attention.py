@@ -1,7 +1,9 @@
 """Softmax attention, the baseline mixer (Vaswani et al. 2017, "Attention Is All You Need", eq. 1).
 
-Shapes: q (b, t, h, k); keys k (b, s, h, k); values v (b, s, h, v). When s > t (decoding with a
-cache) the queries are the last t positions: query i sits at position s - t + i.
+Shapes: q (b, t, h, k); keys k (b, s, h, k); values v (b, s, h, v). Query i sits at position
+q_offset + i, by default s - t + i (the queries are the last t positions). Decoding into a
+fixed-size cache passes the position of the new token as ``q_offset``: causality then hides the
+cache slots not written yet.
 
 ``impl="xla"`` forms the (b, h, t, s) score matrix; ``impl="blockwise"`` walks over key blocks
 with a running (online) softmax (Rabe & Staats 2021, "Self-attention Does Not Need O(n^2)
@@ -75,6 +77,7 @@ def attention(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    q_offset: int | Array | None = None,
     impl: str | None = None,
 ) -> Array:
     """Multi-head softmax attention o = softmax(scale q k^T + mask) v, per head.
@@ -87,6 +90,7 @@ def attention(
       window: sliding-window (local) attention: with ``causal`` a query sees its last ``window``
         positions (itself included); without, keys less than ``window`` positions away.
       scale: score scale, default k**-0.5.
+      q_offset: position of the first query (an int or a traced scalar); default s - t.
       impl: ``"xla"`` or ``"blockwise"``; None picks the backend default.
 
     Returns:
@@ -96,7 +100,7 @@ def attention(
     impl = resolve_impl("attention", impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
-    q_pos = jnp.arange(t) + (s - t)
+    q_pos = jnp.arange(t) + (s - t if q_offset is None else q_offset)
     if impl == "xla":
         o = _attention_xla(q, k, v, q_pos, causal, window, scale)
     else:
@@ -158,6 +162,7 @@ def attention_reference(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    q_offset: int | None = None,
 ) -> Array:
     """Slow reference for :func:`attention`: the visibility rule written out key by key in NumPy,
     then a dense float32 softmax."""
@@ -165,7 +170,7 @@ def attention_reference(
     t, s = q.shape[1], k.shape[1]
     visible = np.zeros((t, s), bool)
     for i in range(t):
-        pos = s - t + i
+        pos = (s - t if q_offset is None else q_offset) + i
         for j in range(s):
             visible[i, j] = (not causal or j <= pos) and (window is None or abs(pos - j) < window)
     scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale

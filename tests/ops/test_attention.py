@@ -8,6 +8,7 @@ import pytest
 
 from effseq.ops import attention, attention_reference
 from tests.ops.compare import compare_with_reference
+from tests.tolerances import assert_close
 
 # The package exports the function under the module's name, so reach the module directly.
 attention_module = importlib.import_module("effseq.ops.attention")
@@ -62,6 +63,24 @@ def test_matches_reference_without_jit_and_custom_scale(impl):
     compare_with_reference(
         lambda q, k, v: attention(q, k, v, scale=0.3, impl=impl),
         functools.partial(attention_reference, scale=0.3),
+        (q, k, v),
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window", [None, 3])
+def test_query_offset_into_a_fixed_size_cache(impl, window):
+    # Decoding: one query at position 9 of a 16-slot cache; slots 10.. hold junk and must be
+    # hidden by causality. A traced offset (under jit) must work too.
+    q, k, v = _qkv(1, 16, "float32")
+    k, v = k.at[:, 10:].set(1e3), v.at[:, 10:].set(1e3)
+    fast = jax.jit(lambda q, k, v, pos: attention(q, k, v, window=window, q_offset=pos, impl=impl))
+    out = fast(q, k, v, jnp.int32(9))
+    expected = attention_reference(q, k[:, :10], v[:, :10], window=window)
+    assert_close(out, expected)
+    compare_with_reference(
+        lambda q, k, v: attention(q, k, v, window=window, q_offset=9, impl=impl),
+        functools.partial(attention_reference, window=window, q_offset=9),
         (q, k, v),
     )
 
