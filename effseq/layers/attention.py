@@ -1,0 +1,186 @@
+"""Multi-head softmax attention layer, the baseline mixer.
+
+Vaswani et al. 2017, "Attention Is All You Need" (sec. 3.2). Options: causal or bidirectional;
+sliding-window (local) attention; rotary position embeddings (Su et al. 2021, "RoFormer",
+eq. 34, rotating the two halves of each head); Primer's depthwise convolution after the q, k and
+v projections (So et al. 2021, "Primer: Searching for Efficient Transformers for Language
+Modeling", sec. 3, "Multi-DConv-Head Attention", width 3). Primer's squared-ReLU MLP belongs to
+the residual block, not here.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effseq import ops, sharding
+from effseq.layers import params
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotates x (b, t, h, k) by position: pairs (x_i, x_{i + k/2}) turn by pos * base^(-2i/k)."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None] * freq  # (b | 1, t, k/2)
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention mixer: x (b, t, d) -> (b, t, d).
+
+    Attributes:
+      d_model: width d.
+      num_heads: heads h; head_dim k defaults to d / h.
+      causal: attend to the past only (required for decoding).
+      window: sliding-window size (None: full attention).
+      rotary: rotary position embeddings on q and k.
+      dconv: Primer's causal depthwise convolution (width ``dconv_width``) after the q, k, v
+        projections; causal models only.
+      impl: ``effseq.ops.attention`` implementation (None: the backend default).
+    """
+
+    d_model: int
+    num_heads: int = 4
+    head_dim: int | None = None
+    causal: bool = True
+    window: int | None = None
+    rotary: bool = False
+    rotary_base: float = 10000.0
+    dconv: bool = False
+    dconv_width: int = 3
+    impl: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _dims(self):
+        head_dim = self.head_dim or self.d_model // self.num_heads
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"Attention: d_model={self.d_model} is not divisible by num_heads="
+                f"{self.num_heads}; set head_dim"
+            )
+        if self.rotary and head_dim % 2:
+            raise ValueError(f"Attention: rotary needs an even head_dim, got {head_dim}")
+        if self.dconv and not self.causal:
+            raise ValueError("Attention: dconv (Primer) is a causal convolution; set causal=True")
+        return self.num_heads, head_dim
+
+    def setup(self):
+        self.w = self._create_params()
+
+    def _create_params(self):
+        h, k = self._dims()
+        qkv_axes = (sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
+        w = {
+            name: params.param(self, name, init, (self.d_model, h, k), qkv_axes, self.param_dtype)
+            for name in ("query", "key", "value")
+        }
+        out_init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2
+        )
+        w["out"] = params.param(
+            self,
+            "out",
+            out_init,
+            (h, k, self.d_model),
+            (sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED),
+            self.param_dtype,
+        )
+        if self.dconv:
+            # Start as the identity (tap 0 = 1) so the convolution is a learned refinement.
+            def dconv_init(key, shape, dtype):
+                return jnp.zeros(shape, dtype).at[..., 0].set(1.0)
+
+            for name in ("query", "key", "value"):
+                w[f"dconv_{name}"] = params.param(
+                    self,
+                    f"dconv_{name}",
+                    dconv_init,
+                    (h, k, self.dconv_width),
+                    (sharding.HEADS, sharding.HEAD_DIM, sharding.CONV),
+                    self.param_dtype,
+                )
+        return w
+
+    def _project(self, w, x):
+        """x (b, t, d) -> q, k, v, each (b, t, h, k), before the convolution."""
+        x = x.astype(self.dtype)
+        return [
+            jnp.einsum("btd,dhk->bthk", x, w[n].astype(self.dtype))
+            for n in ("query", "key", "value")
+        ]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.w
+        b, t, _ = x.shape
+        q, k, v = self._project(w, x)
+        if self.dconv:
+            q, k, v = (
+                self._dconv_parallel(w[f"dconv_{n}"], y)
+                for n, y in zip(("query", "key", "value"), (q, k, v), strict=True)
+            )
+        if self.rotary:
+            pos = jnp.arange(t)[None]
+            q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
+        o = ops.attention(q, k, v, causal=self.causal, window=self.window, impl=self.impl)
+        return jnp.einsum("bthk,hkd->btd", o, w["out"].astype(self.dtype))
+
+    def _dconv_parallel(self, kern, y):
+        b, t, h, k = y.shape
+        flat = ops.causal_conv(y.reshape(b, t, h * k), kern.reshape(h * k, -1), impl="direct")
+        return flat.reshape(b, t, h, k).astype(self.dtype)
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """KV cache (b, max_len, h, k) x 2, the next position, and Primer's input window."""
+        h, k = self._dims()
+        state = {
+            "key": jnp.zeros((batch, max_len, h, k), self.dtype),
+            "value": jnp.zeros((batch, max_len, h, k), self.dtype),
+            "index": jnp.zeros((), jnp.int32),
+        }
+        if self.dconv:
+            state["window"] = jnp.zeros((3, batch, self.dconv_width - 1, h, k), self.dtype)
+        return state
+
+    def step(self, x_t: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """One token x_t (b, d) -> (y_t (b, d), state); cost grows with the cache length."""
+        if not self.causal:
+            raise ValueError("Attention.step: a bidirectional layer has no recurrent form")
+        w = self.w
+        index = state["index"]
+        q, k, v = (y[:, 0] for y in self._project(w, x_t[:, None]))  # (b, h, k) each
+        new = dict(state)
+        if self.dconv:
+            stacked = jnp.stack([q, k, v])[:, :, None]  # (3, b, 1, h, k)
+            window = jnp.concatenate([state["window"], stacked], axis=2)  # oldest first
+            kern = jnp.stack([w[f"dconv_{n}"] for n in ("query", "key", "value")])
+            kern = kern.astype(self.dtype)  # (3, h, k, width): tap s multiplies x_{t-s}
+            q, k, v = jnp.einsum("cbshk,chks->cbhk", window, jnp.flip(kern, -1))
+            new["window"] = window[:, :, 1:]
+        q, k = q[:, None], k[:, None]
+        if self.rotary:
+            pos = jnp.full((1, 1), index)
+            q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
+        new["key"] = jax.lax.dynamic_update_slice_in_dim(
+            state["key"], k.astype(self.dtype), index, 1
+        )
+        new["value"] = jax.lax.dynamic_update_slice_in_dim(
+            state["value"], v[:, None].astype(self.dtype), index, 1
+        )
+        o = ops.attention(
+            q,
+            new["key"],
+            new["value"],
+            causal=True,
+            window=self.window,
+            q_offset=index,
+            impl=self.impl,
+        )
+        new["index"] = index + 1
+        y = jnp.einsum("bhk,hkd->bd", o[:, 0], w["out"].astype(self.dtype))
+        return y, new
