@@ -18,10 +18,25 @@ CONV = "conv"  # taps of a short convolution
 SCALES = "scales"  # SGConv sub-kernel scales
 KERNEL = "kernel"  # SGConv sub-kernel taps
 LAYERS = "layers"  # the stacked-layers axis of a scanned stack
+COMPLEX = "complex"  # the (real, imaginary) pair of a complex parameter stored as reals
 
 # Activation axes.
 ACT_BATCH = "activation_batch"
 ACT_LENGTH = "activation_length"
 ACT_EMBED = "activation_embed"
 
-PARAM_AXES = (EMBED, MLP, VOCAB, HEADS, HEAD_DIM, INNER, STATE, LOW_RANK, CONV, SCALES, KERNEL)
+PARAM_AXES = (
+    EMBED,
+    MLP,
+    VOCAB,
+    HEADS,
+    HEAD_DIM,
+    INNER,
+    STATE,
+    LOW_RANK,
+    CONV,
+    SCALES,
+    KERNEL,
+    LAYERS,
+    COMPLEX,
+)

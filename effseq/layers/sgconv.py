@@ -1,0 +1,177 @@
+"""SGConv: a structured global convolution sequence mixer.
+
+Li, Cai, Zhang, Chen & Dey 2022, "What Makes Convolutional Models Great on Long Sequence
+Modeling?", sec. 3.1: each channel's kernel is assembled from s short sub-kernels of
+``kernel_dim`` parameters, sub-kernel i stretched by 2**max(0, i - 1) and damped by decay**(-i)
+(:func:`effseq.ops.sgconv_kernel`), then divided by a per-channel norm Z fixed at
+initialization.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effseq import ops, sharding
+from effseq.layers import params
+from effseq.layers.s4d import project, projection_params
+from effseq.typing import Array, DType
+
+
+def num_scales(max_len: int, kernel_dim: int) -> int:
+    """The smallest s with ops.sgconv_length(s, kernel_dim) >= max_len (sec. 3.1)."""
+    s = 1
+    while ops.sgconv_length(s, kernel_dim) < max_len:
+        s += 1
+    return s
+
+
+class SGConv(nn.Module):
+    """SGConv mixer: y = Proj(GELU(K * x + D x)), K = sgconv_kernel(sub_kernels) / Z.
+
+    Follows the mixer protocol of :mod:`effseq.layers`. Shapes: x (b, t, d); the kernel has
+    h = d channels; sub_kernels (s, h, kernel_dim).
+
+    The decay convention: the paper (sec. 3.1) weights scale i by alpha**i with a decay
+    coefficient alpha < 1 (1/2 by default); the op weights it by decay**(-i), so
+    decay = 1 / alpha = 2. A factor common to all scales (the released code scales by
+    decay**(s - 1 - i) instead) changes nothing: the normalization Z cancels it.
+
+    Kernel normalization: Z (h,) is the L2 norm of each channel's assembled kernel (over its
+    natural length ``sgconv_length(s, kernel_dim)``) at initialization, then held fixed, as
+    in the released code. It is computed inside the initializer of a variable in the
+    ``"constants"`` collection, so it is a pure function of the initial sub-kernels: ``init``
+    returns it, ``apply`` reads it and never writes it, and nothing depends on which call came
+    first. A separate collection rather than a stop-gradient parameter because an optimizer
+    sees every parameter: decoupled weight decay would shrink a "frozen" Z even with a zero
+    gradient, and optimizer state would be kept for it. Pass the whole ``variables`` dict (or
+    at least ``params`` and ``constants``) to ``apply``.
+
+    Attributes:
+      d_model: width d (= kernel channels h).
+      max_len: the sequence length the kernel must cover; sets the number of scales
+        (:func:`num_scales`); the default suits short tasks, models should pass their
+        sequence length. Inputs up to the natural length ``sgconv_length(s, kernel_dim)``
+        (>= max_len) see the whole kernel; longer ones see it zero-padded.
+      kernel_dim: parameters per sub-kernel (paper default 64).
+      decay: per-scale damping, scale i weighted decay**(-i).
+      glu: output projection Dense d -> 2d then GLU (the released code's default); else
+        Dense d -> d.
+      bidirectional: add a second, independent kernel over the future (non-causal;
+        :func:`effseq.ops.bidirectional_conv`); ``step`` then raises.
+      conv_impl: ``impl`` of the convolution op (None: the backend's default). ``"direct"`` is
+        exactly causal; ``"fft"`` is causal up to float32 roundoff.
+      dtype: compute dtype; the kernel is assembled in float32.
+      param_dtype: parameter storage dtype.
+
+    Parameters: ``sub_kernels`` (and ``sub_kernels_bwd``) (s, h, kernel_dim), standard normal
+    (released code), SSM-tagged; D (h,) skip, standard normal, SSM-tagged;
+    ``out_kernel``/``out_bias``: the output projection. Constants: ``kernel_norm`` (and
+    ``kernel_norm_bwd``) (h,).
+    """
+
+    d_model: int
+    max_len: int = 1024
+    kernel_dim: int = 64
+    decay: float = 2.0
+    glu: bool = True
+    bidirectional: bool = False
+    conv_impl: str | None = None
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @property
+    def num_scales(self) -> int:
+        return num_scales(self.max_len, self.kernel_dim)
+
+    def _sub_kernels(self, suffix: str) -> tuple[Array, nn.Variable]:
+        s = self.num_scales
+        w = params.param(
+            self,
+            "sub_kernels" + suffix,
+            nn.initializers.normal(1.0),
+            (s, self.d_model, self.kernel_dim),
+            (sharding.SCALES, sharding.EMBED, sharding.KERNEL),
+            self.param_dtype,
+            ssm=True,
+        )
+
+        def init_norm():
+            # Runs only when the variable is created (in ``init``), on the initial sub-kernels.
+            k = ops.sgconv_kernel(w, ops.sgconv_length(s, self.kernel_dim), self.decay)
+            return nn.LogicallyPartitioned(jnp.linalg.norm(k, axis=-1), (sharding.EMBED,))
+
+        norm = self.variable("constants", "kernel_norm" + suffix, init_norm)
+        return w, norm
+
+    def setup(self):
+        self.sub_kernels, self.kernel_norm = self._sub_kernels("")
+        if self.bidirectional:
+            self.sub_kernels_bwd, self.kernel_norm_bwd = self._sub_kernels("_bwd")
+        self.D = params.param(
+            self,
+            "D",
+            nn.initializers.normal(1.0),
+            (self.d_model,),
+            (sharding.EMBED,),
+            self.param_dtype,
+            ssm=True,
+        )
+        self.out_kernel, self.out_bias = projection_params(self, self.d_model, self.glu)
+
+    def _kernel(self, w: Array, norm: nn.Variable, length: int) -> Array:
+        """K (h, length) float32."""
+        k = ops.sgconv_kernel(w, length, self.decay)
+        return k / norm.value.astype(jnp.float32)[:, None]
+
+    def _output(self, y: Array, x: Array) -> Array:
+        y = y + x * self.D.astype(self.dtype)
+        return project(jax.nn.gelu(y), self.out_kernel, self.out_bias, self.glu, self.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """x (b, t, d) -> y (b, t, d) in ``dtype``."""
+        x = x.astype(self.dtype)
+        t = x.shape[1]
+        k = self._kernel(self.sub_kernels, self.kernel_norm, t)
+        if self.bidirectional:
+            k_bwd = self._kernel(self.sub_kernels_bwd, self.kernel_norm_bwd, t)
+            y = ops.bidirectional_conv(x, k, k_bwd, impl=self.conv_impl)
+        else:
+            y = ops.causal_conv(x, k, impl=self.conv_impl)
+        return self._output(y, x)
+
+    def init_state(self, batch: int, max_len: int) -> tuple[Array, Array]:
+        """(history (b, max_len, d) zeros in ``dtype``, position 0 (int32 scalar)).
+
+        A global convolution has no finite state: decoding keeps every input so far.
+        """
+        return jnp.zeros((batch, max_len, self.d_model), self.dtype), jnp.zeros((), jnp.int32)
+
+    def step(self, x_t: Array, state: tuple[Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+        """One token: x_t (b, d) -> y_t (b, d); y_t = sum_{s <= pos} K[:, s] x[pos - s].
+
+        O(max_len d) per token. Positions past the history's length are an error the caller
+        must avoid (JAX drops an out-of-bounds write, so such tokens are lost).
+        """
+        if self.bidirectional:
+            raise ValueError(
+                "SGConv: a bidirectional layer sees future tokens and has no recurrent step; "
+                "use bidirectional=False for decoding"
+            )
+        history, pos = state
+        x_t = x_t.astype(self.dtype)
+        length = history.shape[1]
+        history = history.at[:, pos].set(x_t.astype(history.dtype))
+        k = self._kernel(self.sub_kernels, self.kernel_norm, length)  # (h, l)
+        lags = jnp.arange(length)
+        src = pos - lags
+        # Lag s reads position pos - s; lags reaching before the start read nothing.
+        past = jnp.where((src >= 0)[None, :, None], history[:, jnp.clip(src, 0)], 0)
+        y = jnp.einsum(
+            "bld,dl->bd",
+            past.astype(jnp.float32),
+            k,
+            precision=jax.lax.Precision.HIGHEST,
+        ).astype(self.dtype)
+        return self._output(y, x_t), (history, pos + 1)

@@ -1,0 +1,150 @@
+"""SGConv layer: decoding == parallel form, causality, kernel and normalization, params, dtypes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effseq import ops
+from effseq.layers import params
+from effseq.layers.sgconv import SGConv, num_scales
+from tests.tolerances import assert_close
+
+D_MODEL = 16
+KERNEL_DIM = 4
+MAX_LEN = 37
+
+
+def _module(**kw):
+    return SGConv(d_model=D_MODEL, max_len=MAX_LEN, kernel_dim=KERNEL_DIM, **kw)
+
+
+def _init(module, t=5, b=2, seed=0):
+    x = jax.random.normal(jax.random.key(seed), (b, t, module.d_model))
+    return x, module.init(jax.random.key(seed + 1), x)
+
+
+def _decode(module, variables, x, max_len):
+    state = module.apply(variables, x.shape[0], max_len, method="init_state")
+
+    def body(state, x_t):
+        y_t, state = module.apply(variables, x_t, state, method="step")
+        return state, y_t
+
+    _, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(ys, 0, 1)
+
+
+@pytest.mark.parametrize("t", [1, MAX_LEN])
+@pytest.mark.parametrize("glu", [True, False])
+def test_step_matches_parallel(t, glu):
+    module = _module(glu=glu)
+    x, variables = _init(module, t=t)
+    parallel = jax.jit(module.apply)(variables, x)
+    stepped = jax.jit(lambda v, x: _decode(module, v, x, MAX_LEN))(variables, x)
+    assert parallel.shape == (2, t, D_MODEL)
+    assert_close(stepped, parallel, "float32", "value")
+
+
+def test_num_scales():
+    # Natural lengths for kernel_dim 4: 4, 8, 16, 32, 64 for s = 1..5.
+    assert num_scales(MAX_LEN, KERNEL_DIM) == 5
+    assert num_scales(32, KERNEL_DIM) == 4
+    assert num_scales(1, KERNEL_DIM) == 1
+    assert num_scales(1024, 64) == 5  # 64 * 2**4 = 1024
+    for max_len in (1, 5, 37, 100):
+        s = num_scales(max_len, KERNEL_DIM)
+        assert ops.sgconv_length(s, KERNEL_DIM) >= max_len
+        assert s == 1 or ops.sgconv_length(s - 1, KERNEL_DIM) < max_len
+
+
+def test_kernel_norm_fixed_at_init():
+    module = _module()
+    x, variables = _init(module)
+    unboxed = nn.meta.unbox(variables)
+    w = unboxed["params"]["sub_kernels"]
+    assert w.shape == (num_scales(MAX_LEN, KERNEL_DIM), D_MODEL, KERNEL_DIM)
+    # Z = per-channel L2 norm of the kernel assembled from the initial sub-kernels (reference).
+    full = ops.sgconv_kernel_reference(w, ops.sgconv_length(w.shape[0], KERNEL_DIM), 2.0)
+    assert_close(unboxed["constants"]["kernel_norm"], np.linalg.norm(full, axis=-1))
+    # apply never writes Z, even when allowed to.
+    _, mutated = module.apply(variables, x, mutable=["constants"])
+    np.testing.assert_array_equal(
+        nn.meta.unbox(mutated)["constants"]["kernel_norm"], unboxed["constants"]["kernel_norm"]
+    )
+    # Z is not recomputed from the current sub-kernels: K / |K| would be scale invariant, so a
+    # change of output under scaling shows the fixed Z is used.
+    scaled = dict(variables, params=dict(variables["params"]))
+    scaled["params"]["sub_kernels"] = nn.meta.replace_boxed(
+        variables["params"]["sub_kernels"], 2 * w
+    )
+    assert not np.allclose(module.apply(scaled, x), module.apply(variables, x))
+
+
+def test_causal_by_gradient():
+    module = _module(conv_impl="direct")
+    t = 7
+    x, variables = _init(module, t=t, b=1)
+    jac = jax.jacrev(lambda x: module.apply(variables, x))(x)[0, :, :, 0]  # (t, d, s, d)
+    dep = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # (t, s)
+    assert np.all(dep[np.triu_indices(t, k=1)] == 0.0)
+    assert np.all(np.diag(dep) > 0)
+
+
+def test_bidirectional_sees_future_and_step_raises():
+    module = _module(bidirectional=True)
+    t = 7
+    x, variables = _init(module, t=t, b=1)
+    grad = jax.grad(lambda x: module.apply(variables, x)[0, 0].sum())(x)
+    assert np.abs(np.asarray(grad[0, 1:])).sum() > 0
+    state = module.apply(variables, 1, t, method="init_state")
+    with pytest.raises(ValueError, match="bidirectional"):
+        module.apply(variables, x[:, 0], state, method="step")
+
+
+@pytest.mark.parametrize("glu,bidirectional", [(True, False), (False, True)])
+def test_param_count(glu, bidirectional):
+    module = _module(glu=glu, bidirectional=bidirectional)
+    _, variables = _init(module)
+    count = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(variables)["params"]))
+    s, h, d = num_scales(MAX_LEN, KERNEL_DIM), D_MODEL, D_MODEL
+    width = 2 * d if glu else d
+    expected = (2 if bidirectional else 1) * s * h * KERNEL_DIM + h + d * width + width
+    assert count == expected
+    n_const = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(variables)["constants"]))
+    assert n_const == (2 if bidirectional else 1) * h
+
+
+def test_axes_and_ssm_tags():
+    module = _module(bidirectional=True)
+    _, variables = _init(module)
+    for col in ("params", "constants"):
+        axes = params.logical_axes(variables)[col]
+        for path, names in jax.tree_util.tree_leaves_with_path(
+            axes, is_leaf=lambda x: isinstance(x, tuple) or x is None
+        ):
+            assert names is not None and None not in names, (col, path)
+    mask = params.ssm_mask(variables)
+    tagged = {
+        jax.tree_util.keystr(path)
+        for path, is_ssm in jax.tree_util.tree_leaves_with_path(mask)
+        if is_ssm
+    }
+    assert tagged == {
+        "['params']['sub_kernels']",
+        "['params']['sub_kernels_bwd']",
+        "['params']['D']",
+    }
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes(param_dtype):
+    module = _module(dtype=jnp.bfloat16, param_dtype=param_dtype)
+    x, variables = _init(module, t=7)
+    assert all(p.dtype == param_dtype for p in jax.tree.leaves(nn.meta.unbox(variables)["params"]))
+    y = module.apply(variables, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+    state = module.apply(variables, 2, MAX_LEN, method="init_state")
+    y_t, state = module.apply(variables, x[:, 0], state, method="step")
+    assert y_t.dtype == jnp.bfloat16
