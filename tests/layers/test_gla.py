@@ -1,0 +1,113 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effseq.layers import params
+from effseq.layers.gla import GLA
+from tests.tolerances import assert_close
+
+D_MODEL = 32
+
+
+def _init(module, t=5, b=2, seed=0):
+    x = jax.random.normal(jax.random.key(seed + 1), (b, t, module.d_model))
+    return module.init(jax.random.key(seed), x), x
+
+
+def _abstract_init(module, t=5, b=2):
+    """Parameter shapes and boxes without running the initializers (fast)."""
+    x = jax.ShapeDtypeStruct((b, t, module.d_model), jnp.float32)
+    return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+def _run_steps(module, variables, x):
+    """The recurrent form over the whole of x (b, t, d), token by token."""
+    b, t, _ = x.shape
+
+    def body(state, x_t):
+        y_t, state = module.apply(variables, x_t, state, method="step")
+        return state, y_t
+
+    state = module.apply(variables, b, t, method="init_state")
+    _, ys = jax.lax.scan(body, state, jnp.moveaxis(x, 1, 0))
+    return jnp.moveaxis(ys, 0, 1)
+
+
+@pytest.mark.parametrize("t", [1, 37])
+def test_parallel_equals_step(t):
+    # chunk_size 16: t = 37 spans three chunks, the last one partial.
+    module = GLA(d_model=D_MODEL, chunk_size=16)
+    variables, x = _init(module, t=t)
+    y = jax.jit(module.apply)(variables, x)
+    y_steps = jax.jit(lambda v, x: _run_steps(module, v, x))(variables, x)
+    assert y.shape == x.shape
+    assert_close(y_steps, y, "float32", "value")
+
+
+def test_causal_by_gradient():
+    module = GLA(d_model=D_MODEL, chunk_size=4)
+    variables, x = _init(module, t=11, b=1)
+    jac = jax.jacrev(lambda x: module.apply(variables, x[None])[0])(x[0])  # (t, d, t, d)
+    jac = np.asarray(jnp.abs(jac).sum(axis=(1, 3)))
+    assert np.all(jac[np.triu_indices(11, 1)] == 0.0)
+    assert np.all(jac[np.tril_indices(11)] > 0)
+
+
+def test_initialization_and_gate():
+    module = GLA(d_model=D_MODEL, num_heads=4)
+    variables, x = _init(module)
+    p = jax.tree.map(np.asarray, nn.unbox(variables))["params"]
+    # Key width expand_k * d = 16 and value width expand_v * d = 32, split over 4 heads.
+    assert p["wq"].shape == p["wk"].shape == (D_MODEL, 4, 4)
+    assert p["wv"].shape == p["wr"].shape == (D_MODEL, 4, 8)
+    assert p["gate_down"].shape == (D_MODEL, 16)
+    np.testing.assert_array_equal(p["gate_bias"], 0.0)
+    np.testing.assert_array_equal(p["norm_scale"], 1.0)
+    np.testing.assert_array_equal(p["norm_bias"], 0.0)
+    # log_g = logsigmoid(logits) / 16: with the low-rank path zeroed only the bias remains.
+    bias = jax.random.normal(jax.random.key(2), p["gate_bias"].shape)
+    gated = nn.unbox(variables)
+    gated["params"] = {**gated["params"], "gate_down": jnp.zeros((D_MODEL, 16)), "gate_bias": bias}
+    log_g = module.apply(gated, x, method="log_gate")
+    assert log_g.shape == (2, 5, 4, 4) and log_g.dtype == jnp.float32
+    expected = jnp.broadcast_to(jax.nn.log_sigmoid(bias) / 16, log_g.shape)
+    assert_close(log_g, expected, "float32", "value")
+    # At initialization every gate is in (0, 1] and near 1 (tau = 16 keeps memory long).
+    g = np.exp(np.asarray(module.apply(variables, x, method="log_gate")))
+    assert np.all((g > 0.5) & (g <= 1.0))
+
+
+def test_parameter_count():
+    d, h, r = 24, 3, 16
+    module = GLA(d_model=d, num_heads=h, expand_k=0.5, expand_v=1.0, gate_low_rank=r)
+    variables = _abstract_init(module)
+    K, V = d // 2, d
+    expected = 2 * d * K + d * V + (d * r + r * K + K) + 2 * (V // h) + (d * V + V) + V * d
+    assert sum(x.size for x in jax.tree.leaves(variables)) == expected
+
+
+def test_axes_and_no_ssm_tags():
+    variables = _abstract_init(GLA(d_model=D_MODEL))
+    axes = jax.tree.leaves(params.logical_axes(variables), is_leaf=lambda a: isinstance(a, tuple))
+    assert axes and all(a is not None and None not in a for a in axes)
+    assert not any(jax.tree.leaves(params.ssm_mask(variables)))
+
+
+def test_head_dims_must_divide():
+    with pytest.raises(ValueError, match="num_heads"):
+        _abstract_init(GLA(d_model=20, num_heads=4))  # key width 10 over 4 heads
+
+
+def test_bfloat16_compute_and_param_dtype():
+    module = GLA(d_model=D_MODEL, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    variables, x = _init(module, t=9)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(variables))
+    y = module.apply(variables, x)
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
+    state = module.apply(variables, 2, 9, method="init_state")
+    y_t, state = module.apply(variables, x[:, 0], state, method="step")
+    assert y_t.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    y32 = GLA(d_model=D_MODEL, param_dtype=jnp.bfloat16).apply(variables, x)
+    assert y32.dtype == jnp.float32
