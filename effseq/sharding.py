@@ -19,6 +19,7 @@ SCALES = "scales"  # SGConv sub-kernel scales
 KERNEL = "kernel"  # SGConv sub-kernel taps
 LAYERS = "layers"  # the stacked-layers axis of a scanned stack
 COMPLEX = "complex"  # the (real, imaginary) pair of a complex parameter stored as reals
+CLASSES = "classes"  # classifier outputs
 
 # Activation axes.
 ACT_BATCH = "activation_batch"
@@ -39,4 +40,5 @@ PARAM_AXES = (
     KERNEL,
     LAYERS,
     COMPLEX,
+    CLASSES,
 )

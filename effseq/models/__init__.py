@@ -1,0 +1,17 @@
+"""Models built from the mixers: residual blocks, scanned stacks, classifier and language model."""
+
+from effseq.models.blocks import MLP, ResidualBlock
+from effseq.models.classifier import SequenceClassifier
+from effseq.models.language_model import LanguageModel
+from effseq.models.registry import MIXERS, parse_pattern
+from effseq.models.stack import Stack
+
+__all__ = [
+    "MIXERS",
+    "MLP",
+    "LanguageModel",
+    "ResidualBlock",
+    "SequenceClassifier",
+    "Stack",
+    "parse_pattern",
+]

@@ -1,0 +1,132 @@
+"""The residual block around a mixer: norm, mixer, optional MLP, dropout, residual adds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effseq import sharding
+from effseq.layers import params
+from effseq.models.registry import make_mixer
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("none", "gelu", "glu", "sqrelu")
+
+
+def _norm(kind: str, dtype, param_dtype, name: str) -> nn.Module:
+    ones = nn.with_logical_partitioning(nn.initializers.ones, (sharding.EMBED,))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dtype=dtype, param_dtype=param_dtype, scale_init=ones, name=name)
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, (sharding.EMBED,))
+    return nn.LayerNorm(
+        dtype=dtype, param_dtype=param_dtype, scale_init=ones, bias_init=zeros, name=name
+    )
+
+
+class MLP(nn.Module):
+    """Position-wise MLP: "gelu" (Dense-GELU-Dense), "glu" (SwiGLU, Shazeer 2020), or "sqrelu"
+    (squared ReLU, Primer, So et al. 2021 sec. 3)."""
+
+    d_model: int
+    kind: str = "glu"
+    ratio: int = 4
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = self.ratio * self.d_model
+        init = nn.initializers.lecun_normal()
+        axes_in, axes_out = (sharding.EMBED, sharding.MLP), (sharding.MLP, sharding.EMBED)
+        w_in = params.param(self, "w_in", init, (self.d_model, hidden), axes_in, self.param_dtype)
+        w_out = params.param(
+            self, "w_out", init, (hidden, self.d_model), axes_out, self.param_dtype
+        )
+        x = x.astype(self.dtype)
+        h = x @ w_in.astype(self.dtype)
+        if self.kind == "glu":
+            gate = params.param(
+                self, "w_gate", init, (self.d_model, hidden), axes_in, self.param_dtype
+            )
+            h = jax.nn.silu(x @ gate.astype(self.dtype)) * h
+        elif self.kind == "sqrelu":
+            h = jnp.square(jax.nn.relu(h))
+        else:
+            h = jax.nn.gelu(h)
+        return h @ w_out.astype(self.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """x -> x + mixer(norm(x)) [-> x + mlp(norm(x))] (pre-norm), or the post-norm order.
+
+    Padded positions are zeroed (re-masked) before the mixer, so no mixer, bidirectional ones
+    included, ever reads a padded token's value.
+    """
+
+    mixer: str
+    d_model: int
+    causal: bool = True
+    max_len: int = 1024
+    norm: str = "layernorm"
+    prenorm: bool = True
+    mlp: str = "glu"
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    mixer_options: Mapping[str, Any] | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm={self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"unknown mlp={self.mlp!r}; choose one of {', '.join(MLPS)}")
+        self.mix = make_mixer(
+            self.mixer,
+            self.d_model,
+            causal=self.causal,
+            max_len=self.max_len,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            options=self.mixer_options,
+        )
+        self.norm_mix = _norm(self.norm, self.dtype, self.param_dtype, "norm_mix")
+        if self.mlp != "none":
+            self.ffn = MLP(self.d_model, self.mlp, self.mlp_ratio, self.dtype, self.param_dtype)
+            self.norm_mlp = _norm(self.norm, self.dtype, self.param_dtype, "norm_mlp")
+        self.drop = nn.Dropout(self.dropout)
+
+    def _residual(self, x, fn, norm, deterministic):
+        if self.prenorm:
+            return x + self.drop(fn(norm(x)), deterministic=deterministic)
+        return norm(x + self.drop(fn(x), deterministic=deterministic))
+
+    def _mlp(self, x, deterministic):
+        if self.mlp == "none":
+            return x
+        return self._residual(x, self.ffn, self.norm_mlp, deterministic)
+
+    def __call__(self, x, mask=None, deterministic: bool = True):
+        """x (b, t, d); mask (b, t) bool, True = real token, or None."""
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, 0)
+        x = self._residual(x, self.mix, self.norm_mix, deterministic)
+        return self._mlp(x, deterministic).astype(self.dtype)
+
+    def init_state(self, batch: int, max_len: int):
+        return self.mix.init_state(batch, max_len)
+
+    def step(self, x_t, state):
+        """One token x_t (b, d) -> (y_t (b, d), state)."""
+        out = {}
+
+        def mix_step(h):
+            y, out["state"] = self.mix.step(h, state)
+            return y
+
+        x_t = self._residual(x_t, mix_step, self.norm_mix, True)
+        return self._mlp(x_t, True).astype(self.dtype), out["state"]

@@ -1,0 +1,85 @@
+"""A stack of residual blocks, scanned over depth so compile time stays flat in the layer count.
+
+The per-layer mixer pattern (e.g. "gla,gla,gla,attention") is one scanned unit; its parameters,
+constants and decoding states carry a leading "layers" axis of n_layers / len(pattern).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from effseq import sharding
+from effseq.models.blocks import ResidualBlock
+from effseq.models.registry import parse_pattern
+
+
+class _Group(nn.Module):
+    """One repeat of the mixer pattern."""
+
+    pattern: tuple[str, ...]
+    block: Mapping[str, Any]
+
+    def setup(self):
+        self.blocks = [
+            ResidualBlock(mixer=m, **self.block, name=f"{i}_{m}")
+            for i, m in enumerate(self.pattern)
+        ]
+
+    def __call__(self, x, mask, deterministic):
+        for blk in self.blocks:
+            x = blk(x, mask, deterministic)
+        return x, None
+
+    def step(self, x_t, states):
+        new = []
+        for blk, state in zip(self.blocks, states, strict=True):
+            x_t, state = blk.step(x_t, state)
+            new.append(state)
+        return x_t, tuple(new)
+
+    def init_state(self, carry, batch, max_len):
+        return carry, tuple(blk.init_state(batch, max_len) for blk in self.blocks)
+
+
+class Stack(nn.Module):
+    """n_layers residual blocks: x (b, t, d) -> (b, t, d)."""
+
+    d_model: int
+    n_layers: int
+    mixer: str
+    block: Mapping[str, Any]
+    remat: bool = False
+
+    def setup(self):
+        pattern = parse_pattern(self.mixer, self.n_layers)
+        length = self.n_layers // len(pattern)
+        scan = dict(
+            variable_axes={"params": 0, "constants": 0},
+            split_rngs={"params": True, "constants": True, "dropout": True},
+            length=length,
+            metadata_params={nn.PARTITION_NAME: sharding.LAYERS},
+        )
+        target = nn.remat(_Group, static_argnums=(3,)) if self.remat else _Group
+        scanned = nn.scan(
+            target,
+            in_axes=(nn.broadcast, nn.broadcast),
+            **scan,
+            methods={
+                "__call__": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
+                "step": dict(in_axes=0, **scan),
+                "init_state": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
+            },
+        )
+        self.groups = scanned(pattern, dict(self.block, d_model=self.d_model), name="layers")
+
+    def __call__(self, x, mask=None, deterministic: bool = True):
+        return self.groups(x, mask, deterministic)[0]
+
+    def init_state(self, batch: int, max_len: int):
+        return self.groups.init_state(None, batch, max_len)[1]
+
+    def step(self, x_t, states):
+        return self.groups.step(x_t, states)

@@ -1,0 +1,143 @@
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effseq.layers import params
+from effseq.models import MIXERS, LanguageModel, SequenceClassifier
+from tests.tolerances import assert_close
+
+V, D, T = 11, 16, 9
+# Exactly causal convolutions, so causality can be checked as exact equality.
+DIRECT = {"conv_impl": "direct"}
+OPTIONS = {"s4d": DIRECT, "sgconv": DIRECT}
+CAUSAL = ["s4d", "sgconv", "mamba", "gla", "attention", "gla,attention"]
+
+
+def _lm(mixer, n_layers=2, **kw):
+    options = OPTIONS.get(mixer)
+    return LanguageModel(
+        vocab_size=V,
+        d_model=D,
+        n_layers=n_layers,
+        mixer=mixer,
+        max_len=16,
+        mixer_options=options,
+        **kw,
+    )
+
+
+def _tokens(seed=0, t=T):
+    return jax.random.randint(jax.random.key(seed), (2, t), 0, V)
+
+
+@pytest.mark.parametrize("mixer", CAUSAL)
+def test_decoding_equals_the_parallel_forward(mixer):
+    model = _lm(mixer)
+    tokens = _tokens()
+    variables = model.init(jax.random.key(1), tokens)
+    logits = model.apply(variables, tokens)
+    assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
+    cache = model.apply(variables, 2, 16, method="init_cache")
+    steps = []
+    for i in range(T):
+        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        steps.append(out)
+    assert_close(jnp.stack(steps, axis=1), logits)
+
+
+@pytest.mark.parametrize("mixer", CAUSAL)
+def test_logits_do_not_depend_on_later_tokens(mixer):
+    model = _lm(mixer)
+    tokens = _tokens()
+    variables = model.init(jax.random.key(1), tokens)
+    changed = tokens.at[:, 5:].set((tokens[:, 5:] + 1) % V)
+    a, b = model.apply(variables, tokens), model.apply(variables, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :5]), np.asarray(b[:, :5]))
+    assert np.any(np.asarray(a[:, 5:]) != np.asarray(b[:, 5:]))
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling):
+    if bidirectional and mixer == "gla":
+        clf = SequenceClassifier(num_classes=3, vocab_size=V, mixer="gla", bidirectional=True)
+        with pytest.raises(ValueError, match="mixer 'gla' is causal only"):
+            clf.init(jax.random.key(1), jnp.ones((1, 4), jnp.int32))
+        return
+    clf = SequenceClassifier(
+        num_classes=3,
+        vocab_size=V,
+        d_model=D,
+        n_layers=2,
+        mixer=mixer,
+        max_len=12,
+        bidirectional=bidirectional,
+        pooling=pooling,
+    )
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 1, V)
+    mask = jnp.arange(12)[None] < jnp.array([[7], [12]])
+    variables = clf.init(jax.random.key(1), tokens, mask=mask)
+    a = clf.apply(variables, tokens, mask=mask)
+    b = clf.apply(variables, jnp.where(mask, tokens, 5), mask=mask)
+    assert a.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dual_encoder_and_continuous_inputs():
+    clf = SequenceClassifier(num_classes=2, d_model=D, n_layers=2, mixer="s4d", dual=True)
+    x1, x2 = (jax.random.normal(jax.random.key(i), (3, 10)) for i in (0, 1))
+    variables = clf.init(jax.random.key(2), x1, inputs2=x2)
+    a = clf.apply(variables, x1, inputs2=x2)
+    b = clf.apply(variables, x1, inputs2=x2[::-1])
+    assert a.shape == (3, 2) and np.any(np.asarray(a) != np.asarray(b))
+    with pytest.raises(ValueError, match="needs `inputs2`"):
+        clf.apply(variables, x1)
+
+
+def test_unknown_mixer_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown mixer 'rwkv'.*known: s4d, sgconv, mamba"):
+        _lm("gla,rwkv").init(jax.random.key(0), _tokens())
+    with pytest.raises(ValueError, match="multiple of the pattern length 2"):
+        _lm("gla,attention", n_layers=3).init(jax.random.key(0), _tokens())
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_every_parameter_has_axes_and_ssm_tags_follow_the_mixer(mixer):
+    model = _lm(mixer)
+    variables = model.init(jax.random.key(1), _tokens())
+
+    def leaves(tree):
+        return jax.tree.leaves(tree, is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+    axes = leaves(params.logical_axes(variables))
+    assert axes and all(a is not None and None not in a for a in axes)
+    # The scanned stack adds the layer axis in front of every stacked parameter.
+    assert all(a[0] == "layers" for a in leaves(params.logical_axes(variables["params"]["stack"])))
+    tagged = any(jax.tree.leaves(params.ssm_mask(variables)))
+    assert tagged == (mixer in ("s4d", "sgconv", "mamba"))
+
+
+def test_compile_time_is_flat_in_depth():
+    def compile_seconds(n_layers):
+        model = _lm("gla", n_layers=n_layers)
+        tokens = _tokens()
+        variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+        start = time.perf_counter()
+        jax.jit(model.apply).lower(variables, tokens).compile()
+        return time.perf_counter() - start
+
+    compile_seconds(2)  # warm the tracing caches
+    assert compile_seconds(8) < 4 * compile_seconds(2)
+
+
+def test_untied_head_and_bfloat16():
+    model = _lm("gla", tie_embeddings=False, dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(1), _tokens())
+    assert "head" in variables["params"]
+    assert nn.unbox(variables)["params"]["head"].shape == (D, V)
+    assert model.apply(variables, _tokens()).dtype == jnp.float32
