@@ -6,18 +6,10 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.attention import Attention
+from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close, assert_close_rms
 
 D = 16
-
-
-def _run_steps(layer, variables, x):
-    state = layer.apply(variables, x.shape[0], x.shape[1], method="init_state")
-    ys = []
-    for i in range(x.shape[1]):
-        y, state = layer.apply(variables, x[:, i], state, method="step")
-        ys.append(y)
-    return jnp.stack(ys, axis=1)
 
 
 CONFIGS = [
@@ -38,7 +30,7 @@ def test_step_equals_parallel(config, t):
         variables = jax.tree.map(
             lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), variables
         )
-    assert_close(_run_steps(layer, variables, x), layer.apply(variables, x))
+    assert_close(run_steps(layer, variables, x), layer.apply(variables, x))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "plain")

@@ -6,6 +6,7 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.gla import GLA
+from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 32
@@ -22,26 +23,13 @@ def _abstract_init(module, t=5, b=2):
     return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
-def _run_steps(module, variables, x):
-    """The recurrent form over the whole of x (b, t, d), token by token."""
-    b, t, _ = x.shape
-
-    def body(state, x_t):
-        y_t, state = module.apply(variables, x_t, state, method="step")
-        return state, y_t
-
-    state = module.apply(variables, b, t, method="init_state")
-    _, ys = jax.lax.scan(body, state, jnp.moveaxis(x, 1, 0))
-    return jnp.moveaxis(ys, 0, 1)
-
-
 @pytest.mark.parametrize("t", [1, 37])
 def test_parallel_equals_step(t):
     # chunk_size 16: t = 37 spans three chunks, the last one partial.
     module = GLA(d_model=D_MODEL, chunk_size=16)
     variables, x = _init(module, t=t)
     y = jax.jit(module.apply)(variables, x)
-    y_steps = jax.jit(lambda v, x: _run_steps(module, v, x))(variables, x)
+    y_steps = jax.jit(lambda v, x: run_steps(module, v, x))(variables, x)
     assert y.shape == x.shape
     assert_close(y_steps, y, "float32", "value")
 

@@ -10,6 +10,7 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.s4d import S4D
+from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 16
@@ -19,18 +20,6 @@ N = 8
 def _init(module, t=5, b=2, seed=0):
     x = jax.random.normal(jax.random.key(seed), (b, t, module.d_model))
     return x, module.init(jax.random.key(seed + 1), x)
-
-
-def _decode(module, variables, x):
-    """Runs ``step`` token by token over x (b, t, d) with a scan."""
-    state = module.apply(variables, x.shape[0], x.shape[1], method="init_state")
-
-    def body(state, x_t):
-        y_t, state = module.apply(variables, x_t, state, method="step")
-        return state, y_t
-
-    _, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1)
 
 
 def _unboxed(variables):
@@ -49,7 +38,7 @@ def test_step_matches_parallel(t, config):
     module = S4D(d_model=D_MODEL, state_size=N, **config)
     x, variables = _init(module, t=t)
     parallel = jax.jit(module.apply)(variables, x)
-    stepped = jax.jit(lambda v, x: _decode(module, v, x))(variables, x)
+    stepped = jax.jit(lambda v, x: run_steps(module, v, x))(variables, x)
     assert parallel.shape == (2, t, D_MODEL)
     assert_close(stepped, parallel, "float32", "value")
 

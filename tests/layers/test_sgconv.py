@@ -9,6 +9,7 @@ import pytest
 from effseq import ops
 from effseq.layers import params
 from effseq.layers.sgconv import SGConv, num_scales
+from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 16
@@ -25,24 +26,13 @@ def _init(module, t=5, b=2, seed=0):
     return x, module.init(jax.random.key(seed + 1), x)
 
 
-def _decode(module, variables, x, max_len):
-    state = module.apply(variables, x.shape[0], max_len, method="init_state")
-
-    def body(state, x_t):
-        y_t, state = module.apply(variables, x_t, state, method="step")
-        return state, y_t
-
-    _, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1)
-
-
 @pytest.mark.parametrize("t", [1, MAX_LEN])
 @pytest.mark.parametrize("glu", [True, False])
 def test_step_matches_parallel(t, glu):
     module = _module(glu=glu)
     x, variables = _init(module, t=t)
     parallel = jax.jit(module.apply)(variables, x)
-    stepped = jax.jit(lambda v, x: _decode(module, v, x, MAX_LEN))(variables, x)
+    stepped = jax.jit(lambda v, x: run_steps(module, v, x, MAX_LEN))(variables, x)
     assert parallel.shape == (2, t, D_MODEL)
     assert_close(stepped, parallel, "float32", "value")
 
