@@ -13,7 +13,7 @@ from effseq import sharding
 from effseq.layers import params
 from effseq.models.blocks import _norm
 from effseq.models.registry import BIDIRECTIONAL, parse_pattern
-from effseq.models.stack import Stack
+from effseq.models.stack import stack_for
 
 POOLINGS = ("mean", "last", "first")
 
@@ -69,19 +69,7 @@ class SequenceClassifier(nn.Module):
             self.encoder = params.param(
                 self, "encoder", nn.initializers.lecun_normal(), shape, axes, pd
             )
-        block = dict(
-            causal=not bidirectional,
-            max_len=self.max_len,
-            norm=self.norm,
-            prenorm=self.prenorm,
-            mlp=self.mlp,
-            mlp_ratio=self.mlp_ratio,
-            dropout=self.dropout,
-            mixer_options=self.mixer_options,
-            dtype=self.dtype,
-            param_dtype=pd,
-        )
-        self.stack = Stack(self.d_model, self.n_layers, self.mixer, block, self.remat)
+        self.stack = stack_for(self, causal=not bidirectional)
         self.final_norm = _norm(self.norm, self.dtype, pd, "final_norm")
         init = nn.initializers.lecun_normal()
         head_in = 4 * self.d_model if self.dual else self.d_model

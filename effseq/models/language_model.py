@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from effseq import sharding
 from effseq.layers import params
 from effseq.models.blocks import _norm
-from effseq.models.stack import Stack
+from effseq.models.stack import stack_for
 
 
 class LanguageModel(nn.Module):
@@ -48,19 +48,7 @@ class LanguageModel(nn.Module):
             (sharding.VOCAB, sharding.EMBED),
             self.param_dtype,
         )
-        block = dict(
-            causal=True,
-            max_len=self.max_len,
-            norm=self.norm,
-            prenorm=self.prenorm,
-            mlp=self.mlp,
-            mlp_ratio=self.mlp_ratio,
-            dropout=self.dropout,
-            mixer_options=self.mixer_options,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        self.stack = Stack(self.d_model, self.n_layers, self.mixer, block, self.remat)
+        self.stack = stack_for(self, causal=True)
         self.final_norm = _norm(self.norm, self.dtype, self.param_dtype, "final_norm")
         if not self.tie_embeddings:
             self.head = params.param(

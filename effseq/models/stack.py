@@ -44,6 +44,28 @@ class _Group(nn.Module):
         return carry, tuple(blk.init_state(batch, max_len) for blk in self.blocks)
 
 
+# The model fields every residual block takes from its model, beside the direction.
+BLOCK_FIELDS = (
+    "max_len",
+    "norm",
+    "prenorm",
+    "mlp",
+    "mlp_ratio",
+    "dropout",
+    "mixer_options",
+    "dtype",
+    "param_dtype",
+)
+
+
+def stack_for(model: nn.Module, causal: bool) -> Stack:
+    """The stack of ``model`` (a LanguageModel or SequenceClassifier), its blocks configured
+    from the model's own fields."""
+    block = {name: getattr(model, name) for name in BLOCK_FIELDS}
+    block["causal"] = causal
+    return Stack(model.d_model, model.n_layers, model.mixer, block, model.remat)
+
+
 class Stack(nn.Module):
     """n_layers residual blocks: x (b, t, d) -> (b, t, d)."""
 
