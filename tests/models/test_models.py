@@ -141,3 +141,15 @@ def test_untied_head_and_bfloat16():
     assert "head" in variables["params"]
     assert nn.unbox(variables)["params"]["head"].shape == (D, V)
     assert model.apply(variables, _tokens()).dtype == jnp.float32
+
+
+def test_remat_changes_memory_not_results():
+    tokens = _tokens()
+    plain, remat = _lm("gla,attention"), _lm("gla,attention", remat=True)
+    variables = plain.init(jax.random.key(1), tokens)
+    np.testing.assert_array_equal(
+        np.asarray(plain.apply(variables, tokens)), np.asarray(remat.apply(variables, tokens))
+    )
+    grads = [jax.grad(lambda v, m=m: m.apply(v, tokens).sum())(variables) for m in (plain, remat)]
+    for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+        assert_close(a, b, kind="grad")
