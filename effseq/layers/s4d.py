@@ -157,12 +157,16 @@ class S4DKernel(nn.Module):
         return dA, dB, C
 
 
-def projection_params(module: nn.Module, d: int, glu: bool) -> tuple[Array, Array]:
-    """Creates the output projection's kernel (d, d or 2d) and bias; call from ``setup``.
+def output_params(module: nn.Module, d: int, glu: bool) -> tuple[Array, Array, Array]:
+    """Creates the skip D (d,), SSM-tagged, and the output projection's kernel (d, d or 2d)
+    and bias; shared by the convolution mixers (S4D, SGConv). Call from ``setup``.
 
     Kernel axes (embed, mlp): the input dimension is the mixer's channels, the output the new
-    width (2d before a GLU).
+    width (2d before a GLU). D is standard normal as in the S4D code.
     """
+    pd = module.param_dtype
+    normal = nn.initializers.normal(1.0)
+    D = params.param(module, "D", normal, (d,), (sharding.EMBED,), pd, ssm=True)
     width = 2 * d if glu else d
     kernel = params.param(
         module,
@@ -170,18 +174,19 @@ def projection_params(module: nn.Module, d: int, glu: bool) -> tuple[Array, Arra
         nn.initializers.lecun_normal(),
         (d, width),
         (sharding.EMBED, sharding.MLP),
-        module.param_dtype,
+        pd,
     )
-    bias = params.param(
-        module, "out_bias", nn.initializers.zeros, (width,), (sharding.MLP,), module.param_dtype
-    )
-    return kernel, bias
+    bias = params.param(module, "out_bias", nn.initializers.zeros, (width,), (sharding.MLP,), pd)
+    return D, kernel, bias
 
 
-def project(y: Array, kernel: Array, bias: Array, glu: bool, dtype: DType) -> Array:
-    """Dense d -> d, or Dense d -> 2d then GLU(a, g) = a * sigmoid(g) (the S4/S4D code's
-    default output layer); y (..., d) in ``dtype``."""
-    y = jnp.einsum("...d,de->...e", y.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+def conv_output(
+    y: Array, x: Array, D: Array, kernel: Array, bias: Array, glu: bool, dtype: DType
+) -> Array:
+    """Proj(GELU(y + D x)): Dense d -> d, or Dense d -> 2d then GLU(a, g) = a * sigmoid(g) (the
+    S4/S4D code's default output layer); y, x (..., d), result in ``dtype``."""
+    y = jax.nn.gelu(y + x * D.astype(dtype)).astype(dtype)
+    y = jnp.einsum("...d,de->...e", y, kernel.astype(dtype)) + bias.astype(dtype)
     if glu:
         a, g = jnp.split(y, 2, axis=-1)
         y = a * jax.nn.sigmoid(g)
@@ -247,20 +252,10 @@ class S4D(nn.Module):
         self.kernel = self._kernel_module("kernel")
         if self.bidirectional:
             self.kernel_bwd = self._kernel_module("kernel_bwd")
-        self.D = params.param(
-            self,
-            "D",
-            nn.initializers.normal(1.0),
-            (self.d_model,),
-            (sharding.EMBED,),
-            self.param_dtype,
-            ssm=True,
-        )
-        self.out_kernel, self.out_bias = projection_params(self, self.d_model, self.glu)
+        self.D, self.out_kernel, self.out_bias = output_params(self, self.d_model, self.glu)
 
     def _output(self, y: Array, x: Array) -> Array:
-        y = y + x * self.D.astype(self.dtype)
-        return project(jax.nn.gelu(y), self.out_kernel, self.out_bias, self.glu, self.dtype)
+        return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
     def __call__(self, x: Array) -> Array:
         """x (b, t, d) -> y (b, t, d) in ``dtype``."""

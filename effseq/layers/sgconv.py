@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
-from effseq.layers.s4d import project, projection_params
+from effseq.layers.s4d import conv_output, output_params
 from effseq.typing import Array, DType
 
 
@@ -109,16 +109,7 @@ class SGConv(nn.Module):
         self.sub_kernels, self.kernel_norm = self._sub_kernels("")
         if self.bidirectional:
             self.sub_kernels_bwd, self.kernel_norm_bwd = self._sub_kernels("_bwd")
-        self.D = params.param(
-            self,
-            "D",
-            nn.initializers.normal(1.0),
-            (self.d_model,),
-            (sharding.EMBED,),
-            self.param_dtype,
-            ssm=True,
-        )
-        self.out_kernel, self.out_bias = projection_params(self, self.d_model, self.glu)
+        self.D, self.out_kernel, self.out_bias = output_params(self, self.d_model, self.glu)
 
     def _kernel(self, w: Array, norm: nn.Variable, length: int) -> Array:
         """K (h, length) float32."""
@@ -126,8 +117,7 @@ class SGConv(nn.Module):
         return k / norm.value.astype(jnp.float32)[:, None]
 
     def _output(self, y: Array, x: Array) -> Array:
-        y = y + x * self.D.astype(self.dtype)
-        return project(jax.nn.gelu(y), self.out_kernel, self.out_bias, self.glu, self.dtype)
+        return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
     def __call__(self, x: Array) -> Array:
         """x (b, t, d) -> y (b, t, d) in ``dtype``."""
