@@ -15,3 +15,15 @@ def run_steps(module, variables, x, max_len=None):
 
     _, ys = jax.lax.scan(body, state, jnp.moveaxis(x, 1, 0))
     return jnp.moveaxis(ys, 0, 1)
+
+
+def init(module, t=5, b=2, seed=0):
+    """Initialises ``module`` on random x (b, t, d); returns (variables, x)."""
+    x = jax.random.normal(jax.random.key(seed + 1), (b, t, module.d_model))
+    return module.init(jax.random.key(seed), x), x
+
+
+def abstract_init(module, t=5, b=2):
+    """Parameter shapes and boxes without running the initializers (fast)."""
+    x = jax.ShapeDtypeStruct((b, t, module.d_model), jnp.float32)
+    return jax.eval_shape(module.init, jax.random.key(0), x)

@@ -6,28 +6,17 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.gla import GLA
-from tests.layers.protocol import run_steps
+from tests.layers.protocol import abstract_init, init, run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 32
-
-
-def _init(module, t=5, b=2, seed=0):
-    x = jax.random.normal(jax.random.key(seed + 1), (b, t, module.d_model))
-    return module.init(jax.random.key(seed), x), x
-
-
-def _abstract_init(module, t=5, b=2):
-    """Parameter shapes and boxes without running the initializers (fast)."""
-    x = jax.ShapeDtypeStruct((b, t, module.d_model), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("t", [1, 37])
 def test_parallel_equals_step(t):
     # chunk_size 16: t = 37 spans three chunks, the last one partial.
     module = GLA(d_model=D_MODEL, chunk_size=16)
-    variables, x = _init(module, t=t)
+    variables, x = init(module, t=t)
     y = jax.jit(module.apply)(variables, x)
     y_steps = jax.jit(lambda v, x: run_steps(module, v, x))(variables, x)
     assert y.shape == x.shape
@@ -36,7 +25,7 @@ def test_parallel_equals_step(t):
 
 def test_causal_by_gradient():
     module = GLA(d_model=D_MODEL, chunk_size=4)
-    variables, x = _init(module, t=11, b=1)
+    variables, x = init(module, t=11, b=1)
     jac = jax.jacrev(lambda x: module.apply(variables, x[None])[0])(x[0])  # (t, d, t, d)
     jac = np.asarray(jnp.abs(jac).sum(axis=(1, 3)))
     assert np.all(jac[np.triu_indices(11, 1)] == 0.0)
@@ -45,7 +34,7 @@ def test_causal_by_gradient():
 
 def test_initialization_and_gate():
     module = GLA(d_model=D_MODEL, num_heads=4)
-    variables, x = _init(module)
+    variables, x = init(module)
     p = jax.tree.map(np.asarray, nn.unbox(variables))["params"]
     # Key width expand_k * d = 16 and value width expand_v * d = 32, split over 4 heads.
     assert p["wq"].shape == p["wk"].shape == (D_MODEL, 4, 4)
@@ -70,14 +59,14 @@ def test_initialization_and_gate():
 def test_parameter_count():
     d, h, r = 24, 3, 16
     module = GLA(d_model=d, num_heads=h, expand_k=0.5, expand_v=1.0, gate_low_rank=r)
-    variables = _abstract_init(module)
+    variables = abstract_init(module)
     K, V = d // 2, d
     expected = 2 * d * K + d * V + (d * r + r * K + K) + 2 * (V // h) + (d * V + V) + V * d
     assert sum(x.size for x in jax.tree.leaves(variables)) == expected
 
 
 def test_axes_and_no_ssm_tags():
-    variables = _abstract_init(GLA(d_model=D_MODEL))
+    variables = abstract_init(GLA(d_model=D_MODEL))
     axes = jax.tree.leaves(params.logical_axes(variables), is_leaf=lambda a: isinstance(a, tuple))
     assert axes and all(a is not None and None not in a for a in axes)
     assert not any(jax.tree.leaves(params.ssm_mask(variables)))
@@ -85,12 +74,12 @@ def test_axes_and_no_ssm_tags():
 
 def test_head_dims_must_divide():
     with pytest.raises(ValueError, match="num_heads"):
-        _abstract_init(GLA(d_model=20, num_heads=4))  # key width 10 over 4 heads
+        abstract_init(GLA(d_model=20, num_heads=4))  # key width 10 over 4 heads
 
 
 def test_bfloat16_compute_and_param_dtype():
     module = GLA(d_model=D_MODEL, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    variables, x = _init(module, t=9)
+    variables, x = init(module, t=9)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(variables))
     y = module.apply(variables, x)
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))

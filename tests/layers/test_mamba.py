@@ -8,28 +8,17 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.mamba import Mamba, dt_bias_init
-from tests.layers.protocol import run_steps
+from tests.layers.protocol import abstract_init, init, run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 16
-
-
-def _init(module, t=5, b=2, seed=0):
-    x = jax.random.normal(jax.random.key(seed + 1), (b, t, module.d_model))
-    return module.init(jax.random.key(seed), x), x
-
-
-def _abstract_init(module, t=5, b=2):
-    """Parameter shapes and boxes without running the initializers (fast)."""
-    x = jax.ShapeDtypeStruct((b, t, module.d_model), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("t", [1, 37])
 def test_parallel_equals_step(t):
     # chunk_size 16: t = 37 spans three chunks, the last one partial.
     module = Mamba(d_model=D_MODEL, chunk_size=16)
-    variables, x = _init(module, t=t)
+    variables, x = init(module, t=t)
     y = jax.jit(module.apply)(variables, x)
     y_steps = jax.jit(lambda v, x: run_steps(module, v, x))(variables, x)
     assert y.shape == x.shape
@@ -44,7 +33,7 @@ def _jacobian(module, variables, x):
 
 def test_causal_by_gradient():
     module = Mamba(d_model=D_MODEL, chunk_size=4)
-    variables, x = _init(module, t=7, b=1)
+    variables, x = init(module, t=7, b=1)
     jac = _jacobian(module, variables, x)
     assert np.all(jac[np.triu_indices(7, 1)] == 0.0)
     assert np.all(np.diag(jac) > 0)
@@ -52,7 +41,7 @@ def test_causal_by_gradient():
 
 def test_bidirectional_sees_future_and_step_raises():
     module = Mamba(d_model=D_MODEL, bidirectional=True)
-    variables, x = _init(module, t=7, b=1)
+    variables, x = init(module, t=7, b=1)
     jac = _jacobian(module, variables, x)
     assert np.all(jac[np.triu_indices(7, 1)] > 0)
     assert np.all(jac[np.tril_indices(7, -1)] > 0)
@@ -64,7 +53,7 @@ def test_bidirectional_sees_future_and_step_raises():
 def test_initialization_matches_paper():
     n = 16
     module = Mamba(d_model=32, state_size=n)
-    variables, _ = _init(module)
+    variables, _ = init(module)
     p = jax.tree.map(np.asarray, nn.unbox(variables))["params"]
     e, r = 64, 2  # expand 2, dt_rank ceil(32 / 16)
     # S4D-Real: A = -(i + 1) for 0-based state index i, the same in every channel.
@@ -95,7 +84,7 @@ def test_dt_bias_log_uniform_and_floor():
 def test_parameter_count(bidirectional):
     d, n, w = 24, 8, 4
     module = Mamba(d_model=d, state_size=n, conv_width=w, bidirectional=bidirectional)
-    variables = _abstract_init(module)
+    variables = abstract_init(module)
     e, r = 2 * d, math.ceil(d / 16)
     branch = e * w + e + e * (r + 2 * n) + r * e + e + e * n + e
     expected = d * 2 * e + e * d + branch * (2 if bidirectional else 1)
@@ -105,7 +94,7 @@ def test_parameter_count(bidirectional):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_axes_and_ssm_tags(bidirectional):
     module = Mamba(d_model=D_MODEL, bidirectional=bidirectional)
-    variables = _abstract_init(module)
+    variables = abstract_init(module)
     axes = jax.tree.leaves(params.logical_axes(variables), is_leaf=lambda a: isinstance(a, tuple))
     assert axes and all(a is not None and None not in a for a in axes)
     mask = params.ssm_mask(variables)["params"]
@@ -117,7 +106,7 @@ def test_axes_and_ssm_tags(bidirectional):
 
 def test_bfloat16_compute_and_param_dtype():
     module = Mamba(d_model=D_MODEL, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    variables, x = _init(module, t=9)
+    variables, x = init(module, t=9)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(variables))
     y = module.apply(variables, x)
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
