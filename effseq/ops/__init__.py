@@ -15,7 +15,14 @@ from effseq.ops.fftconv import (
     next_fast_len,
 )
 from effseq.ops.gla import gated_linear_attention, gated_linear_attention_reference, gla_step
-from effseq.ops.s4d import s4d_discretize, s4d_kernel, s4d_kernel_reference, s4d_step
+from effseq.ops.s4d import (
+    s4d_discretize,
+    s4d_final_state,
+    s4d_final_state_reference,
+    s4d_kernel,
+    s4d_kernel_reference,
+    s4d_step,
+)
 from effseq.ops.scan import linear_scan, linear_scan_reference
 from effseq.ops.selective_scan import (
     selective_scan,
@@ -40,6 +47,8 @@ __all__ = [
     "next_fast_len",
     "resolve_impl",
     "s4d_discretize",
+    "s4d_final_state",
+    "s4d_final_state_reference",
     "s4d_kernel",
     "s4d_kernel_reference",
     "s4d_step",

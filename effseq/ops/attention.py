@@ -37,8 +37,14 @@ def _allowed(q_pos: Array, k_pos: Array, causal: bool, window: int | None) -> Ar
     return ok
 
 
-def _validate(q, k, v, causal, window, scale):
+def _validate(q, k, v, causal, window, scale, kv_mask=None):
     op = "attention"
+    if kv_mask is not None:
+        _checks.check_rank(op, "kv_mask", kv_mask, 2, "(b, s)")
+        _checks.check_dims(op, [("k", k, 0, "b"), ("kv_mask", kv_mask, 0, "b")])
+        _checks.check_dims(op, [("k", k, 1, "s"), ("kv_mask", kv_mask, 1, "s")])
+        if kv_mask.dtype != jnp.bool_:
+            raise ValueError(f"{op}: `kv_mask` must be bool, got {kv_mask.dtype}")
     layouts = (("q", q, "(b, t, h, k)"), ("k", k, "(b, s, h, k)"), ("v", v, "(b, s, h, v)"))
     for name, x, layout in layouts:
         _checks.check_rank(op, name, x, 4, layout)
@@ -78,6 +84,7 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     q_offset: int | Array | None = None,
+    kv_mask: Array | None = None,
     impl: str | None = None,
 ) -> Array:
     """Multi-head softmax attention o = softmax(scale q k^T + mask) v, per head.
@@ -91,47 +98,57 @@ def attention(
         positions (itself included); without, keys less than ``window`` positions away.
       scale: score scale, default k**-0.5.
       q_offset: position of the first query (an int or a traced scalar); default s - t.
+      kv_mask: (b, s) bool, False for keys no query may see (padding); None means all real.
       impl: ``"xla"`` or ``"blockwise"``; None picks the backend default.
 
     Returns:
-      o (b, t, h, v) in q's dtype. Scores, softmax and sums are float32.
+      o (b, t, h, v) in q's dtype. Scores, softmax and sums are float32. A query that sees no
+      key at all (only possible through ``kv_mask``) gets zeros.
     """
-    _validate(q, k, v, causal, window, scale)
+    _validate(q, k, v, causal, window, scale, kv_mask)
     impl = resolve_impl("attention", impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
     q_pos = jnp.arange(t) + (s - t if q_offset is None else q_offset)
+    if kv_mask is None:
+        kv_mask = jnp.ones((k.shape[0], s), bool)
     if impl == "xla":
-        o = _attention_xla(q, k, v, q_pos, causal, window, scale)
+        o = _attention_xla(q, k, v, q_pos, causal, window, scale, kv_mask)
     else:
-        o = _attention_blockwise(q, k, v, q_pos, causal, window, scale)
+        o = _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask)
     return o.astype(q.dtype)
 
 
-def _attention_xla(q, k, v, q_pos, causal, window, scale):
+def _attention_xla(q, k, v, q_pos, causal, window, scale, kv_mask):
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    mask = _allowed(q_pos, jnp.arange(k.shape[1]), causal, window)
+    mask = _allowed(q_pos, jnp.arange(k.shape[1]), causal, window)[None, None]
+    mask = mask & kv_mask[:, None, None, :]
     scores = jnp.where(mask, scores, -jnp.inf)
-    p = jax.nn.softmax(scores, axis=-1)
+    # A row with no visible key would be 0/0 = nan (in the gradient too): give it finite
+    # scores, then zero weights.
+    any_visible = mask.any(-1, keepdims=True)
+    p = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1) * any_visible
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
 
 
-def _attention_blockwise(q, k, v, q_pos, causal, window, scale):
+def _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask):
     b, s, h, dv = v.shape
     block = min(_KEY_BLOCK, s)
     nblocks = -(-s // block)
     pad = nblocks * block - s
     k_blocks = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, -1)
     v_blocks = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, dv)
+    m_blocks = jnp.pad(kv_mask, ((0, 0), (0, pad))).reshape(b, nblocks, block)
     t = q.shape[1]
 
     @jax.checkpoint
     def step(carry, xs):
         m, l, acc = carry  # running max (b,h,t), normaliser (b,h,t), numerator (b,h,t,v)
-        k_blk, v_blk, start = xs
+        k_blk, v_blk, m_blk, start = xs
         k_pos = start + jnp.arange(block)
         scores = jnp.einsum("bthd,bshd->bhts", q, k_blk, preferred_element_type=jnp.float32)
-        mask = _allowed(q_pos, k_pos, causal, window) & (k_pos < s)[None, :]
+        # Padding keys of the last block are False in m_blk (jnp.pad fills False).
+        mask = _allowed(q_pos, k_pos, causal, window)[None, None] & m_blk[:, None, None, :]
         scores = jnp.where(mask, scores * scale, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(-1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not nan.
@@ -149,9 +166,15 @@ def _attention_blockwise(q, k, v, q_pos, causal, window, scale):
         jnp.zeros((b, h, t), jnp.float32),
         jnp.zeros((b, h, t, dv), jnp.float32),
     )
-    xs = (jnp.moveaxis(k_blocks, 1, 0), jnp.moveaxis(v_blocks, 1, 0), jnp.arange(nblocks) * block)
+    xs = (
+        jnp.moveaxis(k_blocks, 1, 0),
+        jnp.moveaxis(v_blocks, 1, 0),
+        jnp.moveaxis(m_blocks, 1, 0),
+        jnp.arange(nblocks) * block,
+    )
     (_, l, acc), _ = jax.lax.scan(step, init, xs)
-    return jnp.moveaxis(acc / l[..., None], 1, 2)
+    # l = 0 only where a query saw no key: its numerator is 0 too, so divide by 1 there.
+    return jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2)
 
 
 def attention_reference(
@@ -163,9 +186,10 @@ def attention_reference(
     window: int | None = None,
     scale: float | None = None,
     q_offset: int | None = None,
+    kv_mask: Array | None = None,
 ) -> Array:
     """Slow reference for :func:`attention`: the visibility rule written out key by key in NumPy,
-    then a dense float32 softmax."""
+    then a dense float32 softmax; rows that see no key are zero."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
     visible = np.zeros((t, s), bool)
@@ -173,6 +197,10 @@ def attention_reference(
         pos = (s - t if q_offset is None else q_offset) + i
         for j in range(s):
             visible[i, j] = (not causal or j <= pos) and (window is None or abs(pos - j) < window)
+    keys = np.ones((q.shape[0], s), bool) if kv_mask is None else np.asarray(kv_mask)
+    visible = visible[None, None] & keys[:, None, None, :]  # (b, 1, t, s)
     scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    p = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    any_visible = visible.any(-1, keepdims=True)
+    p = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1) * any_visible
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))

@@ -58,6 +58,36 @@ def test_matches_reference(impl, dtype, t, s, causal, window):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_mask_matches_reference(impl, causal):
+    # Row 0 hides its last 6 keys (padding), row 1 hides the first 2 too, so some causal
+    # queries see no key at all: their output is zero and their gradients finite.
+    q, k, v = _qkv(11, 11, "float32")
+    kv_mask = jnp.arange(11)[None] < jnp.array([[5], [11]])
+    kv_mask = kv_mask.at[1, :2].set(False)
+    out, _ = compare_with_reference(
+        lambda q, k, v: attention(q, k, v, causal=causal, kv_mask=kv_mask, impl=impl),
+        functools.partial(attention_reference, causal=causal, kv_mask=kv_mask),
+        (q, k, v),
+        jit=True,
+        names=["q", "k", "v"],
+    )
+    if causal:
+        np.testing.assert_array_equal(np.asarray(out[1, :2]), 0.0)
+    # Hidden keys' values never reach the output.
+    v2 = jnp.where(kv_mask[..., None, None], v, 100.0)
+    assert_close(attention(q, k, v2, causal=causal, kv_mask=kv_mask, impl=impl), out)
+
+
+def test_key_mask_must_be_bool_and_match_the_keys():
+    q, k, v = _qkv(5, 5, "float32")
+    with pytest.raises(ValueError, match="`kv_mask` must be bool"):
+        attention(q, k, v, kv_mask=jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="kv_mask"):
+        attention(q, k, v, kv_mask=jnp.ones((2, 4), bool))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_matches_reference_without_jit_and_custom_scale(impl):
     q, k, v = _qkv(11, 11, "float32")
     compare_with_reference(

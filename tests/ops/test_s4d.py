@@ -6,6 +6,8 @@ import pytest
 from effseq.ops import (
     causal_conv,
     s4d_discretize,
+    s4d_final_state,
+    s4d_final_state_reference,
     s4d_kernel,
     s4d_kernel_reference,
     s4d_step,
@@ -164,3 +166,38 @@ def test_step_rejects_bad_input():
         s4d_step(x, jnp.ones((3, H)), dA, dB, C)
     with pytest.raises(ValueError, match=r"`u_t` must have rank 2 \(b, h\)"):
         s4d_step(x, jnp.ones((2, 5, H)), dA, dB, C)
+
+
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+@pytest.mark.parametrize("t,jit", [(1, True), (37, True), (100, False)])
+def test_final_state_matches_the_recurrence(discretization, t, jit):
+    log_dt, A, B, _ = _ssm()
+    u = jax.random.normal(jax.random.key(6), (2, t, H))
+
+    def fast(u, log_dt, A, B):
+        return s4d_final_state(u, log_dt, A, B, discretization)
+
+    def reference(u, log_dt, A, B):
+        return s4d_final_state_reference(u, log_dt, A, B, discretization)
+
+    compare_with_reference(
+        fast, reference, (u, log_dt, A, B), jit=jit, names="u log_dt A B".split()
+    )
+
+
+def test_final_state_is_what_the_steps_leave():
+    log_dt, A, B, C = _ssm()
+    dA, dB = s4d_discretize(log_dt, A, B)
+    u = jax.random.normal(jax.random.key(8), (2, 37, H))
+    x = jnp.zeros((2, H, N), jnp.complex64)
+    for s in range(37):
+        x, _ = s4d_step(x, u[:, s], dA, dB, C)
+    assert_close(s4d_final_state(u, log_dt, A, B), x)
+
+
+def test_final_state_rejects_bad_input():
+    log_dt, A, B, _ = _ssm()
+    with pytest.raises(ValueError, match="`u`.*rank 3"):
+        s4d_final_state(jnp.zeros((2, H)), log_dt, A, B)
+    with pytest.raises(ValueError, match="h"):
+        s4d_final_state(jnp.zeros((2, 5, H + 1)), log_dt, A, B)
