@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.layers.masking import zero_padding
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -115,20 +116,49 @@ class Attention(nn.Module):
             for n in ("query", "key", "value")
         ]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array):
+        """x (b, t, d) -> (q, k, v) as attention reads them, and the pre-convolution ones."""
         w = self.w
-        b, t, _ = x.shape
-        q, k, v = self._project(w, x)
+        raw = self._project(w, x)
+        q, k, v = raw
         if self.dconv:
             q, k, v = (
                 self._dconv_parallel(w[f"dconv_{n}"], y)
-                for n, y in zip(("query", "key", "value"), (q, k, v), strict=True)
+                for n, y in zip(("query", "key", "value"), raw, strict=True)
             )
         if self.rotary:
-            pos = jnp.arange(t)[None]
+            pos = jnp.arange(x.shape[1])[None]
             q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
-        o = ops.attention(q, k, v, causal=self.causal, window=self.window, impl=self.impl)
-        return jnp.einsum("bthk,hkd->btd", o, w["out"].astype(self.dtype))
+        return (q, k, v), raw
+
+    def _attend(self, q, k, v, mask=None):
+        o = ops.attention(
+            q, k, v, causal=self.causal, window=self.window, kv_mask=mask, impl=self.impl
+        )
+        return jnp.einsum("bthk,hkd->btd", o, self.w["out"].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x (b, t, d), mask (b, t) bool or None -> (b, t, d); no query attends to padding."""
+        return self._attend(*self._qkv(zero_padding(x, mask))[0], mask)
+
+    def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, dict]:
+        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the KV cache holding it)."""
+        if not self.causal:
+            raise ValueError("Attention.prefill: a bidirectional layer has no recurrent form")
+        b, t, _ = x.shape
+        if t > max_len:
+            raise ValueError(f"Attention.prefill: prompt length {t} exceeds max_len={max_len}")
+        (q, k, v), raw = self._qkv(x)
+        state = self.init_state(b, max_len)
+        state["key"] = state["key"].at[:, :t].set(k.astype(self.dtype))
+        state["value"] = state["value"].at[:, :t].set(v.astype(self.dtype))
+        state["index"] = jnp.asarray(t, jnp.int32)
+        if self.dconv:
+            w = self.dconv_width - 1
+            stacked = jnp.stack(raw).astype(self.dtype)  # (3, b, t, h, k)
+            padded = jnp.pad(stacked, ((0, 0), (0, 0), (w, 0), (0, 0), (0, 0)))
+            state["window"] = padded[:, :, padded.shape[2] - w :]
+        return self._attend(q, k, v), state
 
     def _dconv_parallel(self, kern, y):
         b, t, h, k = y.shape

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
+from effseq.layers.masking import zero_padding
 from effseq.typing import Array, DType
 
 __all__ = ["GLA"]
@@ -135,9 +136,12 @@ class GLA(nn.Module):
         r = jax.nn.silu(self._proj(x.astype(cd), self.wr) + self.br.astype(cd))
         return jnp.einsum("...hv,hvd->...d", r * o, self.wo.astype(cd))
 
-    def __call__(self, x: Array) -> Array:
-        """x (b, t, d) -> (b, t, d) in the compute dtype."""
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
+        x = zero_padding(x, mask)
         q, k, v, log_g = self._inputs(x)
+        # Padded steps keep the state as it is: no decay (log g = 0) and nothing written (k = 0).
+        k, log_g = zero_padding(k, mask), zero_padding(log_g, mask)
         o, _ = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
         return self._output(x, o)
 
@@ -145,6 +149,13 @@ class GLA(nn.Module):
         """Decoding state before any token: S (b, h, k, v) float32 zeros, whatever ``max_len``."""
         del max_len
         return jnp.zeros((batch, self.num_heads, self.head_k, self.head_v), jnp.float32)
+
+    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), S after it (b, h, k, v))."""
+        del max_len
+        q, k, v, log_g = self._inputs(x)
+        o, state = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
+        return self._output(x, o), state
 
     def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
         """One token: x_t (b, d) -> (y_t (b, d), state), equal to ``__call__`` at that position."""

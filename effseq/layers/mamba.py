@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
+from effseq.layers.masking import zero_padding
 from effseq.typing import Array, DType
 
 __all__ = ["Mamba", "dt_bias_init", "s4d_real_a_log_init"]
@@ -174,26 +175,45 @@ class Mamba(nn.Module):
         A = -jnp.exp(p["A_log"].astype(jnp.float32))
         return delta, A, B, C
 
-    def _branch(self, p: dict, x: Array) -> Array:
-        """One scan direction over x (b, t, e) in compute dtype -> (b, t, e)."""
+    def _branch(self, p: dict, x: Array, mask: Array | None) -> tuple[Array, Array]:
+        """One scan direction over x (b, t, e) in compute dtype -> (y (b, t, e), final SSM
+        state (b, e, n) float32)."""
         cd = self.dtype
         x = ops.causal_conv(x, p["conv_kernel"].astype(cd), impl="direct")
         x = jax.nn.silu(x + p["conv_bias"].astype(cd))
         delta, A, B, C = self._ssm_inputs(p, x)
-        y, _ = ops.selective_scan(
+        # delta = 0 makes a padded step the identity (exp(0 A) = 1, nothing added), so the
+        # backward branch starts at the last real token whatever the padding.
+        delta = zero_padding(delta, mask)
+        return ops.selective_scan(
             x, delta, A, B, C, p["D"], impl=self.scan_impl, chunk_size=self.chunk_size
         )
-        return y
 
-    def __call__(self, x: Array) -> Array:
-        """x (b, t, d) -> (b, t, d) in the compute dtype."""
+    def _forward(self, x: Array, mask: Array | None = None) -> tuple[Array, Array, Array]:
+        """x (b, t, d) -> (y (b, t, d), conv input x_in (b, t, e), forward SSM state)."""
         cd = self.dtype
-        xz = x.astype(cd) @ self.in_proj.astype(cd)
+        xz = zero_padding(x.astype(cd), mask) @ self.in_proj.astype(cd)
         x_in, z = jnp.split(xz, 2, axis=-1)
-        y = self._branch(self.fwd, x_in)
+        y, h = self._branch(self.fwd, x_in, mask)
         if self.bidirectional:
-            y = y + jnp.flip(self._branch(self.bwd, jnp.flip(x_in, 1)), 1)
-        return (y * jax.nn.silu(z)) @ self.out_proj.astype(cd)
+            flip = None if mask is None else jnp.flip(mask, 1)
+            y = y + jnp.flip(self._branch(self.bwd, jnp.flip(x_in, 1), flip)[0], 1)
+        return (y * jax.nn.silu(z)) @ self.out_proj.astype(cd), x_in, h
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
+        return self._forward(x, mask)[0]
+
+    def prefill(self, x: Array, max_len: int) -> tuple[Array, dict]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), the state ``step`` continues
+        from: the last conv_width - 1 conv inputs and the final SSM state)."""
+        self._check_causal()
+        y, x_in, h = self._forward(x)
+        w = self.conv_width - 1
+        # Prompts shorter than the conv window leave zeros in front, as init_state does.
+        padded = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
+        window = padded[:, padded.shape[1] - w :]
+        return y, dict(conv=window, ssm=h)
 
     def init_state(self, batch: int, max_len: int) -> dict:
         """Decoding state before any token: the last ``conv_width - 1`` conv inputs
@@ -206,13 +226,16 @@ class Mamba(nn.Module):
             ssm=jnp.zeros((batch, e, self.state_size), jnp.float32),
         )
 
-    def step(self, x_t: Array, state: dict) -> tuple[Array, dict]:
-        """One token: x_t (b, d) -> (y_t (b, d), state), equal to ``__call__`` at that position."""
+    def _check_causal(self):
         if self.bidirectional:
             raise ValueError(
                 "Mamba(bidirectional=True) has no recurrent step: its backward branch reads "
                 "future tokens"
             )
+
+    def step(self, x_t: Array, state: dict) -> tuple[Array, dict]:
+        """One token: x_t (b, d) -> (y_t (b, d), state), equal to ``__call__`` at that position."""
+        self._check_causal()
         cd = self.dtype
         p = self.fwd
         xz = x_t.astype(cd) @ self.in_proj.astype(cd)

@@ -17,6 +17,7 @@ import numpy as np
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.layers.masking import zero_padding
 from effseq.typing import Array, DType
 
 INITS = ("legs", "inv", "lin")
@@ -150,6 +151,11 @@ class S4DKernel(nn.Module):
         log_dt, A, B, C = self._ssm()
         return ops.s4d_kernel(log_dt, A, B, C, length, self.discretization)
 
+    def final_state(self, x: Array) -> Array:
+        """The recurrent state after reading x (b, t, h): (b, h, n) complex64."""
+        log_dt, A, B, _ = self._ssm()
+        return ops.s4d_final_state(x, log_dt, A, B, self.discretization)
+
     def discrete(self) -> tuple[Array, Array, Array]:
         """(dA, dB, C), each (h, n) complex64, for :func:`effseq.ops.s4d_step`."""
         log_dt, A, B, C = self._ssm()
@@ -257,9 +263,10 @@ class S4D(nn.Module):
     def _output(self, y: Array, x: Array) -> Array:
         return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
-    def __call__(self, x: Array) -> Array:
-        """x (b, t, d) -> y (b, t, d) in ``dtype``."""
-        x = x.astype(self.dtype)
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """x (b, t, d), mask (b, t) bool or None -> y (b, t, d) in ``dtype``. Zeroed padding
+        adds nothing to a convolution, in either direction."""
+        x = zero_padding(x.astype(self.dtype), mask)
         t = x.shape[1]
         k = self.kernel.kernel(t)
         if self.bidirectional:
@@ -273,13 +280,22 @@ class S4D(nn.Module):
         del max_len
         return jnp.zeros((batch, self.d_model, self.state_size), jnp.complex64)
 
-    def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
-        """One token: x_t (b, d), state (b, h, n) -> (y_t (b, d), state)."""
+    def _check_causal(self):
         if self.bidirectional:
             raise ValueError(
                 "S4D: a bidirectional layer sees future tokens and has no recurrent step; "
                 "use bidirectional=False for decoding"
             )
+
+    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), state after it (b, h, n))."""
+        del max_len
+        self._check_causal()
+        return self(x), self.kernel.final_state(x.astype(self.dtype))
+
+    def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
+        """One token: x_t (b, d), state (b, h, n) -> (y_t (b, d), state)."""
+        self._check_causal()
         x_t = x_t.astype(self.dtype)
         dA, dB, C = self.kernel.discrete()
         state, y = ops.s4d_step(state, x_t, dA, dB, C)

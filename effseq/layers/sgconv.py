@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.layers.masking import zero_padding
 from effseq.layers.s4d import conv_output, output_params
 from effseq.typing import Array, DType
 
@@ -119,9 +120,10 @@ class SGConv(nn.Module):
     def _output(self, y: Array, x: Array) -> Array:
         return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
-    def __call__(self, x: Array) -> Array:
-        """x (b, t, d) -> y (b, t, d) in ``dtype``."""
-        x = x.astype(self.dtype)
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """x (b, t, d), mask (b, t) bool or None -> y (b, t, d) in ``dtype``. Zeroed padding
+        adds nothing to a convolution, in either direction."""
+        x = zero_padding(x.astype(self.dtype), mask)
         t = x.shape[1]
         k = self._kernel(self.sub_kernels, self.kernel_norm, t)
         if self.bidirectional:
@@ -138,17 +140,30 @@ class SGConv(nn.Module):
         """
         return jnp.zeros((batch, max_len, self.d_model), self.dtype), jnp.zeros((), jnp.int32)
 
+    def _check_causal(self):
+        if self.bidirectional:
+            raise ValueError(
+                "SGConv: a bidirectional layer sees future tokens and has no recurrent step; "
+                "use bidirectional=False for decoding"
+            )
+
+    def prefill(self, x: Array, max_len: int) -> tuple[Array, tuple[Array, Array]]:
+        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, history holding it)."""
+        self._check_causal()
+        b, t, _ = x.shape
+        if t > max_len:
+            raise ValueError(f"SGConv.prefill: prompt length {t} exceeds max_len={max_len}")
+        history, _ = self.init_state(b, max_len)
+        history = history.at[:, :t].set(x.astype(history.dtype))
+        return self(x), (history, jnp.asarray(t, jnp.int32))
+
     def step(self, x_t: Array, state: tuple[Array, Array]) -> tuple[Array, tuple[Array, Array]]:
         """One token: x_t (b, d) -> y_t (b, d); y_t = sum_{s <= pos} K[:, s] x[pos - s].
 
         O(max_len d) per token. Positions past the history's length are an error the caller
         must avoid (JAX drops an out-of-bounds write, so such tokens are lost).
         """
-        if self.bidirectional:
-            raise ValueError(
-                "SGConv: a bidirectional layer sees future tokens and has no recurrent step; "
-                "use bidirectional=False for decoding"
-            )
+        self._check_causal()
         history, pos = state
         x_t = x_t.astype(self.dtype)
         length = history.shape[1]

@@ -114,19 +114,28 @@ class ResidualBlock(nn.Module):
         """x (b, t, d); mask (b, t) bool, True = real token, or None."""
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0)
-        x = self._residual(x, self.mix, self.norm_mix, deterministic)
+        # The mixer masks its own (normalised) input: a norm's bias would refill zeroed padding.
+        x = self._residual(x, lambda h: self.mix(h, mask), self.norm_mix, deterministic)
         return self._mlp(x, deterministic).astype(self.dtype)
 
     def init_state(self, batch: int, max_len: int):
         return self.mix.init_state(batch, max_len)
 
-    def step(self, x_t, state):
-        """One token x_t (b, d) -> (y_t (b, d), state)."""
+    def _with_state(self, x, mix, deterministic=True):
+        """The block around a mixer call ``mix(h) -> (y, state)``; returns (out, state)."""
         out = {}
 
-        def mix_step(h):
-            y, out["state"] = self.mix.step(h, state)
+        def mixed(h):
+            y, out["state"] = mix(h)
             return y
 
-        x_t = self._residual(x_t, mix_step, self.norm_mix, True)
-        return self._mlp(x_t, True).astype(self.dtype), out["state"]
+        x = self._residual(x, mixed, self.norm_mix, deterministic)
+        return self._mlp(x, deterministic).astype(self.dtype), out["state"]
+
+    def step(self, x_t, state):
+        """One token x_t (b, d) -> (y_t (b, d), state)."""
+        return self._with_state(x_t, lambda h: self.mix.step(h, state))
+
+    def prefill(self, x, max_len: int):
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), the mixer's state after it)."""
+        return self._with_state(x, lambda h: self.mix.prefill(h, max_len))

@@ -19,7 +19,8 @@ class LanguageModel(nn.Module):
     """tokens (b, t) int32 -> logits (b, t, vocab) float32.
 
     ``mixer`` is one of ``effseq.models.MIXERS`` or a comma pattern over the depth. Decoding:
-    ``init_cache(batch, max_len)`` then ``decode_step(tokens_t, cache)`` per token; S4D, Mamba and
+    ``init_cache(batch, max_len)`` (or ``prefill(prompt, max_len)``, the prompt in parallel)
+    then ``decode_step(tokens_t, cache)`` per token; S4D, Mamba and
     GLA keep a fixed-size state, attention a KV cache, SGConv the input history.
     """
 
@@ -76,6 +77,13 @@ class LanguageModel(nn.Module):
     def init_cache(self, batch: int, max_len: int):
         """Decoding state of every layer, stacked along the scanned layer axis."""
         return self.stack.init_state(batch, max_len)
+
+    def prefill(self, tokens: jax.Array, max_len: int):
+        """A prompt tokens (b, t) in parallel -> (logits (b, t, vocab), cache): the cache
+        ``decode_step`` continues from, as if the prompt had been decoded token by token, with
+        room for max_len tokens in all."""
+        x, cache = self.stack.prefill(self._embed(tokens), max_len)
+        return self._logits(x), cache
 
     def decode_step(self, tokens_t: jax.Array, cache):
         """tokens_t (b,) int32 -> (logits (b, vocab) float32, cache)."""

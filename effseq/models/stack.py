@@ -43,6 +43,13 @@ class _Group(nn.Module):
     def init_state(self, carry, batch, max_len):
         return carry, tuple(blk.init_state(batch, max_len) for blk in self.blocks)
 
+    def prefill(self, x, max_len):
+        states = []
+        for blk in self.blocks:
+            x, state = blk.prefill(x, max_len)
+            states.append(state)
+        return x, tuple(states)
+
 
 # The model fields every residual block takes from its model, beside the direction.
 BLOCK_FIELDS = (
@@ -93,6 +100,7 @@ class Stack(nn.Module):
                 "__call__": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
                 "step": dict(in_axes=0, **scan),
                 "init_state": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
+                "prefill": dict(in_axes=(nn.broadcast,), **scan),
             },
         )
         self.groups = scanned(pattern, dict(self.block, d_model=self.d_model), name="layers")
@@ -105,3 +113,7 @@ class Stack(nn.Module):
 
     def step(self, x_t, states):
         return self.groups.step(x_t, states)
+
+    def prefill(self, x, max_len: int):
+        """A prompt x (b, t, d) in parallel -> (y, every layer's decoding state after it)."""
+        return self.groups.prefill(x, max_len)

@@ -17,8 +17,8 @@ OPTIONS = {"s4d": DIRECT, "sgconv": DIRECT}
 CAUSAL = ["s4d", "sgconv", "mamba", "gla", "attention", "gla,attention"]
 
 
-def _lm(mixer, n_layers=2, **kw):
-    options = OPTIONS.get(mixer)
+def _lm(mixer, n_layers=2, options=None, **kw):
+    options = options or OPTIONS.get(mixer)
     return LanguageModel(
         vocab_size=V,
         d_model=D,
@@ -47,6 +47,33 @@ def test_decoding_equals_the_parallel_forward(mixer):
         out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
         steps.append(out)
     assert_close(jnp.stack(steps, axis=1), logits)
+
+
+PRIMER = {"rotary": True, "dconv": True, "window": 4}
+
+
+@pytest.mark.parametrize("mixer,options", [(m, None) for m in CAUSAL] + [("attention", PRIMER)])
+def test_prefill_then_decoding_equals_the_parallel_forward(mixer, options):
+    # A 3-token prompt is shorter than Mamba's and Primer's conv windows (width 4), so the
+    # window's zero padding is exercised too.
+    prompt = 3
+    model = _lm(mixer, options=options)
+    tokens = _tokens(seed=3)
+    variables = model.init(jax.random.key(1), tokens)
+    logits = model.apply(variables, tokens)
+    first, cache = model.apply(variables, tokens[:, :prompt], 16, method="prefill")
+    steps = [first]
+    for i in range(prompt, T):
+        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        steps.append(out[:, None])
+    assert_close(jnp.concatenate(steps, axis=1), logits)
+
+
+def test_prefill_longer_than_the_cache_is_an_error():
+    model = _lm("attention")
+    variables = model.init(jax.random.key(1), _tokens())
+    with pytest.raises(ValueError, match="prompt length 20 exceeds max_len=16"):
+        model.apply(variables, _tokens(t=20), 16, method="prefill")
 
 
 @pytest.mark.parametrize("mixer", CAUSAL)
@@ -86,6 +113,35 @@ def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling
     b = clf.apply(variables, jnp.where(mask, tokens, 5), mask=mask)
     assert a.shape == (2, 3)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_length_never_changes_the_classifier(mixer, bidirectional):
+    # The same 7 real tokens right-padded to 9 and to 16: no mixer may read the padding, not
+    # even through a norm's bias, a gate or a step size that runs over it.
+    if bidirectional and mixer == "gla":
+        pytest.skip("GLA is causal only (checked above)")
+    clf = SequenceClassifier(
+        num_classes=3,
+        vocab_size=V,
+        d_model=D,
+        n_layers=2,
+        mixer=mixer,
+        max_len=16,
+        bidirectional=bidirectional,
+        mixer_options=OPTIONS.get(mixer),
+    )
+    real = jax.random.randint(jax.random.key(0), (2, 7), 1, V)
+
+    def padded(t):
+        tokens = jnp.pad(real, ((0, 0), (0, t - 7)), constant_values=3)
+        return tokens, jnp.arange(t)[None].repeat(2, 0) < 7
+
+    variables = clf.init(jax.random.key(1), *padded(9))
+    a = clf.apply(variables, *padded(9))
+    b = clf.apply(variables, *padded(16))
+    assert_close(b, a)
 
 
 def test_dual_encoder_and_continuous_inputs():
