@@ -1,0 +1,1 @@
+"""Training: state, optimizer (parameter groups from the layers' tags), steps, checkpoints, loop."""
