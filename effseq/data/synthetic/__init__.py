@@ -1,0 +1,1 @@
+"""Synthetic sequence-labelling tasks generated per index: no files, random access."""
