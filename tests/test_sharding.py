@@ -20,15 +20,9 @@ LAYOUTS = [
     ("fsdp", (2, 4, 1)),
     ("fsdp_tp", (2, 2, 2)),
 ]
-# XLA:CPU fails a layout check (fft_thunk.cc, IsMonotonicWithDim0Major) on the FFT convolution
-# once its channels are sharded, so the convolution mixers run the direct convolution here;
-# test_fft_conv_with_sharded_channels_fails_on_cpu tracks the bug.
-DIRECT = {"conv_impl": "direct"}
-OPTIONS = {"s4d": DIRECT, "sgconv": DIRECT}
 
 
-def _lm(mixer, options="default"):
-    options = OPTIONS.get(mixer) if options == "default" else options
+def _lm(mixer, options=None):
     return LanguageModel(vocab_size=V, d_model=D, n_layers=2, mixer=mixer, mixer_options=options)
 
 
@@ -59,7 +53,7 @@ def _sharded_init(model, mesh, rules):
 
 
 @functools.cache
-def _reference_logits(mixer, options="default"):
+def _reference_logits(mixer, options=None):
     """Logits of the unsharded model, initialised with the same key."""
     model = _lm(mixer, options)
     variables = jax.jit(model.init)(jax.random.key(0), _tokens())
@@ -281,19 +275,6 @@ def test_jitted_init_lands_in_the_shardings(mixer, preset, shape):
 @pytest.mark.parametrize("preset, shape", LAYOUTS)
 def test_jitted_init_lands_in_the_shardings_all(mixer, preset, shape):
     _check_sharded_model(mixer, preset, shape)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(raises=jax.errors.JaxRuntimeError, strict=True, reason="XLA:CPU FFT layout")
-def test_fft_conv_with_sharded_channels_fails_on_cpu():
-    """Remove DIRECT from OPTIONS once this passes."""
-    model = _lm("s4d", options=None)
-    mesh = sharding.make_mesh(1, 8, 1)
-    variables, _ = _sharded_init(model, mesh, sharding.get_rules("fsdp"))
-    logits = jax.jit(model.apply)(
-        variables, jax.device_put(_tokens(), sharding.batch_sharding(mesh))
-    )
-    assert_close(logits, _reference_logits("s4d", options=None))
 
 
 # ----------------------------------------------------------------------------- batch

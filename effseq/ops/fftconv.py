@@ -63,10 +63,22 @@ def _conv_fft(u: Array, k_full: Array, n: int, t: int) -> Array:
     The FFTs run over the last axis of a (b, h, t) copy: transforms of contiguous rows were
     faster than transforms along the strided time axis on CPU, fwd+bwd at (2, t, 256), by 2x
     at t = 2048 and 12% at t = 8192, the transposes included.
+
+    The copy is flattened to (b * h, t) rows so that every FFT, forward and backward, has a
+    rank-2 operand. XLA's SPMD partitioner does not partition FFTs (openxla/xla#24): it
+    all-gathers a sharded operand and runs the whole transform on every device. XLA:CPU lays an
+    all-gather out with the gathered axis most major, so a (b, h, t) operand gathered along h
+    reached the FFT in layout {2,0,1}, which the CPU FFT thunk rejects at run time
+    (RET_CHECK IsMonotonicWithDim0Major). In rank 2 a batch or channel sharding can only be
+    gathered along the leading axis, which is row-major. Unsharded, the reshape is a bitcast.
     """
-    u_f = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n, axis=-1)
+    b, _, h = u.shape
+    f = n // 2 + 1  # rfft bins
+    rows = jnp.swapaxes(u, 1, 2).reshape(b * h, t)
+    u_f = jnp.fft.rfft(rows, n=n, axis=-1).reshape(b, h, f)
     k_f = jnp.fft.rfft(k_full, n=n, axis=-1)
-    return jnp.swapaxes(jnp.fft.irfft(u_f * k_f[None], n=n, axis=-1)[..., :t], 1, 2)
+    y = jnp.fft.irfft((u_f * k_f[None]).reshape(b * h, f), n=n, axis=-1)[:, :t]
+    return jnp.swapaxes(y.reshape(b, h, t), 1, 2)
 
 
 def _conv_direct(u: Array, k: Array) -> Array:
