@@ -1,0 +1,216 @@
+"""The base config: every key of every run, with its default and what it means.
+
+Experiments (``experiments/*.py``) start from :func:`get_config` and change values; they never
+add keys, and code never reads a key with a fallback default. :func:`validate` checks a config
+against this one, so a misspelt key fails with the closest valid name instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # parameter init, data order and dropout all derive from it
+
+    c.task = ConfigDict()
+    c.task.name = "synthetic/mqar"  # a name from effseq.data.list_tasks()
+    # Options passed to effseq.data.load_task / task_info (e.g. seq_len, num_kv_pairs).
+    c.task.options = ConfigDict()
+    c.task.data_dir = ""  # empty: $EFFSEQ_DATA_DIR
+
+    c.model = ConfigDict()
+    c.model.mixer = "gla"  # s4d | sgconv | mamba | gla | attention, or a comma pattern
+    c.model.d_model = 64
+    c.model.n_layers = 2
+    c.model.norm = "layernorm"  # layernorm | rmsnorm
+    c.model.prenorm = True
+    c.model.mlp = "glu"  # none | gelu | glu | sqrelu
+    c.model.mlp_ratio = 2
+    c.model.dropout = 0.0
+    c.model.pooling = "mean"  # classifiers: mean | last | first
+    c.model.bidirectional = "auto"  # classifiers: auto (where every mixer has a form) | yes | no
+    c.model.tie_embeddings = True  # sequence-labelling (language-model) tasks
+    c.model.remat = False  # recompute each layer's activations in the backward pass
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.mixer_options = ConfigDict()  # extra fields of the mixer layer, e.g. state_size
+
+    c.train = ConfigDict()
+    c.train.steps = 1000  # optimizer updates
+    c.train.batch_size = 32  # global batch, over all processes and devices
+    c.train.micro_batches = 1  # gradient accumulation: the batch in this many sequential parts
+    c.train.log_every = 50  # steps between metrics.jsonl lines
+    c.train.eval_every = 200  # steps between validation passes (and best-checkpoint updates)
+    c.train.eval_batches = 0  # validation batches per pass; 0 = the whole split
+    c.train.checkpoint_every = 200  # steps between checkpoints (also saved at the end)
+    c.train.keep_checkpoints = 2  # latest checkpoints kept (the best one is kept apart)
+    c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
+    c.train.progress = True  # progress bar on stderr
+    c.train.test = True  # evaluate the test split on the best-validation checkpoint at the end
+
+    c.optim = ConfigDict()
+    c.optim.name = "adamw"  # adamw | adam | sgd
+    c.optim.learning_rate = 1e-3
+    c.optim.ssm_learning_rate = 1e-3  # SSM-tagged parameters (A, dt, B, ...)
+    c.optim.weight_decay = 0.01  # matrices; vectors and SSM parameters get none
+    c.optim.ssm_weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.9  # sgd
+    c.optim.grad_clip_norm = 1.0  # global norm; 0 disables
+    c.optim.schedule = "cosine"  # cosine | linear | constant | wsd | power
+    c.optim.warmup_steps = 0
+    c.optim.min_lr_ratio = 0.0  # final learning rate as a fraction of the peak
+    c.optim.wsd_decay_fraction = 0.1  # wsd/power: fraction of steps in the final decay
+    c.optim.power_a = 4.6  # Power scheduler (Shen et al. 2024) constants
+    c.optim.power_b = 0.51
+    c.optim.decay_vectors = False  # also weight-decay biases and norm scales
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = "dp"  # dp | fsdp | fsdp_tp (effseq.sharding.RULES)
+
+    c.distributed = ConfigDict()
+    # Multi-host: set all three (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    # JAX_PROCESS_ID environment variables); empty/0 means one process.
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+def _flat_keys(config: ConfigDict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ConfigDict) and len(value) and not _free(path):
+            out.update(_flat_keys(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+# Sections whose keys depend on the task or mixer: free-form, checked by the code they feed.
+FREE_SECTIONS = ("task.options", "model.mixer_options")
+
+
+def _free(path: str) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in FREE_SECTIONS)
+
+
+def _unknown(key: str, valid) -> ValueError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+    """Checks that ``config`` has exactly the base config's keys (free-form sections aside)
+    and the values' types match; returns it. Raises ValueError naming the key."""
+    base = _flat_keys(get_config())
+    have = _flat_keys(config)
+    for key, value in have.items():
+        if _free(key):
+            continue
+        if key not in base:
+            raise _unknown(key, base)
+        want = base[key]
+        if isinstance(want, bool) != isinstance(value, bool) or (
+            not isinstance(value, type(want)) and not (isinstance(want, float) and _is_int(value))
+        ):
+            raise ValueError(
+                f"config key {key!r} must be {type(want).__name__}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+    for key in base:
+        if key not in have:
+            raise ValueError(
+                f"config key {key!r} is missing (start from effseq.configs.get_config)"
+            )
+    return config
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_value(text: str, like):
+    if isinstance(like, str):
+        return text
+    if isinstance(like, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(like, float) and _is_int(value):
+        value = float(value)
+    return value
+
+
+def override(config: ConfigDict, assignments: list[str]) -> ConfigDict:
+    """Applies ``KEY=VALUE`` strings (the CLI's ``--config.KEY=VALUE``) to ``config``.
+
+    Values are parsed as the existing value's type; keys in free-form sections
+    (task.options, model.mixer_options) may be new and are parsed as Python literals.
+    """
+    base = _flat_keys(config)
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} must look like KEY=VALUE")
+        key, text = item.split("=", 1)
+        if key not in base and not _free(key):
+            raise _unknown(key, base)
+        try:
+            value = _parse_value(text, base.get(key))
+        except ValueError as e:
+            raise ValueError(f"config key {key!r}: {e}") from None
+        parent, _, leaf = key.rpartition(".")
+        node = config
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        try:
+            with config.unlocked():
+                node[leaf] = value
+        except TypeError:
+            raise ValueError(
+                f"config key {key!r} must be {type(base.get(key)).__name__}, got {text!r}"
+            ) from None
+    return validate(config)
+
+
+def load_config(spec: str) -> ConfigDict:
+    """``PATH[:ARG]`` -> the config of the experiment file PATH, ``get_config(ARG)``, validated.
+
+    Errors name the file (missing file, no get_config) and the key (unknown keys).
+    """
+    path_text, _, arg = spec.partition(":")
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path_text!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"effseq_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: defines no get_config(arg)")
+    config = module.get_config(arg) if arg else module.get_config(None)
+    try:
+        return validate(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,464 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Abstract-first setup (shapes by ``jax.eval_shape``, then shardings from the logical-axis rules,
+then a jitted init straight into them), one compiled ``train_step`` with pinned shardings and
+the state donated, periodic validation and checkpoints, automatic resume, a clean stop on
+SIGTERM, and the test split evaluated on the best-validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effseq import data as data_lib
+from effseq import sharding
+from effseq.configs import validate
+from effseq.train import build, checkpoint, optimizer
+from effseq.train import step as step_lib
+from effseq.train.metrics import MetricsWriter, read_jsonl
+
+
+class Log:
+    """Startup and event messages: printed by process 0 and appended to ``DIR/train.log``."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / "train.log"
+
+    def __call__(self, message: str):
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def maybe_initialize_distributed(config) -> None:
+    """``jax.distributed.initialize`` when the config (or the JAX_* environment) asks for more
+    than one process. Must run before anything touches the devices."""
+    d = config.distributed
+    address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    pid = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if num <= 1:
+        return
+    if not address or pid < 0:
+        raise ValueError(
+            "distributed.num_processes > 1 needs distributed.coordinator_address and "
+            "distributed.process_id (or JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID)"
+        )
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def check_batch(config, mesh) -> None:
+    """Divisibility of the global batch by micro-batches, processes and batch-sharding axes."""
+    b, m = config.train.batch_size, config.train.micro_batches
+    if b < 1 or m < 1 or b % m:
+        raise ValueError(
+            f"train.batch_size={b} must be a positive multiple of train.micro_batches={m}"
+        )
+    shards = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
+    if (b // m) % shards:
+        raise ValueError(
+            f"train.batch_size / train.micro_batches = {b // m} must be divisible by "
+            f"mesh.data x mesh.fsdp = {shards} (each device takes an equal share)"
+        )
+    if b % jax.process_count():
+        raise ValueError(
+            f"train.batch_size={b} must be divisible by the process count {jax.process_count()}"
+        )
+
+
+class Setup:
+    """Everything a run builds before its first step (shared by train and eval)."""
+
+    def __init__(self, config, *, devices=None, for_eval_only: bool = False):
+        validate(config)
+        self.config = config
+        task = config.task
+        self.info = data_lib.task_info(task.name, **dict(task.options))
+        self.data_dir = task.data_dir or None
+        m = config.mesh
+        self.mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+        self.rules = sharding.get_rules(m.rules)
+        if not for_eval_only:
+            check_batch(config, self.mesh)
+        self.model = build.build_model(config.model, self.info)
+        example = build.example_batch(self.info)
+        rng = jax.random.key(config.seed)
+        boxed = jax.eval_shape(functools.partial(build.init_variables, self.model), rng, example)
+        self.labels = optimizer.param_labels(boxed["params"], config.optim.decay_vectors)
+        steps = config.train.steps
+        b = config.train.batch_size
+        kw = dict(tokens_per_step=b * self.info.max_length, batch_size=b)
+        self.tx = optimizer.make_optimizer(config.optim, self.labels, steps, **kw)
+        self.learning_rates = optimizer.learning_rates(config.optim, steps, **kw)
+        var_shardings = sharding.param_shardings(boxed, self.mesh, self.rules)
+        replicated = sharding.replicated(self.mesh)
+        init = functools.partial(step_lib.init_state, self.model, self.tx)
+        abstract = jax.eval_shape(init, rng, example)
+        opt_shardings = mirror_shardings(
+            abstract.opt_state, abstract.params, var_shardings["params"], replicated
+        )
+        self.state_shardings = step_lib.TrainState(
+            step=replicated,
+            params=var_shardings["params"],
+            constants=var_shardings.get("constants", {}),
+            opt_state=opt_shardings,
+        )
+        self.abstract_state = abstract
+        self.target = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
+        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self._example, self._rng = example, rng
+        self.num_params = build.param_count(abstract.params)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.eval_fn = jax.jit(
+            functools.partial(
+                step_lib.eval_step, model=self.model, num_classes=self.info.num_classes
+            ),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=replicated,
+        )
+
+    def init_state(self):
+        return self._init(self._rng, self._example)
+
+    def train_fn(self):
+        """``train_step`` jitted once: shardings pinned in and out, the state donated."""
+        tc = self.config.train
+        step = functools.partial(
+            step_lib.train_step,
+            model=self.model,
+            tx=self.tx,
+            num_classes=self.info.num_classes,
+            micro_batches=tc.micro_batches,
+            base_rng=jax.random.key(self.config.seed + 1),
+        )
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def global_batch(self, local: dict) -> dict:
+        """This process's rows -> global arrays sharded over the batch axes."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()
+        }
+
+    def batches(self, split: str, *, train: bool):
+        ds = data_lib.load_task(
+            self.info.name, split, data_dir=self.data_dir, **dict(self.config.task.options)
+        )
+        return data_lib.batches(
+            ds,
+            global_batch_size=self.config.train.batch_size,
+            seed=self.config.seed,
+            shuffle=train,
+            num_epochs=None if train else 1,
+            drop_remainder=train,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def evaluate(self, state, split: str, max_batches: int = 0) -> dict:
+        """Loss and accuracy over ``split`` (every example once; the first ``max_batches``
+        batches when > 0)."""
+        totals = None
+        for i, local in enumerate(self.batches(split, train=False)):
+            if max_batches and i >= max_batches:
+                break
+            sums = self.eval_fn(state, self.global_batch(local))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        weight = max(float(totals["weight"]), 1e-9)
+        return {
+            f"{split}/loss": float(totals["loss"]) / weight,
+            f"{split}/accuracy": float(totals["correct"]) / weight,
+            f"{split}/examples": float(totals["weight"]),
+        }
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def mirror_shardings(opt_state, params, param_shardings, default):
+    """Shardings for the optimizer state: a leaf whose tree path ends with a parameter's path
+    and has its shape (Adam's moments, momentum buffers) gets that parameter's sharding;
+    everything else (step counts, scalars) ``default``.
+
+    Matching by path and shape works for every optax state, including ``multi_transform``'s
+    masked partitions, where ``optax.tree_map_params`` does not apply.
+    """
+    by_path = {}
+    for (path, p), (_, s) in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+        strict=True,
+    ):
+        by_path[_keys(path)] = (p.shape, s)
+
+    def pick(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _leaf_path(tree, index: int) -> str:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return paths[index] if 0 <= index < len(paths) else "?"
+
+
+def _versions() -> str:
+    import flax
+    import orbax.checkpoint
+
+    return (
+        f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, "
+        f"optax {optax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}"
+    )
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """On resume, drop records after the restored step: they are about to be redone."""
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class _Preemption:
+    """Records SIGTERM so the loop can checkpoint and stop between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluates the
+    test split on the best-validation checkpoint, writes ``summary.json`` and returns it.
+
+    ``devices`` (default: all) is the device list the mesh is built from."""
+    maybe_initialize_distributed(config)
+    workdir = pathlib.Path(workdir)
+    lead = jax.process_index() == 0
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+    log = Log(workdir, lead)
+    setup = Setup(config, devices=devices)
+    tc = config.train
+    if lead:
+        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    log(_versions())
+    log(
+        f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s); mesh {dict(setup.mesh.shape)}, rules {config.mesh.rules!r}"
+    )
+    log(
+        f"task {setup.info.name}: model {type(setup.model).__name__} mixer "
+        f"{config.model.mixer!r}, {setup.num_params:,} parameters"
+    )
+
+    ckpts = checkpoint.Checkpoints(workdir, tc.keep_checkpoints)
+    train_iter = setup.batches("train", train=True)
+    restored = ckpts.restore_latest(setup.target)
+    if restored is None:
+        state = setup.init_state()
+        start = 0
+    else:
+        start, state, data_state = restored
+        train_iter.set_state(data_state)
+        log(f"resumed from the checkpoint at step {start}")
+        if lead:
+            _truncate_metrics(workdir / "metrics.jsonl", start)
+    best = _best_so_far(workdir) if restored else None
+
+    train_fn = setup.train_fn()
+    writer = MetricsWriter(workdir, enabled=lead)
+    progress = _progress(tc, start, enabled=lead)
+    tokens_per_step = tc.batch_size * setup.info.max_length
+    step, bad, status = start, 0, "completed"
+    t_start = time.time()
+    t_window, window_steps = time.time(), 0
+    with _Preemption() as preempt:
+        while step < tc.steps:
+            if preempt.requested:
+                log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                ckpts.save(step, state, train_iter.get_state())
+                status = "preempted"
+                break
+            state, metrics = train_fn(state, setup.global_batch(next(train_iter)))
+            if not bool(metrics["train/finite"]):
+                bad += 1
+                path = _leaf_path(state.params, int(metrics["train/bad_leaf"]))
+                log(
+                    f"step {step + 1}: non-finite loss or gradient (first bad gradient: "
+                    f"{path}); update skipped ({bad} in a row)"
+                )
+                writer.write(step + 1, {"train/skipped": 1, "train/bad_parameter": path})
+                if bad >= tc.max_bad_steps:
+                    ckpts.wait()
+                    raise RuntimeError(
+                        f"{bad} consecutive non-finite steps (train.max_bad_steps="
+                        f"{tc.max_bad_steps}); stopped at step {step}. The last good "
+                        f"checkpoint (step {ckpts.latest_step()}) in {workdir} is intact."
+                    )
+                continue
+            bad = 0
+            step += 1
+            window_steps += 1
+            progress.update(1)
+            record = {}
+            if step % tc.log_every == 0 or step == tc.steps:
+                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                record.pop("train/finite"), record.pop("train/bad_leaf")
+                lrs = setup.learning_rates(step - 1)
+                record.update({f"train/{k}": float(v) for k, v in lrs.items()})
+                elapsed = time.time() - t_window
+                record["train/tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                t_window, window_steps = time.time(), 0
+                progress.set_postfix(
+                    loss=f"{record['train/loss']:.4f}",
+                    acc=f"{record['train/accuracy']:.3f}",
+                    tok_s=f"{record['train/tokens_per_s']:.0f}",
+                )
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = setup.evaluate(state, "val", tc.eval_batches)
+                record.update(val)
+                if best is None or val["val/accuracy"] > best["val/accuracy"]:
+                    best = {"step": step, **val}
+                    ckpts.save_best(step, state, best)
+                log(
+                    f"step {step}: val/loss {val['val/loss']:.4f} val/accuracy "
+                    f"{val['val/accuracy']:.4f} (best {best['val/accuracy']:.4f} at "
+                    f"step {best['step']})"
+                )
+            if record:
+                writer.write(step, record)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                ckpts.save(step, state, train_iter.get_state())
+    progress.close()
+    ckpts.wait()
+    wall = time.time() - t_start
+    summary = {
+        "task": setup.info.name,
+        "mixer": config.model.mixer,
+        "seed": config.seed,
+        "params": setup.num_params,
+        "steps": step,
+        "status": status,
+        "wall_s": wall,
+        "best_step": None if best is None else best["step"],
+        "val_accuracy": None if best is None else best["val/accuracy"],
+        "test_accuracy": None,
+    }
+    if status == "completed" and tc.test and "test" in setup.info.splits:
+        _, best_state, _ = ckpts.restore_best(setup.target)
+        test = setup.evaluate(best_state, "test")
+        summary["test_accuracy"] = test["test/accuracy"]
+        summary["test_loss"] = test["test/loss"]
+        writer.write(step, test)
+        log(
+            f"test/accuracy {test['test/accuracy']:.4f} on the best-validation checkpoint "
+            f"(step {best['step']})"
+        )
+    writer.close()
+    ckpts.close()
+    if lead:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _best_so_far(workdir: pathlib.Path) -> dict | None:
+    meta = sorted((workdir / "best").glob("*/meta/*"))
+    for path in meta:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _progress(tc, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=tc.steps,
+        initial=start,
+        disable=not (enabled and tc.progress),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def evaluate_workdir(workdir: str | os.PathLike, splits=("val", "test"), *, devices=None) -> dict:
+    """Re-evaluates the best-validation checkpoint of a finished or running ``workdir``."""
+    from effseq.configs import get_config
+
+    workdir = pathlib.Path(workdir)
+    path = workdir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
+    config = get_config()
+    config.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    setup = Setup(config, devices=devices, for_eval_only=True)
+    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+    restored = ckpts.restore_best(setup.target)
+    if restored is None:
+        raise FileNotFoundError(f"{workdir / 'best'} holds no checkpoint yet")
+    step, state, _ = restored
+    out = {"step": step}
+    for split in splits:
+        if split in setup.info.splits:
+            out.update(setup.evaluate(state, split))
+    ckpts.close()
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith(("task.options", "mixer_options")):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

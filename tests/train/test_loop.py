@@ -1,0 +1,300 @@
+"""The training loop end to end on tiny configs, on the 8 fake CPU devices of conftest."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from effseq.configs import get_config, load_config, override
+from effseq.train.loop import Setup, evaluate_workdir, train_and_evaluate
+from effseq.train.metrics import read_jsonl
+from tests.tolerances import assert_close
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "experiments" / "smoke.py")
+
+
+def tiny(mixer="gla", steps=4, **overrides):
+    """The smoke config, shrunk: every step logged, a 16-sequence global batch."""
+    c = load_config(f"{SMOKE}:{mixer}")
+    items = {
+        "train.steps": steps,
+        "train.batch_size": 16,
+        "train.log_every": 1,
+        "train.eval_every": steps,
+        "train.checkpoint_every": steps,
+        "train.progress": False,
+        "task.options.num_examples": 256,
+        "task.options.num_eval_examples": 32,
+        "model.d_model": 16,
+        "optim.warmup_steps": 1,
+        **overrides,
+    }
+    return override(c, [f"{k}={v}" for k, v in items.items()])
+
+
+def losses(workdir):
+    records = read_jsonl(workdir / "metrics.jsonl")
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_run_writes_config_metrics_tensorboard_and_summary(tmp_path):
+    summary = train_and_evaluate(tiny(), tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert set(summary) >= {"task", "mixer", "seed", "params", "wall_s", "val_accuracy"}
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert {"val/loss", "val/accuracy"} <= set(records[3])
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    scalars = _event_scalars(events.read_bytes())
+    assert {"train/loss", "val/accuracy", "test/accuracy"} <= {tag for _, tag in scalars}
+    for r in records:
+        if "train/loss" in r:
+            assert scalars[(r["step"], "train/loss")] == np.float32(r["train/loss"])
+    log = (tmp_path / "train.log").read_text()
+    assert "jax " in log and "parameters" in log and "mesh" in log
+
+
+def _varint(buf: bytes, pos: int):
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _fields(buf: bytes):
+    """(field number, value) pairs of one protobuf message; bytes for length-delimited."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = struct.unpack("<d", buf[pos : pos + 8])[0], pos + 8
+        elif wire == 5:
+            value, pos = struct.unpack("<f", buf[pos : pos + 4])[0], pos + 4
+        else:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + length], pos + length
+        yield number, value
+
+
+def _event_scalars(raw: bytes) -> dict:
+    """Reads the TFRecord frames back, checking both CRCs; {(step, tag): value}."""
+    from effseq.train.metrics import masked_crc32c
+
+    out, pos = {}, 0
+    while pos < len(raw):
+        header = raw[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", raw[pos + 8 : pos + 12])[0] == masked_crc32c(header)
+        record = raw[pos + 12 : pos + 12 + length]
+        assert struct.unpack("<I", raw[pos + 12 + length : pos + 16 + length])[0] == (
+            masked_crc32c(record)
+        )
+        pos += 16 + length
+        event = dict(_fields(record))
+        for number, summary_value in _fields(event.get(5, b"")):
+            assert number == 1
+            value = dict(_fields(summary_value))
+            out[(event.get(2, 0), value[1].decode())] = value[2]
+    return out
+
+
+@pytest.mark.parametrize(
+    "rules,mesh",
+    [("dp", (8, 1, 1)), ("fsdp", (2, 4, 1)), ("fsdp_tp", (2, 2, 2))],
+)
+def test_eight_devices_match_one_and_keep_their_shardings(tmp_path, rules, mesh):
+    one = tiny(**{"mesh.data": 1})
+    many = tiny(
+        **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], "mesh.rules": rules}
+    )
+    train_and_evaluate(one, tmp_path / "one", devices=jax.devices()[:1])
+    train_and_evaluate(many, tmp_path / "many")
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "many")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    assert_close(np.array(list(b.values())), np.array(list(a.values())))
+
+    setup = Setup(many)
+    state = setup.init_state()
+    train_fn = setup.train_fn()
+    batches = setup.batches("train", train=True)
+    for _ in range(2):
+        state, _ = train_fn(state, setup.global_batch(next(batches)))
+    jax.tree.map(
+        lambda x, s: _same_sharding(x, s), state, setup.state_shardings, is_leaf=_is_sharding
+    )
+
+
+def _is_sharding(x):
+    return isinstance(x, jax.sharding.Sharding)
+
+
+def _same_sharding(x, s):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    train_and_evaluate(tiny(), tmp_path / "full")
+    train_and_evaluate(tiny(**{"train.micro_batches": 2, "mesh.data": 8}), tmp_path / "acc")
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "acc")
+    assert_close(np.array(list(b.values())), np.array(list(a.values())))
+
+
+def test_resume_on_another_mesh_continues_the_run(tmp_path):
+    ref = tmp_path / "ref"
+    train_and_evaluate(tiny(steps=6, **{"train.checkpoint_every": 3}), ref)
+    # The data-parallel run's step-3 checkpoint, resumed on an fsdp mesh.
+    run = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints" / "3", run / "checkpoints" / "3")
+    rest = tiny(steps=6, **{"mesh.data": 1, "mesh.fsdp": 8, "mesh.rules": "fsdp"})
+    summary = train_and_evaluate(rest, run)
+    assert summary["steps"] == 6
+    assert "resumed from the checkpoint at step 3" in (run / "train.log").read_text()
+    a, b = losses(ref), losses(run)
+    assert b.keys() == {4, 5, 6}
+    assert_close(np.array([b[s] for s in (4, 5, 6)]), np.array([a[s] for s in (4, 5, 6)]))
+
+
+def test_test_split_is_evaluated_on_the_best_validation_checkpoint(tmp_path):
+    config = tiny(steps=6, **{"train.eval_every": 2, "optim.learning_rate": 0.05})
+    summary = train_and_evaluate(config, tmp_path)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    vals = {r["step"]: r["val/accuracy"] for r in records if "val/accuracy" in r}
+    best_step = max(vals, key=lambda s: (vals[s], -s))
+    assert summary["best_step"] == best_step
+    assert summary["val_accuracy"] == vals[best_step]
+    again = evaluate_workdir(tmp_path)
+    assert again["step"] == best_step
+    assert again["val/accuracy"] == pytest.approx(vals[best_step], abs=1e-7)
+    assert again["test/accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-7)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    # A huge learning rate blows the parameters up after the first update; every later
+    # gradient is non-finite, so those updates are skipped until max_bad_steps.
+    config = tiny(
+        steps=10,
+        **{
+            "optim.learning_rate": 1e30,
+            "optim.grad_clip_norm": 0.0,
+            "optim.weight_decay": 0.0,
+            "train.checkpoint_every": 1,
+            "train.max_bad_steps": 3,
+        },
+    )
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite steps.*intact"):
+        train_and_evaluate(config, tmp_path)
+    skipped = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/skipped" in r]
+    assert len(skipped) == 3
+    assert all(r["train/bad_parameter"].startswith("[") for r in skipped)
+    # The last good checkpoint restores.
+    setup = Setup(config)
+    from effseq.train.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path, 2)
+    step, state, _ = ckpts.restore_latest(setup.target)
+    ckpts.close()
+    assert step == int(state.step) >= 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(
+        ValueError, match="unknown config key 'train.stepz'; did you mean 'train.steps'"
+    ):
+        override(get_config(), ["train.stepz=3"])
+    with pytest.raises(ValueError, match="'train.steps' must be int"):
+        override(get_config(), ["train.steps=abc"])
+    with pytest.raises(
+        ValueError, match="train.batch_size=10 must be a positive multiple of train.micro_batches=4"
+    ):
+        train_and_evaluate(tiny(**{"train.batch_size": 10, "train.micro_batches": 4}), tmp_path)
+    with pytest.raises(ValueError, match="mesh.data"):
+        train_and_evaluate(tiny(**{"mesh.data": 3}), tmp_path)
+    with pytest.raises(ValueError, match="must be divisible by mesh.data x mesh.fsdp = 8"):
+        train_and_evaluate(tiny(**{"train.batch_size": 12}), tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config("nope.py:gla")
+
+
+def _cli(workdir, *extra, steps=40):
+    cmd = [
+        sys.executable, "-m", "effseq.cli", "train", "--config", f"{SMOKE}:gla",
+        "--workdir", str(workdir), f"--config.train.steps={steps}",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=5",
+        "--config.train.eval_every=100", "--config.train.progress=false",
+        "--config.train.batch_size=16", "--config.model.d_model=16",
+        "--config.task.options.num_examples=256", "--config.task.options.num_eval_examples=32",
+        "--config.optim.warmup_steps=1", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _finish(proc, timeout=180):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    _finish(_cli(tmp_path / "ref"))
+    run = tmp_path / "run"
+    proc = _cli(run)
+    _wait_for_step(run, 13, proc)
+    proc.send_signal(signal.SIGKILL)  # no chance to save: resumes from the step-10 (or 5) save
+    proc.wait()
+    _finish(_cli(run))
+    log = (run / "train.log").read_text()
+    assert "resumed from the checkpoint at step" in log
+    a, b = losses(tmp_path / "ref"), losses(run)
+    assert a.keys() == b.keys() == set(range(1, 41))
+    assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]
+
+
+def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
+    proc = _cli(tmp_path, steps=400)
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "preempted", out
+    stopped = summary["steps"]
+    assert 3 <= stopped < 400
+    assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    assert f"saving a checkpoint at step {stopped}" in (tmp_path / "train.log").read_text()
