@@ -105,7 +105,7 @@ class S4DKernel(nn.Module):
     """
 
     channels: int
-    state_size: int = 64
+    state_size: int = 32
     init_method: str = "legs"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
@@ -191,7 +191,8 @@ def conv_output(
 ) -> Array:
     """Proj(GELU(y + D x)): Dense d -> d, or Dense d -> 2d then GLU(a, g) = a * sigmoid(g) (the
     S4/S4D code's default output layer); y, x (..., d), result in ``dtype``."""
-    y = jax.nn.gelu(y + x * D.astype(dtype)).astype(dtype)
+    # The exact GELU x Phi(x), as the S4D and SGConv code use (torch's nn.GELU()).
+    y = jax.nn.gelu(y + x * D.astype(dtype), approximate=False).astype(dtype)
     y = jnp.einsum("...d,de->...e", y, kernel.astype(dtype)) + bias.astype(dtype)
     if glu:
         a, g = jnp.split(y, 2, axis=-1)
@@ -207,7 +208,8 @@ class S4D(nn.Module):
 
     Attributes:
       d_model: width d (= number of SSM channels h).
-      state_size: n complex modes per channel (2n real states).
+      state_size: n complex modes per channel (2n real states); the default 32 is the S4D
+        paper's and code's N = 64 (d_state), whose conjugate pairs are stored once.
       init_method: ``"legs"``, ``"inv"`` or ``"lin"`` (S4D paper sec. 4, :func:`init_imag`).
       dt_min, dt_max: range of the log-uniform step-size initialization.
       discretization: ``"zoh"`` or ``"bilinear"`` (sec. 3.1).
@@ -225,7 +227,7 @@ class S4D(nn.Module):
     """
 
     d_model: int
-    state_size: int = 64
+    state_size: int = 32
     init_method: str = "legs"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
