@@ -34,18 +34,31 @@ _EVALUATE = {
 }
 
 
-def _tree(rng: random.Random, depth: int, out: list[str]) -> tuple[int, int]:
-    """Appends one node's rendering to ``out``; returns (value, length without parentheses)."""
+class _TooLong(Exception):
+    """Raised as soon as a tree being drawn exceeds the length limit."""
+
+
+def _tree(rng: random.Random, depth: int, out: list[str], budget: list[int]) -> tuple[int, int]:
+    """Appends one node's rendering to ``out``; returns (value, length without parentheses).
+
+    ``budget[0]`` is the length still allowed; drawing stops with ``_TooLong`` once it is
+    spent, so trees that the length window will reject are not drawn to the end (they grow
+    without bound in expectation below the maximum depth).
+    """
     if depth >= MAX_DEPTH or rng.random() >= OPERATOR_P:
         value = rng.randrange(10)
         out.append(str(value))
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooLong
         return value, 1
     num_args = rng.randint(2, MAX_ARGS)
     op = rng.choice(OPERATORS)
     out.append("( " * (num_args + 1) + op)
+    budget[0] -= 2
     values, length = [], 2
     for _ in range(num_args):
-        value, sub_length = _tree(rng, depth + 1, out)
+        value, sub_length = _tree(rng, depth + 1, out, budget)
         out.append(")")
         values.append(value)
         length += sub_length
@@ -53,10 +66,14 @@ def _tree(rng: random.Random, depth: int, out: list[str]) -> tuple[int, int]:
     return _EVALUATE[op](values), length
 
 
-def sample_expression(rng: random.Random) -> tuple[str, int, int]:
-    """One random expression: (rendering, value, length without parentheses)."""
+def sample_expression(rng: random.Random, max_length: float = float("inf")):
+    """One random expression: (rendering, value, length without parentheses), or None when
+    its length reaches ``max_length`` (it is then abandoned part-way)."""
     pieces: list[str] = []
-    value, length = _tree(rng, 1, pieces)
+    try:
+        value, length = _tree(rng, 1, pieces, [max_length - 1])
+    except _TooLong:
+        return None
     return " ".join(pieces), value, length
 
 
@@ -103,7 +120,10 @@ def generate_listops(
                     f"found only {len(rows)} of {total} distinct expressions with length in "
                     f"({min_length}, {max_length}) after {max_attempts} draws; widen the window"
                 )
-            source, value, length = sample_expression(rng)
+            drawn = sample_expression(rng, max_length)
+            if drawn is None:
+                continue
+            source, value, length = drawn
             if min_length < length < max_length and source not in seen:
                 seen.add(source)
                 rows.append((source, value))
