@@ -28,6 +28,11 @@ def _manager(directory: pathlib.Path, keep: int, items: tuple[str, ...]):
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         create=True,
+        # Orbax names its cross-process barriers by step: the latest and best managers both
+        # save the final step, so without distinct prefixes their barriers collide.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name
+        ),
     )
     return ocp.CheckpointManager(directory, options=options, item_names=items)
 
