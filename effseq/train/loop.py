@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from effseq import data as data_lib
@@ -248,6 +249,16 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _agreed(flag: bool) -> bool:
+    """True on every process when any process got the signal: all must stop at the same step,
+    or the ones that go on wait forever in the next step's collectives."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
 class _Preemption:
     """Records SIGTERM so the loop can checkpoint and stop between steps."""
 
@@ -308,6 +319,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
         log(f"resumed from the checkpoint at step {start}")
         if lead:
             _truncate_metrics(workdir / "metrics.jsonl", start)
+    # Wall time counts across resumptions: continue from the last logged record's.
+    wall_offset = _last_wall(workdir / "metrics.jsonl") if restored else 0.0
     best = _best_so_far(workdir) if restored else None
 
     train_fn = setup.train_fn()
@@ -319,7 +332,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     t_window, window_steps = time.time(), 0
     with _Preemption() as preempt:
         while step < tc.steps:
-            if preempt.requested:
+            if _agreed(preempt.requested):
                 log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
                 ckpts.save(step, state, train_iter.get_state())
                 status = "preempted"
@@ -371,12 +384,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
                     f"step {best['step']})"
                 )
             if record:
+                record["wall_s"] = wall_offset + time.time() - t_start
                 writer.write(step, record)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpts.save(step, state, train_iter.get_state())
     progress.close()
     ckpts.wait()
-    wall = time.time() - t_start
+    wall = wall_offset + time.time() - t_start
     summary = {
         "task": setup.info.name,
         "mixer": config.model.mixer,
@@ -404,6 +418,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _last_wall(path: pathlib.Path) -> float:
+    if not path.exists():
+        return 0.0
+    walls = [r["wall_s"] for r in read_jsonl(path) if "wall_s" in r]
+    return walls[-1] if walls else 0.0
 
 
 def _best_so_far(workdir: pathlib.Path) -> dict | None:
