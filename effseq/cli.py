@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import pathlib
 import sys
 
 
@@ -37,6 +38,31 @@ def _eval(args, overrides: list[str]) -> int:
 
     print(json.dumps(evaluate_workdir(args.workdir), indent=2))
     return 0
+
+
+def _compare(args, overrides: list[str]) -> int:
+    from effseq.compare import run_compare
+
+    records = run_compare(
+        args.suite,
+        mixers=tuple(args.mixers),
+        preset=args.preset,
+        seeds=args.seeds,
+        data_dir=args.data_dir,
+        out=args.out,
+        overrides=tuple(overrides),
+        widths=tuple(args.widths) if args.widths else None,
+    )
+    table = (pathlib.Path(args.out) / "results.md").read_text()
+    print(table)
+    failed = [r for r in records if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+def _bench(args, overrides: list[str]) -> int:
+    from effseq.bench import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _data_stats(args, overrides: list[str]) -> int:
@@ -86,6 +112,28 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.set_defaults(fn=_eval)
 
+    c = sub.add_parser(
+        "compare",
+        help="train every (task, mixer, seed) of a suite and write a comparison table",
+        description="Extra --config.KEY=VALUE arguments override every run's config.",
+    )
+    c.add_argument("--suite", default="default", help="default | lra | mqar")
+    c.add_argument("--mixers", nargs="+", default=["s4d", "sgconv", "mamba", "gla", "attention"])
+    c.add_argument("--preset", default="cpu", help="cpu | full (LRA experiments)")
+    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("--data_dir", default=None, help="default: $EFFSEQ_DATA_DIR, else OUT/data")
+    c.add_argument("--out", default="results/compare")
+    c.add_argument("--widths", type=int, nargs="+", help="the mqar sweep's d_model values")
+    c.set_defaults(fn=_compare)
+
+    b = sub.add_parser(
+        "bench",
+        help="model-level training/decoding speed and memory against sequence length",
+        add_help=False,
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `effseq bench --help`")
+    b.set_defaults(fn=_bench)
+
     d = sub.add_parser("data", help="inspect or generate data sets").add_subparsers(
         dest="data_command", required=True
     )
@@ -106,14 +154,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every other argument belongs to the benchmark's own parser
+        from effseq.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args, rest = parser().parse_known_args(argv)
     overrides = []
     for item in rest:
         if not item.startswith("--config."):
             parser().error(f"unrecognized argument {item!r}")
         overrides.append(item.removeprefix("--config."))
-    if overrides and args.command != "train":
-        parser().error("--config.KEY=VALUE overrides only apply to `effseq train`")
+    if overrides and args.command not in ("train", "compare"):
+        parser().error("--config.KEY=VALUE overrides only apply to `effseq train` and `compare`")
     try:
         return args.fn(args, overrides)
     except (ValueError, FileNotFoundError) as e:
