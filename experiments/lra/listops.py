@@ -10,7 +10,7 @@ Data: ``listops-1000/basic_{train,val,test}.tsv`` under $EFFSEQ_DATA_DIR (the LR
 ``effseq.data.generators.generate_listops('<data_dir>/listops-1000', **CPU_DATA)`` (``effseq
 compare`` does this itself); the task's max_length is CPU_DATA's.
 
-Hardware and time: ``cpu``: d_model 32, 2 layers, 400 steps of batch 32 on expressions shorter
+Hardware and time: ``cpu``: d_model 64, 2 layers, 400 steps of batch 32 on expressions shorter
 than 128 tokens: an estimated few minutes per mixer on a 2-core CPU (not yet timed); accuracy
 not yet measured (guessing gives about 10%). ``full``: the S4D recipe
 below, 76,800 steps of batch 50 on sequences of 2,048 tokens, for an accelerator; the S4
@@ -74,7 +74,7 @@ RECIPES = {
         steps=400,
         batch_size=32,
         n_layers=2,
-        d_model=32,
+        d_model=64,
         learning_rate=0.003,
         ssm_learning_rate=0.001,
         weight_decay=0.05,
