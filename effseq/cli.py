@@ -52,6 +52,7 @@ def _compare(args, overrides: list[str]) -> int:
         out=args.out,
         overrides=tuple(overrides),
         widths=tuple(args.widths) if args.widths else None,
+        pretrain=args.pretrain,
     )
     table = (pathlib.Path(args.out) / "results.md").read_text()
     print(table)
@@ -124,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data_dir", default=None, help="default: $EFFSEQ_DATA_DIR, else OUT/data")
     c.add_argument("--out", default="results/compare")
     c.add_argument("--widths", type=int, nargs="+", help="the mqar sweep's d_model values")
+    c.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="also self-pretrain each classifier on its task's inputs, then fine-tune",
+    )
     c.set_defaults(fn=_compare)
 
     b = sub.add_parser(

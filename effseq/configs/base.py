@@ -55,6 +55,12 @@ def get_config() -> ConfigDict:
     c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
     c.train.progress = True  # progress bar on stderr
     c.train.test = True  # evaluate the test split on the best-validation checkpoint at the end
+    # supervised | denoise (self-pretraining on the task's inputs; Amos et al. 2023)
+    c.train.objective = "supervised"
+    c.train.mask_rate = 0.15  # denoise: fraction of positions masked (bidirectional models)
+    # A workdir whose best checkpoint initialises every parameter it shares with this model
+    # (fine-tuning after pretraining); empty: none. Only a fresh run reads it, not a resume.
+    c.train.init_from = ""
 
     c.optim = ConfigDict()
     c.optim.name = "adamw"  # adamw | adam | sgd

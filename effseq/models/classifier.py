@@ -31,6 +31,8 @@ class SequenceClassifier(nn.Module):
         read by a linear encoder.
       bidirectional: None uses the non-causal form where every mixer of the pattern has one.
       pooling: "mean" over real tokens, "last" real token, or "first".
+      denoise_outputs: > 0 adds a per-position head of this many outputs (the vocabulary, or
+        the input channels) for self-pretraining on the inputs (:meth:`denoise`).
     """
 
     num_classes: int
@@ -43,6 +45,7 @@ class SequenceClassifier(nn.Module):
     bidirectional: bool | None = None
     pooling: str = "mean"
     dual: bool = False
+    denoise_outputs: int = 0
     norm: str = "layernorm"
     prenorm: bool = True
     mlp: str = "glu"
@@ -72,6 +75,18 @@ class SequenceClassifier(nn.Module):
         self.stack = stack_for(self, causal=not bidirectional)
         self.final_norm = _norm(self.norm, self.dtype, pd, "final_norm")
         init = nn.initializers.lecun_normal()
+        if self.denoise_outputs:
+            # A pretraining model has only the per-position head: the classification head of
+            # the fine-tuned model then starts fresh, not from weights decayed while unused.
+            self.denoise_head = params.param(
+                self,
+                "denoise_head",
+                init,
+                (self.d_model, self.denoise_outputs),
+                (sharding.EMBED, sharding.VOCAB),
+                pd,
+            )
+            return
         head_in = 4 * self.d_model if self.dual else self.d_model
         if self.dual:
             self.hidden = params.param(
@@ -86,8 +101,8 @@ class SequenceClassifier(nn.Module):
             pd,
         )
 
-    def encode(self, inputs, mask=None, deterministic: bool = True):
-        """(b, t[, c]) -> pooled features (b, d)."""
+    def features(self, inputs, mask=None, deterministic: bool = True):
+        """(b, t[, c]) -> (features (b, t, d) after the final norm, mask (b, t))."""
         if self.vocab_size is not None:
             x = jnp.take(self.encoder, inputs, axis=0)
         else:
@@ -96,7 +111,19 @@ class SequenceClassifier(nn.Module):
         x = x.astype(self.dtype)
         if mask is None:
             mask = jnp.ones(x.shape[:2], bool)
-        x = self.final_norm(self.stack(x, mask, deterministic))
+        return self.final_norm(self.stack(x, mask, deterministic)), mask
+
+    def denoise(self, inputs, mask=None, deterministic: bool = True):
+        """Per-position outputs (b, t, denoise_outputs) float32 for self-pretraining: token
+        logits, or predicted input values for continuous inputs."""
+        if not self.denoise_outputs:
+            raise ValueError("SequenceClassifier.denoise needs denoise_outputs > 0")
+        x, _ = self.features(inputs, mask, deterministic)
+        return (x @ self.denoise_head.astype(self.dtype)).astype(jnp.float32)
+
+    def encode(self, inputs, mask=None, deterministic: bool = True):
+        """(b, t[, c]) -> pooled features (b, d)."""
+        x, mask = self.features(inputs, mask, deterministic)
         m = mask[..., None].astype(x.dtype)
         if self.pooling == "mean":
             return (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
@@ -106,6 +133,10 @@ class SequenceClassifier(nn.Module):
         return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
     def __call__(self, inputs, mask=None, inputs2=None, mask2=None, deterministic: bool = True):
+        if self.denoise_outputs:
+            raise ValueError(
+                "SequenceClassifier(denoise_outputs > 0) is a pretraining model: call denoise"
+            )
         u = self.encode(inputs, mask, deterministic)
         if self.dual:
             if inputs2 is None:

@@ -11,6 +11,8 @@ import numpy as np
 
 from effseq.data import TaskInfo
 from effseq.models import LanguageModel, SequenceClassifier
+from effseq.models.registry import BIDIRECTIONAL as BIDIRECTIONAL_MIXERS
+from effseq.models.registry import parse_pattern
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BIDIRECTIONAL = {"auto": None, "yes": True, "no": False}
@@ -24,9 +26,20 @@ def _choice(key: str, value, choices):
     return choices[value]
 
 
-def build_model(model_cfg, info: TaskInfo) -> nn.Module:
+OBJECTIVES = ("supervised", "denoise")
+
+
+def build_model(model_cfg, info: TaskInfo, objective: str = "supervised") -> nn.Module:
     """The model for ``info``'s task: a LanguageModel (causal, logits at every position) for
-    sequence-labelling tasks, else a SequenceClassifier (dual-encoder for two-sequence tasks)."""
+    sequence-labelling tasks, else a SequenceClassifier (dual-encoder for two-sequence tasks).
+
+    ``objective="denoise"`` (self-pretraining) adds the classifier's per-position head over the
+    vocabulary or the input channels."""
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"config key 'train.objective': unknown value {objective!r}; "
+            f"choose one of {list(OBJECTIVES)}"
+        )
     dtype = _choice("model.dtype", model_cfg.dtype, DTYPES)
     common = dict(
         d_model=model_cfg.d_model,
@@ -43,6 +56,11 @@ def build_model(model_cfg, info: TaskInfo) -> nn.Module:
         dtype=dtype,
     )
     if info.sequence_labels:
+        if objective != "supervised":
+            raise ValueError(
+                f"train.objective={objective!r}: self-pretraining applies to classification "
+                f"tasks; {info.name!r} is already a sequence (language-model) task"
+            )
         if info.vocab_size is None:
             raise ValueError(f"task {info.name!r}: sequence labelling needs token inputs")
         if info.num_classes > info.vocab_size:
@@ -53,6 +71,8 @@ def build_model(model_cfg, info: TaskInfo) -> nn.Module:
         return LanguageModel(
             vocab_size=info.vocab_size, tie_embeddings=model_cfg.tie_embeddings, **common
         )
+    if objective == "denoise":
+        common["denoise_outputs"] = info.vocab_size or info.input_dim
     return SequenceClassifier(
         num_classes=info.num_classes,
         vocab_size=info.vocab_size,
@@ -88,6 +108,8 @@ def _inputs(model: nn.Module, batch) -> tuple[tuple, dict]:
 
 def init_variables(model: nn.Module, rng, batch):
     """The model's boxed variables (parameters with logical axis names, constants)."""
+    if getattr(model, "denoise_outputs", 0):
+        return model.init(rng, batch["inputs"], mask=batch["mask"], method="denoise")
     args, kwargs = _inputs(model, batch)
     return model.init(rng, *args, **kwargs)
 
@@ -117,6 +139,67 @@ def losses(logits, batch, num_classes: int):
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w)
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether the model's stack is causal (a LanguageModel, or a classifier resolved to the
+    causal form)."""
+    if isinstance(model, LanguageModel):
+        return True
+    if model.bidirectional is not None:
+        return not model.bidirectional
+    return not all(m in BIDIRECTIONAL_MIXERS for m in parse_pattern(model.mixer, model.n_layers))
+
+
+def make_loss_fn(model: nn.Module, info: TaskInfo, objective: str, mask_rate: float):
+    """``loss_fn(variables, batch, rng, train) -> (loss_sum, correct_sum, weight_sum)``.
+
+    "supervised": the task's labels (:func:`losses`). "denoise" (self-pretraining, Amos, Berant
+    & Gupta 2023, "Never Train from Scratch"): on the task's own inputs, masked-token prediction
+    for bidirectional models (a ``mask_rate`` fraction of real tokens replaced by id 0 and
+    predicted), next-token prediction for causal ones, and for continuous inputs (pixels) the
+    L1 error of masked positions' values (then "correct" counts nothing).
+    """
+    if objective == "supervised":
+
+        def supervised(variables, batch, rng, train):
+            logits = apply_model(model, variables, batch, rng=rng if train else None)
+            return losses(logits, batch, info.num_classes)
+
+        return supervised
+    if not 0 < mask_rate < 1:
+        raise ValueError(f"config key 'train.mask_rate' must be in (0, 1), got {mask_rate}")
+    causal = is_causal(model)
+    continuous = info.vocab_size is None
+
+    def denoise(variables, batch, rng, train):
+        inputs, mask = batch["inputs"], batch["mask"]
+        w_example = batch["example_weight"].astype(jnp.float32)[:, None]
+        if causal and not continuous:
+            corrupted = inputs
+            targets = jnp.roll(inputs, -1, axis=1)
+            w = (mask & jnp.roll(mask, -1, axis=1)).at[:, -1].set(False)
+        else:
+            chosen = jax.random.bernoulli(rng, mask_rate, mask.shape) & mask
+            fill = jnp.zeros((), inputs.dtype)
+            where = chosen if inputs.ndim == 2 else chosen[..., None]
+            corrupted = jnp.where(where, fill, inputs)
+            targets, w = inputs, chosen
+        w = w.astype(jnp.float32) * w_example
+        kwargs = {"mask": mask, "deterministic": not train}
+        if train:
+            kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, 1)}
+        out = model.apply(variables, corrupted, method="denoise", **kwargs)
+        if continuous:
+            values = targets if targets.ndim == 3 else targets[..., None]
+            l1 = jnp.mean(jnp.abs(out - values.astype(jnp.float32)), axis=-1)
+            return jnp.sum(l1 * w), jnp.zeros(()), jnp.sum(w)
+        logp = jax.nn.log_softmax(out, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(out, -1) == targets).astype(jnp.float32)
+        return jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w)
+
+    return denoise
 
 
 def param_count(params) -> int:

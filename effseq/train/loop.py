@@ -97,7 +97,10 @@ class Setup:
         self.rules = sharding.get_rules(m.rules)
         if not for_eval_only:
             check_batch(config, self.mesh)
-        self.model = build.build_model(config.model, self.info)
+        tc = config.train
+        self.objective = tc.objective
+        self.model = build.build_model(config.model, self.info, tc.objective)
+        self.loss_fn = build.make_loss_fn(self.model, self.info, tc.objective, tc.mask_rate)
         example = build.example_batch(self.info)
         rng = jax.random.key(config.seed)
         boxed = jax.eval_shape(functools.partial(build.init_variables, self.model), rng, example)
@@ -127,9 +130,7 @@ class Setup:
         self.num_params = build.param_count(abstract.params)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.eval_fn = jax.jit(
-            functools.partial(
-                step_lib.eval_step, model=self.model, num_classes=self.info.num_classes
-            ),
+            functools.partial(step_lib.eval_step, loss_fn=self.loss_fn),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=replicated,
         )
@@ -142,9 +143,8 @@ class Setup:
         tc = self.config.train
         step = functools.partial(
             step_lib.train_step,
-            model=self.model,
+            loss_fn=self.loss_fn,
             tx=self.tx,
-            num_classes=self.info.num_classes,
             micro_batches=tc.micro_batches,
             base_rng=jax.random.key(self.config.seed + 1),
         )
@@ -313,6 +313,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     if restored is None:
         state = setup.init_state()
         start = 0
+        if tc.init_from:
+            state = _init_from(setup, state, tc.init_from, devices, log)
     else:
         start, state, data_state = restored
         train_iter.set_state(data_state)
@@ -375,7 +377,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = setup.evaluate(state, "val", tc.eval_batches)
                 record.update(val)
-                if best is None or val["val/accuracy"] > best["val/accuracy"]:
+                if _better(val, best, setup.objective):
                     best = {"step": step, **val}
                     ckpts.save_best(step, state, best)
                 log(
@@ -401,6 +403,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
         "wall_s": wall,
         "best_step": None if best is None else best["step"],
         "val_accuracy": None if best is None else best["val/accuracy"],
+        "val_loss": None if best is None else best["val/loss"],
         "test_accuracy": None,
     }
     if status == "completed" and tc.test and "test" in setup.info.splits:
@@ -418,6 +421,58 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _init_from(setup: Setup, state, source: str, devices, log):
+    """``state`` with every parameter that ``source``'s best checkpoint has at the same path
+    and shape (the backbone after self-pretraining); the rest (heads) keep their fresh init."""
+    from effseq.configs import get_config
+
+    source = pathlib.Path(source)
+    path = source / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    config = get_config()
+    config.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    # Restore onto this run's mesh, so the shared parameters already have its shardings.
+    for key in ("data", "fsdp", "tensor", "rules"):
+        config.mesh[key] = setup.config.mesh[key]
+    other = Setup(config, devices=devices, for_eval_only=True)
+    ckpts = checkpoint.Checkpoints(source, config.train.keep_checkpoints)
+    restored = ckpts.restore_best(other.target)
+    ckpts.close()
+    if restored is None:
+        raise FileNotFoundError(f"train.init_from: {source / 'best'} holds no checkpoint")
+    step, pretrained, _ = restored
+    by_path = {_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(pretrained.params)[0]}
+    copied = []
+
+    def take(p, x):
+        y = by_path.get(_keys(p))
+        if y is not None and y.shape == x.shape and y.dtype == x.dtype:
+            copied.append(x.size)
+            return y
+        return x
+
+    params = jax.tree_util.tree_map_with_path(take, state.params)
+    total = build.param_count(state.params)
+    log(
+        f"initialised {sum(copied):,} of {total:,} parameters ({len(copied)} arrays) from "
+        f"{source} (step {step})"
+    )
+    if not copied:
+        raise ValueError(f"train.init_from: {source} shares no parameter with this model")
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def _better(val: dict, best: dict | None, objective: str) -> bool:
+    """Best by validation accuracy; pretraining (whose L1 objective has no accuracy) by loss."""
+    if best is None:
+        return True
+    if objective == "denoise":
+        return val["val/loss"] < best["val/loss"]
+    return val["val/accuracy"] > best["val/accuracy"]
 
 
 def _last_wall(path: pathlib.Path) -> float:
@@ -438,7 +493,7 @@ def _best_so_far(workdir: pathlib.Path) -> dict | None:
 
 
 def _progress(tc, start: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(
         total=tc.steps,

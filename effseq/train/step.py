@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from effseq.train.build import apply_model, init_variables, losses
+from effseq.train.build import init_variables
 
 
 @struct.dataclass
@@ -60,9 +60,8 @@ def train_step(
     state: TrainState,
     batch,
     *,
-    model: nn.Module,
+    loss_fn,
     tx: optax.GradientTransformation,
-    num_classes: int,
     micro_batches: int,
     base_rng: jax.Array,
 ):
@@ -78,8 +77,7 @@ def train_step(
 
     def loss_sums(p, micro, key):
         variables = {"params": p, **({"constants": state.constants} if state.constants else {})}
-        logits = apply_model(model, variables, micro, rng=key)
-        loss, correct, weight = losses(logits, micro, num_classes)
+        loss, correct, weight = loss_fn(variables, micro, key, True)
         return loss, (correct, weight)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -125,8 +123,8 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int):
-    """Weighted sums (loss, correct, weight) over ``batch``; padding rows weigh 0."""
-    logits = apply_model(model, state.variables(), batch)
-    loss, correct, weight = losses(logits, batch, num_classes)
+def eval_step(state: TrainState, batch, *, loss_fn):
+    """Weighted sums (loss, correct, weight) over ``batch``; padding rows weigh 0. Random
+    corruption (self-pretraining) uses one fixed key, so every evaluation sees the same."""
+    loss, correct, weight = loss_fn(state.variables(), batch, jax.random.key(0), False)
     return {"loss": loss, "correct": correct, "weight": weight}
