@@ -3,7 +3,7 @@
 from effseq.models.blocks import MLP, ResidualBlock
 from effseq.models.classifier import SequenceClassifier
 from effseq.models.language_model import LanguageModel
-from effseq.models.registry import MIXERS, parse_pattern
+from effseq.models.registry import MIXERS, parse_pattern, register_mixer
 from effseq.models.stack import Stack
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "SequenceClassifier",
     "Stack",
     "parse_pattern",
+    "register_mixer",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +21,54 @@ MIXERS: dict[str, type[nn.Module]] = {
     "gla": GLA,
     "attention": Attention,
 }
-# Mixers with a non-causal (bidirectional) form; GLA is causal only.
-BIDIRECTIONAL = frozenset({"s4d", "sgconv", "mamba", "attention"})
+_BUILTIN = frozenset(MIXERS)
+# Mixers with a non-causal (bidirectional) form; GLA is causal only. A set, not a frozenset:
+# register_mixer adds to it in place, so modules that imported it see new mixers.
+BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "attention"}
+# The mixer protocol of effseq.layers: the methods a model calls and the fields make_mixer sets.
+_PROTOCOL_METHODS = ("__call__", "init_state", "step", "prefill")
+_REQUIRED_FIELDS = ("d_model", "dtype", "param_dtype")
+
+
+def register_mixer(
+    name: str, cls: type[nn.Module], bidirectional: bool = False, *, replace: bool = False
+) -> None:
+    """Adds mixer ``cls`` under ``name``, so configs and patterns can use it like a built-in.
+
+    ``cls`` must follow the mixer protocol of :mod:`effseq.layers` (fields d_model, dtype,
+    param_dtype; methods __call__, init_state, step, prefill). ``bidirectional`` declares a
+    non-causal form, selected by a ``bidirectional`` field that classifiers set to True.
+    ``replace`` allows re-registering a name that is already taken (e.g. a notebook cell that
+    redefines its class), except the built-in mixers.
+    """
+    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
+        raise ValueError(
+            f"register_mixer: name must be a non-empty string without commas or "
+            f"surrounding spaces, got {name!r}"
+        )
+    if name in _BUILTIN or (name in MIXERS and not replace):
+        raise ValueError(
+            f"register_mixer: mixer {name!r} is already registered"
+            + ("" if name in _BUILTIN else "; pass replace=True to replace it")
+        )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"register_mixer: cls must be a flax.linen.Module subclass, got {cls!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    required = _REQUIRED_FIELDS + (("bidirectional",) if bidirectional else ())
+    missing = [f for f in required if f not in fields]
+    # Looked up below nn.Module: every class has a __call__ (type's), so getattr would not do.
+    own = [k for k in cls.__mro__ if k is not nn.Module and issubclass(k, nn.Module)]
+    missing += [m for m in _PROTOCOL_METHODS if not any(callable(vars(k).get(m)) for k in own)]
+    if missing:
+        raise ValueError(
+            f"register_mixer: {cls.__name__} lacks {', '.join(missing)} of the mixer protocol "
+            "(see effseq.layers)"
+        )
+    MIXERS[name] = cls
+    if bidirectional:
+        BIDIRECTIONAL.add(name)
+    else:
+        BIDIRECTIONAL.discard(name)
 
 
 def parse_pattern(mixer: str, n_layers: int) -> tuple[str, ...]:
