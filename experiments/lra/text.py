@@ -28,7 +28,8 @@ TASK = "lra/text"
 # SGConv: kernel_dim 2, decay 2 of the SGConv repository's gconv-lra-imdb.yaml; Mamba, GLA,
 # attention: their papers' defaults, rotary positions for attention.
 MIXERS = {
-    "s4d": dict(state_size=64, init_method="legs", dt_min=0.001, dt_max=0.1),
+    # state_size counts complex modes: 32 is the paper's N = 64 real states.
+    "s4d": dict(state_size=32, init_method="legs", dt_min=0.001, dt_max=0.1),
     "sgconv": dict(kernel_dim=2, decay=2.0),
     "mamba": dict(state_size=16, expand=2),
     "gla": dict(num_heads=4),
