@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow lint format bench clean
+.PHONY: run test test-slow lint format bench bench-ops bench-models clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## run: the main job (for now the ops benchmark; prints its table)
+## run: the main job: compare all five mixers on generated ListOps and MQAR (results/compare/)
 run: $(STAMP)
+	$(BIN)/effseq compare --out results/compare
+
+## bench-ops: the ops benchmark at its goal sizes (results/ops/)
+bench-ops: $(STAMP)
 	$(BIN)/python -m benchmarks.ops
+
+## bench-models: the model-level benchmark, quick plan (results/bench/)
+bench-models: $(STAMP)
+	$(BIN)/effseq bench
 
 ## test: lint, then the fast test suite (what CI runs)
 test: $(STAMP) lint
