@@ -53,7 +53,8 @@ def _params(workdir, config):
     }
 
 
-@pytest.mark.parametrize("mixer", ["s4d", "gla"])  # masked prediction; next-token prediction
+# Masked-token prediction (bidirectional S4D); next-token prediction (causal GLA).
+@pytest.mark.parametrize("mixer", ["s4d", pytest.param("gla", marks=pytest.mark.slow)])
 def test_pretrain_then_finetune(tmp_path, data_dir, mixer):
     one = jax.devices()[:1]
     pre = _config(mixer, data_dir, **{"train.objective": "denoise", "train.mask_rate": 0.1})
@@ -92,6 +93,7 @@ def test_pretrain_then_finetune(tmp_path, data_dir, mixer):
         np.testing.assert_allclose(after[k], before[k], rtol=0, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_compare_pretrain_reports_both(tmp_path, data_dir):
     overrides = tuple(f"{k}={v}" for k, v in TINY.items() if not k.startswith("task.options"))
     records = run_compare(
