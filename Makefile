@@ -28,7 +28,7 @@ bench-models: $(STAMP)
 
 ## test: lint, then the fast test suite (what CI runs)
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## test-slow: only the tests marked slow
 test-slow: $(STAMP)
