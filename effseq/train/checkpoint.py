@@ -47,7 +47,11 @@ class Checkpoints:
         return self.latest.latest_step()
 
     def save(self, step: int, state, data_state: dict):
-        """Starts an asynchronous save of ``state`` and the data iterator's position."""
+        """Starts an asynchronous save of ``state`` and the data iterator's position; a step
+        already saved (e.g. SIGTERM right after a periodic save, or right after a resume) is
+        kept as it is."""
+        if step in self.latest.all_steps():
+            return
         self.latest.save(
             step,
             args=ocp.args.Composite(

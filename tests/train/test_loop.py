@@ -308,3 +308,20 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
     assert 3 <= stopped < 400
     assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
     assert f"saving a checkpoint at step {stopped}" in (tmp_path / "train.log").read_text()
+
+
+def test_saving_a_step_twice_keeps_the_first(tmp_path):
+    # SIGTERM can land right after the periodic save of the same step (or right after a
+    # resume): the second save must be a no-op, not an error that loses the clean stop.
+    from effseq.train.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path, 2)
+    state = {"x": jax.numpy.arange(3.0)}
+    ckpts.save(5, state, {"next_index": 5})
+    ckpts.save(5, {"x": jax.numpy.zeros(3)}, {"next_index": 99})
+    ckpts.wait()
+    target = {"x": jax.ShapeDtypeStruct((3,), np.float32)}
+    step, restored, data = ckpts.restore_latest(target)
+    ckpts.close()
+    assert step == 5 and data == {"next_index": 5}
+    np.testing.assert_array_equal(np.asarray(restored["x"]), [0.0, 1.0, 2.0])
