@@ -110,9 +110,8 @@ def _curve(workdir: pathlib.Path) -> list[dict]:
     return points
 
 
-def recurrent_state_bytes(config) -> int:
-    """Bytes of a LanguageModel's decoding cache for one sequence of the task's length: a
-    fixed state for S4D/Mamba/GLA, the KV cache for attention, the history for SGConv."""
+def _abstract_model(config):
+    """(model, info, abstract variables) of ``config``: shapes only, nothing allocated."""
     info = task_info(config.task.name, **dict(config.task.options))
     model = build.build_model(config.model, info)
     shapes = jax.eval_shape(
@@ -120,6 +119,13 @@ def recurrent_state_bytes(config) -> int:
         jax.random.key(0),
         build.example_batch(info),
     )
+    return model, info, shapes
+
+
+def recurrent_state_bytes(config) -> int:
+    """Bytes of a LanguageModel's decoding cache for one sequence of the task's length: a
+    fixed state for S4D/Mamba/GLA, the KV cache for attention, the history for SGConv."""
+    model, info, shapes = _abstract_model(config)
     cache = jax.eval_shape(
         lambda v: model.apply(v, 1, info.max_length, method="init_cache"), shapes
     )
@@ -127,14 +133,7 @@ def recurrent_state_bytes(config) -> int:
 
 
 def _param_count(config) -> int:
-    info = task_info(config.task.name, **dict(config.task.options))
-    model = build.build_model(config.model, info)
-    shapes = jax.eval_shape(
-        functools.partial(build.init_variables, model),
-        jax.random.key(0),
-        build.example_batch(info),
-    )
-    return build.param_count(shapes["params"])
+    return build.param_count(_abstract_model(config)[2]["params"])
 
 
 def _records_path(out: pathlib.Path) -> pathlib.Path:

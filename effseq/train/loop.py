@@ -24,6 +24,7 @@ import optax
 from effseq import data as data_lib
 from effseq import sharding
 from effseq.configs import validate
+from effseq.configs.base import FREE_SECTIONS
 from effseq.train import build, checkpoint, optimizer
 from effseq.train import step as step_lib
 from effseq.train.metrics import MetricsWriter, read_jsonl
@@ -533,7 +534,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not key.endswith(("task.options", "mixer_options")):
+        if isinstance(v, dict) and v and key not in FREE_SECTIONS:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
