@@ -16,8 +16,10 @@ from effseq.ops import (
 from tests.ops.compare import compare_with_reference
 from tests.tolerances import assert_close
 
-# (t, l): t = 1, a prime t, kernels shorter than, equal to and longer than t.
-SHAPES = [(1, 1), (1, 5), (37, 37), (37, 100), (64, 10), (100, 250)]
+# (t, l): t = 1, a prime t, kernels shorter than, equal to and longer than t. "direct" sums
+# shifted inputs up to 16 taps and calls an XLA convolution beyond: (64, 10) and (16, 4) (the
+# bidirectional kernels fitted to 16 taps) take the first path, (37, 37) and longer the second.
+SHAPES = [(1, 1), (1, 5), (16, 4), (37, 37), (37, 100), (64, 10), (100, 250)]
 IMPLS = ["fft", "direct"]
 DTYPES = ["float32", "bfloat16"]
 # Every shape under jit; eager (op-by-op) dispatch once, at the prime length.
