@@ -450,83 +450,131 @@ def _gla_inputs(key_shape, v_shape, seed=0):
     return q, k, v, log_g
 
 
-def _fla_gla(torch, fla_fn, layout: str):
+def _fla_gla(torch, fla_fn, layout: str, device: str = "cpu"):
     """fla's op on (b, t, h, k) numpy inputs: 'bthk' passes them as they are, 'bhtk' transposes
-    to fla's older head-first layout (and the output back)."""
+    to fla's older head-first layout (and the output back). Returns ``(output, seconds)``: the
+    time of the op (and its backward with ``grad``) alone, inputs already on ``device`` and the
+    GPU waited for at both ends."""
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     def call(q, k, v, g, grad: bool):
-        ts = [torch.tensor(x, requires_grad=grad) for x in (q, k, v, g)]
+        ts = [torch.tensor(x, device=device, requires_grad=grad) for x in (q, k, v, g)]
+        sync()
+        start = time.perf_counter()
         args = ts if layout == "bthk" else [x.transpose(1, 2) for x in ts]
         o = fla_fn(*args)
         o = o[0] if isinstance(o, tuple) else o
         o = o if layout == "bthk" else o.transpose(1, 2)
         if grad:
             o.sum().backward()
-        return o
+        sync()
+        return o, time.perf_counter() - start
 
     return call
 
 
+def _fla_device(torch) -> str:
+    """Where fla runs: the GPU when JAX runs on one too (so both time the same kind of device),
+    else the CPU."""
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _gla_loss(*args):
+    from effseq import ops
+
+    return ops.gated_linear_attention(*args)[0].sum()
+
+
 def fla_comparison(plan: Plan, lengths) -> dict:
-    """GLA's op (forward + backward) against flash-linear-attention's CPU path on the model's
-    GLA shapes, when torch and fla are importable; otherwise a record saying why not.
+    """GLA's op (forward + backward) against flash-linear-attention on the model's GLA shapes,
+    when torch and fla are importable; otherwise a record saying why not. fla runs on the GPU
+    when JAX does (its Triton kernels, every benchmarked length), else on the CPU (its CPU path
+    is a Python loop, so lengths up to ``FLA_MAX_LENGTH`` only).
 
     fla's layout changed between releases, so the layout used is the one whose output matches
     effseq's reference on a small input (neither matching: skipped, nothing timed)."""
     try:
         import torch
-        from fla.ops.gla import chunk_gla, naive_recurrent_gla
+        from fla.ops import gla as fla_gla
     except Exception as e:  # ImportError, or fla failing at import without a GPU
         return {"skipped": f"torch / fla not importable ({type(e).__name__}: {e})"}
+    # The naive path moved from fla.ops.gla to fla.ops.gla.naive (fla 0.6 exports only the
+    # Triton ops); either may be missing.
+    try:
+        from fla.ops.gla.naive import naive_recurrent_gla
+    except ImportError:
+        naive_recurrent_gla = getattr(fla_gla, "naive_recurrent_gla", None)
+    paths = [("chunk_gla", getattr(fla_gla, "chunk_gla", None))]
+    paths.append(("naive_recurrent_gla", naive_recurrent_gla))
     import jax.numpy as jnp
 
     from benchmarks.timing import time_jitted
     from effseq import ops
 
+    device = _fla_device(torch)
     small = _gla_inputs(*_gla_shapes(dataclasses.replace(plan, batch=1), 37), seed=1)
     want = np.asarray(ops.gated_linear_attention_reference(*map(jnp.asarray, small))[0])
     chosen, notes = None, []
-    for name, fn in (("chunk_gla", chunk_gla), ("naive_recurrent_gla", naive_recurrent_gla)):
+    for name, fn in paths:
+        if fn is None:
+            notes.append(f"{name}: not in this fla")
+            continue
         for layout in ("bthk", "bhtk"):
-            call = _fla_gla(torch, fn, layout)
+            call = _fla_gla(torch, fn, layout, device)
             try:
-                got = call(*small, grad=False).detach().numpy()
+                got = call(*small, grad=False)[0].detach().cpu().numpy()
             except Exception as e:  # Triton kernels do not run on CPU
                 notes.append(f"{name}/{layout}: {type(e).__name__}")
                 continue
             if got.shape == want.shape and np.allclose(got, want, rtol=1e-3, atol=1e-3):
                 chosen = (name, layout, call)
                 break
-            notes.append(f"{name}/{layout}: output differs from effseq's reference")
+            diff = f"max |diff| {np.max(np.abs(got - want)):.2g}" if got.shape == want.shape else ""
+            notes.append(f"{name}/{layout}: output differs from effseq's reference {diff}".strip())
         if chosen:
             break
     if chosen is None:
-        return {"skipped": "no fla GLA path matched on CPU: " + "; ".join(notes)}
+        return {"skipped": f"no fla GLA path matched on {device}: " + "; ".join(notes)}
     name, layout, call = chosen
     records = []
-    for length in [t for t in lengths if t <= FLA_MAX_LENGTH]:
-        inputs = _gla_inputs(*_gla_shapes(plan, length))
-        times = []
-        for i in range(plan.repeats + 1):
-            start = time.perf_counter()
-            call(*inputs, grad=True)
-            if i:  # the first call is the warm-up
-                times.append(time.perf_counter() - start)
-        ours = time_jitted(
-            jax.grad(lambda *a: jnp.sum(ops.gated_linear_attention(*a)[0]), argnums=(0, 1, 2, 3)),
-            *map(jnp.asarray, inputs),
-            repeats=plan.repeats,
-        )
-        fla_median = float(np.median(times))
-        records.append(
-            {
-                "length": length,
-                "fla_median_s": fla_median,
-                "effseq_median_s": ours.median_s,
-                "fla_over_effseq": fla_median / ours.median_s,
-            }
-        )
-    return {"fla_path": name, "layout": layout, "torch": torch.__version__, "records": records}
+    error = None
+    try:
+        for length in [t for t in lengths if device != "cpu" or t <= FLA_MAX_LENGTH]:
+            inputs = _gla_inputs(*_gla_shapes(plan, length))
+            times = []
+            for i in range(plan.repeats + 1):
+                _, seconds = call(*inputs, grad=True)
+                if i:  # the first call is the warm-up
+                    times.append(seconds)
+            ours = time_jitted(
+                jax.grad(_gla_loss, argnums=(0, 1, 2, 3)),
+                *map(jnp.asarray, inputs),
+                repeats=plan.repeats,
+            )
+            fla_median = float(np.median(times))
+            records.append(
+                {
+                    "length": length,
+                    "fla_median_s": fla_median,
+                    "effseq_median_s": ours.median_s,
+                    "fla_over_effseq": fla_median / ours.median_s,
+                }
+            )
+    except Exception as e:  # e.g. out of memory at a long length: keep what was measured
+        error = f"{type(e).__name__}: {e}"[:300]
+    return {
+        "fla_path": name,
+        "layout": layout,
+        "device": device,
+        "torch": torch.__version__,
+        "records": records,
+        **({"error": error} if error else {}),
+    }
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -661,7 +709,8 @@ def markdown(result: dict) -> str:
     lines += _table(("goal", "target", "measured", "worst", "met"), rows)
     fla = result.get("fla")
     if fla is not None:
-        lines += ["**flash-linear-attention (GLA op, CPU)**: " + json.dumps(fla), ""]
+        where = fla.get("device", "cpu").upper()
+        lines += [f"**flash-linear-attention (GLA op, {where})**: " + json.dumps(fla), ""]
     return "\n".join(lines)
 
 
