@@ -123,8 +123,9 @@ def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
     Args:
       u: (b, t, h) real input.
       k: (h, l) real kernel; cut to t or zero-padded.
-      impl: ``"fft"`` (O(t log t); the default) or ``"direct"`` (XLA convolution, O(t l); better
-        for short kernels such as Mamba's width-4 convolution).
+      impl: ``"fft"`` (O(t log t); the default) or ``"direct"`` (O(t l): a sum of shifted
+        inputs up to 16 taps, an XLA convolution beyond; better for short kernels such as
+        Mamba's width-4 convolution).
 
     Returns:
       y (b, t, h) in u's dtype, accumulated in float32.

@@ -62,7 +62,9 @@ def _gla(head_first: bool, wrong: bool = False):
     return op
 
 
-def _install(monkeypatch, **gla_ops):
+def _install(monkeypatch, naive_module=None, **gla_ops):
+    """Stand-in torch and fla; ``naive_module``: the op exported by fla.ops.gla.naive only (the
+    layout of fla 0.6, whose fla.ops.gla exports the Triton ops alone)."""
     fla = types.ModuleType("fla")
     fla_ops = types.ModuleType("fla.ops")
     gla = types.ModuleType("fla.ops.gla")
@@ -70,6 +72,11 @@ def _install(monkeypatch, **gla_ops):
         setattr(gla, name, fn)
     fla.ops, fla_ops.gla = fla_ops, gla
     modules = {"torch": _fake_torch(), "fla": fla, "fla.ops": fla_ops, "fla.ops.gla": gla}
+    if naive_module is not None:
+        gla.__path__ = []  # a package, as in fla
+        naive = types.ModuleType("fla.ops.gla.naive")
+        naive.naive_recurrent_gla = naive_module
+        gla.naive = modules["fla.ops.gla.naive"] = naive
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
 
@@ -90,8 +97,10 @@ def test_finds_the_layout_and_times_short_lengths_on_cpu(monkeypatch, head_first
 def test_wrong_output_is_reported_not_timed(monkeypatch):
     _install(monkeypatch, chunk_gla=_gla(False, wrong=True))
     result = models.fla_comparison(PLAN, PLAN.lengths)
-    assert "records" not in result
-    assert "chunk_gla/bthk: output differs from effseq's reference max |diff|" in result["skipped"]
+    assert "records" not in result and result["device"] == "cpu"
+    # A 1.5x output is 50% off in relative RMS; both layouts are tried and reported.
+    assert "chunk_gla/bthk: output differs from effseq's reference (rel 0.5)" in result["skipped"]
+    assert "chunk_gla/bhtk: output differs" in result["skipped"]
     assert "naive_recurrent_gla: not in this fla" in result["skipped"]
 
 
@@ -101,6 +110,36 @@ def test_falls_back_to_the_naive_path(monkeypatch):
     _install(monkeypatch, chunk_gla=_gla(False, wrong=True), naive_recurrent_gla=_gla(True))
     result = models.fla_comparison(PLAN, PLAN.lengths)
     assert result["fla_path"] == "naive_recurrent_gla" and result["layout"] == "bhtk"
+
+
+def test_finds_the_naive_path_in_its_fla_0_6_module(monkeypatch):
+    _install(monkeypatch, naive_module=_gla(False), chunk_gla=_gla(False, wrong=True))
+    result = models.fla_comparison(PLAN, PLAN.lengths)
+    assert result["fla_path"] == "naive_recurrent_gla" and result["layout"] == "bthk"
+    assert result["match_rel_error"] < 1e-6
+
+
+@pytest.mark.parametrize("chunk_ok,timed", [(True, [16, 4096]), (False, [16])])
+def test_on_a_gpu_only_the_naive_path_is_capped(monkeypatch, chunk_ok, timed):
+    # On a GPU the Triton op is timed at every length; the naive one is a Python loop anywhere.
+    _install(monkeypatch, naive_module=_gla(False), chunk_gla=_gla(False, wrong=not chunk_ok))
+    monkeypatch.setattr(models, "_fla_device", lambda torch: "cuda")
+    result = models.fla_comparison(PLAN, PLAN.lengths)
+    assert result["device"] == "cuda"
+    assert [r["length"] for r in result["records"]] == timed
+
+
+def test_an_error_while_timing_keeps_the_records_made(monkeypatch):
+    def fails_when_long(q, k, v, g):
+        if q.x.shape[1] > 2048:  # the layout check runs at t=37
+            raise MemoryError("out of memory (stand-in)")
+        return _gla(False)(q, k, v, g)
+
+    _install(monkeypatch, chunk_gla=fails_when_long)
+    monkeypatch.setattr(models, "_fla_device", lambda torch: "cuda")
+    result = models.fla_comparison(PLAN, PLAN.lengths)
+    assert [r["length"] for r in result["records"]] == [16]
+    assert result["error"] == "MemoryError: out of memory (stand-in)"
 
 
 def test_missing_torch_is_a_reason(monkeypatch):
