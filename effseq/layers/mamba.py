@@ -87,7 +87,8 @@ class Mamba(nn.Module):
       dt_init_floor: lower clamp of the initial step size.
       bidirectional: add a backward branch over the reversed sequence (not causal; no ``step``).
       scan_impl: ``impl`` of :func:`effseq.ops.selective_scan` (None: the backend default).
-      chunk_size: chunk length of the chunked selective scan.
+      chunk_size: chunk length of the chunked selective scan (None: sized by
+        :func:`effseq.ops.selective_scan.default_chunk_size`).
       dtype: compute dtype; the scan itself accumulates in float32.
       param_dtype: storage dtype of the parameters.
     """
@@ -102,7 +103,7 @@ class Mamba(nn.Module):
     dt_init_floor: float = 1e-4
     bidirectional: bool = False
     scan_impl: str | None = None
-    chunk_size: int = 64
+    chunk_size: int | None = None
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 

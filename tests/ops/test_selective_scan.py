@@ -234,3 +234,39 @@ def test_reference_and_step_validate():
         selective_scan_step(h0, u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D[:5])
     with pytest.raises(ValueError, match=r"selective_scan_step: `C_t` must be real"):
         selective_scan_step(h0, u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0].astype(jnp.complex64))
+
+
+@pytest.mark.parametrize(
+    "bdn,want",
+    [
+        ((32, 80, 16), 16),  # 2**19 / 40960 = 12.8: nearest power of two 16
+        ((8, 512, 16), 8),
+        ((2, 512, 16), 32),
+        ((1, 256, 16), 64),  # 128, clipped to 64
+        ((64, 1024, 16), 8),  # 0.5, clipped to 8
+    ],
+)
+def test_default_chunk_size_on_cpu(bdn, want):
+    from effseq.ops.selective_scan import default_chunk_size
+
+    assert jax.default_backend() == "cpu"
+    assert default_chunk_size(*bdn) == want
+
+
+def test_default_chunk_matches_reference():
+    # chunk_size=None at a (b, d, n) whose default chunk (8) splits t = 37 into five chunks, the
+    # last one padded; values, final state and every gradient against the reference.
+    from effseq.ops.selective_scan import default_chunk_size
+
+    shape = dict(b=16, d=512, n=8)
+    assert default_chunk_size(16, 512, 8) == 8
+    args = make_inputs(37, **shape, seed=3)
+    cotangents = random_cotangents(37, "float32", **shape)
+    fast = jax.jit(functools.partial(outputs_and_grads, positional(selective_scan)))
+    ref = jax.jit(functools.partial(outputs_and_grads, positional(selective_scan_reference)))
+    (y, h), grads = fast(args, cotangents)
+    (y_ref, h_ref), grads_ref = ref(args, cotangents)
+    assert_close(y, y_ref, err_msg="y")
+    assert_close(h, h_ref, err_msg="h_last")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
+        assert_close(g, g_ref, kind="grad", err_msg=f"d{name}")
