@@ -11,8 +11,8 @@ Data: ``listops-1000/basic_{train,val,test}.tsv`` under $EFFSEQ_DATA_DIR (the LR
 compare`` does this itself); the task's max_length is CPU_DATA's.
 
 Hardware and time: ``cpu``: d_model 64, 2 layers, 400 steps of batch 32 on expressions shorter
-than 128 tokens. In ``make run`` (2-core CPU, commit 35ddf8b, widths matched by ``effseq
-compare``) it took 10 s (S4D) to 75 s (Mamba) per mixer and reached 26.4% test accuracy (S4D,
+than 128 tokens. In ``make run`` (2-core CPU, commit 8710646, widths matched by ``effseq
+compare``) it took 11 s (S4D) to 60 s (Mamba) per mixer and reached 26.4% test accuracy (S4D,
 SGConv: the majority class) to 38.4% (attention). ``full``: the S4D recipe
 below, 76,800 steps of batch 50 on sequences of 2,048 tokens, for an accelerator; the S4
 repository reports about 15 minutes per epoch (40 epochs) for its PyTorch S4 on one T4
