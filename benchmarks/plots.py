@@ -36,6 +36,15 @@ def _panel(ax, records, mixers, x_key, y_key, ylabel, scale=1.0, x_label="sequen
     return drawn
 
 
+def _save(fig, path: pathlib.Path, drawn: bool, written: list[pathlib.Path]) -> None:
+    """Writes ``fig`` to ``path`` (and lists it in ``written``) when it shows any data."""
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    plt.close(fig)
+
+
 def plot_models(result: dict, out: pathlib.Path) -> list[pathlib.Path]:
     """models_train.png (step time, tokens/s, peak memory vs length) and models_decode.png
     (per-token latency, cache memory vs context) in ``out``; returns the files written (a
@@ -51,12 +60,7 @@ def plot_models(result: dict, out: pathlib.Path) -> list[pathlib.Path]:
     _panel(axes[1], train, mixers, "length", "tokens_per_s", "tokens / s")
     _panel(axes[2], train, mixers, "length", "peak_bytes", "peak memory (MiB)", 2.0**-20)
     fig.suptitle(f"training step vs length: {where}", fontsize=10)
-    fig.tight_layout()
-    if drawn:
-        path = out / "models_train.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    plt.close(fig)
+    _save(fig, out / "models_train.png", drawn, written)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     decode = result["decode"]
@@ -65,10 +69,5 @@ def plot_models(result: dict, out: pathlib.Path) -> list[pathlib.Path]:
     )
     _panel(axes[1], decode, mixers, "context", "cache_bytes", "cache (MiB)", 2.0**-20, "context")
     fig.suptitle(f"decoding vs context: {where}", fontsize=10)
-    fig.tight_layout()
-    if drawn:
-        path = out / "models_decode.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    plt.close(fig)
+    _save(fig, out / "models_decode.png", drawn, written)
     return written

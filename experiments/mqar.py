@@ -7,8 +7,8 @@ Run:
 
 ARG is MIXER[:D_MODEL] (default gla, width 64). Each 32-token sequence holds 4 key-value
 pairs, then queries of those keys; the model must output each queried key's value. Hardware
-and time: a 2-core CPU, under a minute per run at width 64 except Mamba (a few minutes: its
-selective scan is sequential on a CPU). What to expect: attention recalls the
+and time: a 2-core CPU, under a minute per run at width 64 (in ``make run``, at widths 48-64,
+the slowest was Mamba's at 27 s, commit 8710646). What to expect: attention recalls the
 pairs best; fixed-state mixers (S4D, Mamba, GLA) recall less at small width, more as their
 recurrent state grows (the recall-memory trade-off of the Based paper, Arora et al. 2024);
 `effseq compare --suite mqar` sweeps the width and plots accuracy against state size.

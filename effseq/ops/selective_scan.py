@@ -302,18 +302,19 @@ _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
 # t=4096, 288 / 266 / 244 / 261 ms; (1, 256, 16) at t=1024, all within 2% of each other.
 _CPU_CHUNK_ELEMENTS = 2**19
 _CHUNK_RANGE = (8, 64)
-# On accelerators the chunk loop runs an associative scan inside and its iterations are the
-# sequential part: keep chunks long there (not yet tuned on a GPU).
-_ACCELERATOR_CHUNK = 64
+# Where the scan inside a chunk is associative (the accelerator default of linear_scan), the
+# chunk loop's iterations are the sequential part: keep chunks long (not yet tuned on a GPU).
+_ASSOCIATIVE_CHUNK = 64
 
 
 def default_chunk_size(b: int, d: int, n: int) -> int:
     """The chunk length ``selective_scan`` uses when ``chunk_size`` is None.
 
-    On CPU: the power of two nearest ``2**19 / (b·d·n)``, clipped to 8..64; elsewhere 64.
+    With the sequential inner scan (the CPU default): the power of two nearest
+    ``2**19 / (b·d·n)``, clipped to 8..64; with the associative one (accelerators): 64.
     """
-    if jax.default_backend() != "cpu":
-        return _ACCELERATOR_CHUNK
+    if resolve_impl("linear_scan", None) != "sequential":
+        return _ASSOCIATIVE_CHUNK
     lo, hi = _CHUNK_RANGE
     target = _CPU_CHUNK_ELEMENTS / max(b * d * n, 1)
     return int(min(max(2 ** round(math.log2(target)), lo), hi))
