@@ -47,6 +47,9 @@ def get_config() -> ConfigDict:
     c.train.steps = 1000  # optimizer updates
     c.train.batch_size = 32  # global batch, over all processes and devices
     c.train.micro_batches = 1  # gradient accumulation: the batch in this many sequential parts
+    # Optimizer steps per jitted call (a scan over k batches): fewer dispatches for small
+    # models; the same updates, and logging, evaluation and checkpoints still on exact steps.
+    c.train.steps_per_call = 1
     c.train.log_every = 50  # steps between metrics.jsonl lines
     c.train.eval_every = 200  # steps between validation passes (and best-checkpoint updates)
     c.train.eval_batches = 0  # validation batches per pass; 0 = the whole split

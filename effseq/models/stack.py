@@ -16,6 +16,10 @@ from effseq.models.blocks import ResidualBlock
 from effseq.models.registry import parse_pattern
 
 
+# Stacks of at most this many scanned groups are unrolled (see Stack.setup).
+UNROLL_UP_TO = 4
+
+
 class _Group(nn.Module):
     """One repeat of the mixer pattern."""
 
@@ -89,6 +93,10 @@ class Stack(nn.Module):
             variable_axes={"params": 0, "constants": 0},
             split_rngs={"params": True, "constants": True, "dropout": True},
             length=length,
+            # A few layers are unrolled: the loop's per-layer slicing and stacking of
+            # parameters and gradients cost 20-25% of a 2-layer, width-64 train step on CPU.
+            # Deeper stacks stay rolled, so compile time stays flat in the depth.
+            unroll=length if length <= UNROLL_UP_TO else 1,
             metadata_params={nn.PARTITION_NAME: sharding.LAYERS},
         )
         target = nn.remat(_Group, static_argnums=(3,)) if self.remat else _Group

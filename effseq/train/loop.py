@@ -93,6 +93,7 @@ class Setup:
         task = config.task
         self.info = data_lib.task_info(task.name, **dict(task.options))
         self.data_dir = task.data_dir or None
+        self._datasets = {}
         m = config.mesh
         self.mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
         self.rules = sharding.get_rules(m.rules)
@@ -130,6 +131,9 @@ class Setup:
         self._example, self._rng = example, rng
         self.num_params = build.param_count(abstract.params)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.stacked_batch_sharding = jax.NamedSharding(
+            self.mesh, jax.P(None, *self.batch_sharding.spec)
+        )
         self.eval_fn = jax.jit(
             functools.partial(step_lib.eval_step, loss_fn=self.loss_fn),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -139,19 +143,24 @@ class Setup:
     def init_state(self):
         return self._init(self._rng, self._example)
 
-    def train_fn(self):
-        """``train_step`` jitted once: shardings pinned in and out, the state donated."""
+    def train_fn(self, steps_per_call: int = 1):
+        """``train_step`` jitted once: shardings pinned in and out, the state donated. With
+        ``steps_per_call`` k > 1, :func:`step.train_steps` over k stacked batches (the batch
+        arrays gain a leading k axis; the metrics come back stacked)."""
         tc = self.config.train
-        step = functools.partial(
-            step_lib.train_step,
+        kwargs = dict(
             loss_fn=self.loss_fn,
             tx=self.tx,
             micro_batches=tc.micro_batches,
             base_rng=jax.random.key(self.config.seed + 1),
         )
+        if steps_per_call == 1:
+            step, batch_sharding = step_lib.train_step, self.batch_sharding
+        else:
+            step, batch_sharding = step_lib.train_steps, self.stacked_batch_sharding
         return jax.jit(
-            step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            functools.partial(step, **kwargs),
+            in_shardings=(self.state_shardings, batch_sharding),
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
             donate_argnums=(0,),
         )
@@ -163,12 +172,27 @@ class Setup:
             for k, v in local.items()
         }
 
+    def global_batches(self, locals_: list[dict]) -> dict:
+        """k batches of this process's rows -> global arrays (k, batch, ...)."""
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.stacked_batch_sharding, np.stack([b[k] for b in locals_])
+            )
+            for k in locals_[0]
+        }
+
+    def dataset(self, split: str):
+        """The split's dataset, loaded once: its examples stay in memory after their first
+        read (small tasks), so later epochs and evaluation passes reuse them."""
+        if split not in self._datasets:
+            self._datasets[split] = data_lib.load_task(
+                self.info.name, split, data_dir=self.data_dir, **dict(self.config.task.options)
+            )
+        return self._datasets[split]
+
     def batches(self, split: str, *, train: bool):
-        ds = data_lib.load_task(
-            self.info.name, split, data_dir=self.data_dir, **dict(self.config.task.options)
-        )
         return data_lib.batches(
-            ds,
+            self.dataset(split),
             global_batch_size=self.config.train.batch_size,
             seed=self.config.seed,
             shuffle=train,
@@ -326,71 +350,65 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     wall_offset = _last_wall(workdir / "metrics.jsonl") if restored else 0.0
     best = _best_so_far(workdir) if restored else None
 
-    train_fn = setup.train_fn()
+    k = tc.steps_per_call
+    train_fns = {1: setup.train_fn(1)}
+    if k > 1:
+        train_fns[k] = setup.train_fn(k)
     writer = MetricsWriter(workdir, enabled=lead)
     progress = _progress(tc, start, enabled=lead)
     tokens_per_step = tc.batch_size * setup.info.max_length
-    step, bad, status = start, 0, "completed"
+    step, status = start, "completed"
+    data_state = train_iter.get_state()
+    window = _Window(tokens_per_step)
     t_start = time.time()
-    t_window, window_steps = time.time(), 0
-    with _Preemption() as preempt:
-        while step < tc.steps:
-            if _agreed(preempt.requested):
-                log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
-                ckpts.save(step, state, train_iter.get_state())
-                status = "preempted"
-                break
-            state, metrics = train_fn(state, setup.global_batch(next(train_iter)))
-            if not bool(metrics["train/finite"]):
-                bad += 1
-                path = _leaf_path(state.params, int(metrics["train/bad_leaf"]))
-                log(
-                    f"step {step + 1}: non-finite loss or gradient (first bad gradient: "
-                    f"{path}); update skipped ({bad} in a row)"
-                )
-                writer.write(step + 1, {"train/skipped": 1, "train/bad_parameter": path})
-                if bad >= tc.max_bad_steps:
-                    ckpts.wait()
-                    raise RuntimeError(
-                        f"{bad} consecutive non-finite steps (train.max_bad_steps="
-                        f"{tc.max_bad_steps}); stopped at step {step}. The last good "
-                        f"checkpoint (step {ckpts.latest_step()}) in {workdir} is intact."
+    feed = _Prefetcher(_call_sizes(start, tc), train_iter, setup)
+    try:
+        with _Preemption() as preempt:
+            while step < tc.steps:
+                if _agreed(preempt.requested):
+                    log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                    ckpts.save(step, state, data_state)
+                    status = "preempted"
+                    break
+                n, batch, data_state = feed.get()
+                # No host sync here: the next call is dispatched while this one runs, and the
+                # metrics are read only at the next logging, evaluation or checkpoint step.
+                state, metrics = train_fns[n](state, batch)
+                window.add(step, n, metrics)
+                step += n
+                progress.update(n)
+                if not _boundary(step, tc):
+                    continue
+                window.check(state, writer, log, ckpts, workdir, tc)
+                record = {}
+                if step % tc.log_every == 0 or step == tc.steps:
+                    record = window.record()
+                    lrs = setup.learning_rates(step - 1)
+                    record.update({f"train/{name}": float(v) for name, v in lrs.items()})
+                    if "train/loss" in record:
+                        progress.set_postfix(
+                            loss=f"{record['train/loss']:.4f}",
+                            acc=f"{record['train/accuracy']:.3f}",
+                            tok_s=f"{record['train/tokens_per_s']:.0f}",
+                        )
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    val = setup.evaluate(state, "val", tc.eval_batches)
+                    record.update(val)
+                    if _better(val, best, setup.objective):
+                        best = {"step": step, **val}
+                        ckpts.save_best(step, state, best)
+                    log(
+                        f"step {step}: val/loss {val['val/loss']:.4f} val/accuracy "
+                        f"{val['val/accuracy']:.4f} (best {best['val/accuracy']:.4f} at "
+                        f"step {best['step']})"
                     )
-                continue
-            bad = 0
-            step += 1
-            window_steps += 1
-            progress.update(1)
-            record = {}
-            if step % tc.log_every == 0 or step == tc.steps:
-                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                record.pop("train/finite"), record.pop("train/bad_leaf")
-                lrs = setup.learning_rates(step - 1)
-                record.update({f"train/{k}": float(v) for k, v in lrs.items()})
-                elapsed = time.time() - t_window
-                record["train/tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                t_window, window_steps = time.time(), 0
-                progress.set_postfix(
-                    loss=f"{record['train/loss']:.4f}",
-                    acc=f"{record['train/accuracy']:.3f}",
-                    tok_s=f"{record['train/tokens_per_s']:.0f}",
-                )
-            if step % tc.eval_every == 0 or step == tc.steps:
-                val = setup.evaluate(state, "val", tc.eval_batches)
-                record.update(val)
-                if _better(val, best, setup.objective):
-                    best = {"step": step, **val}
-                    ckpts.save_best(step, state, best)
-                log(
-                    f"step {step}: val/loss {val['val/loss']:.4f} val/accuracy "
-                    f"{val['val/accuracy']:.4f} (best {best['val/accuracy']:.4f} at "
-                    f"step {best['step']})"
-                )
-            if record:
-                record["wall_s"] = wall_offset + time.time() - t_start
-                writer.write(step, record)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                ckpts.save(step, state, train_iter.get_state())
+                if record:
+                    record["wall_s"] = wall_offset + time.time() - t_start
+                    writer.write(step, record)
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    ckpts.save(step, state, data_state)
+    finally:
+        feed.close()
     progress.close()
     ckpts.wait()
     wall = wall_offset + time.time() - t_start
@@ -422,6 +440,139 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _boundary(step: int, tc) -> bool:
+    """Whether the loop stops at ``step`` to log, evaluate or checkpoint."""
+    every = (tc.log_every, tc.eval_every, tc.checkpoint_every)
+    return step == tc.steps or any(step % e == 0 for e in every)
+
+
+def _call_sizes(start: int, tc):
+    """Steps per jitted call from ``start`` to the end: ``train.steps_per_call`` where no
+    boundary (:func:`_boundary`) falls strictly inside the call, else single steps, so every
+    boundary lands on an exact step. Deterministic, so the prefetcher and the loop agree."""
+    k, step = tc.steps_per_call, start
+    while step < tc.steps:
+        n = 1
+        if k > 1 and step + k <= tc.steps:
+            if not any(_boundary(step + j, tc) for j in range(1, k)):
+                n = k
+        yield n
+        step += n
+
+
+class _Prefetcher:
+    """Assembles the next calls' batches in a background thread, ``depth`` calls ahead: each
+    item is (steps, global batch arrays, the data iterator's position after them), so a
+    checkpoint records exactly the batches consumed. Errors (e.g. a malformed data row) are
+    raised in the loop's thread."""
+
+    _DONE = object()
+
+    def __init__(self, sizes, iterator, setup: Setup, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def work():
+            try:
+                for n in sizes:
+                    locals_ = [next(iterator) for _ in range(n)]
+                    batch = (
+                        setup.global_batch(locals_[0]) if n == 1 else setup.global_batches(locals_)
+                    )
+                    if not self._put((n, batch, iterator.get_state())):
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the loop's thread
+                self._put(e)
+            self._put(self._DONE)
+
+        self._thread = threading.Thread(target=work, name="effseq-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is self._DONE:
+            raise RuntimeError("the training data ended before train.steps")
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class _Window:
+    """Metrics of the steps since the last logged record. They stay on the device until the
+    next boundary step, where :meth:`check` reads them in one host sync."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.pending: list[tuple[int, int, dict]] = []
+        self.bad_in_a_row = 0
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.finite, self.steps = {}, 0, 0
+        self.started = time.time()
+
+    def add(self, first_step: int, n: int, metrics: dict):
+        self.pending.append((first_step, n, metrics))
+
+    def check(self, state, writer, log, ckpts, workdir, tc) -> None:
+        """Reads the pending metrics, logs skipped (non-finite) steps, and stops the run after
+        ``train.max_bad_steps`` of them in a row."""
+        pending, self.pending = jax.device_get(self.pending), []
+        for first, n, metrics in pending:
+            for i in range(n):
+                m = {key: (v[i] if n > 1 else v) for key, v in metrics.items()}
+                at = first + i + 1
+                self.steps += 1
+                if not bool(m["train/finite"]):
+                    self.bad_in_a_row += 1
+                    path = _leaf_path(state.params, int(m["train/bad_leaf"]))
+                    log(
+                        f"step {at}: non-finite loss or gradient (first bad gradient: {path}); "
+                        f"update skipped ({self.bad_in_a_row} in a row)"
+                    )
+                    writer.write(at, {"train/skipped": 1, "train/bad_parameter": path})
+                    if self.bad_in_a_row >= tc.max_bad_steps:
+                        ckpts.wait()
+                        raise RuntimeError(
+                            f"{self.bad_in_a_row} consecutive non-finite steps "
+                            f"(train.max_bad_steps={tc.max_bad_steps}); stopped at step {at}. "
+                            f"The last good checkpoint (step {ckpts.latest_step()}) in "
+                            f"{workdir} is intact."
+                        )
+                    continue
+                self.bad_in_a_row = 0
+                self.finite += 1
+                for key, v in m.items():
+                    if key not in ("train/finite", "train/bad_leaf"):
+                        self.sums[key] = self.sums.get(key, 0.0) + float(v)
+
+    def record(self) -> dict:
+        """The window's means over its finite steps and its tokens/s; starts a new window."""
+        record = {key: total / self.finite for key, total in self.sums.items()}
+        elapsed = max(time.time() - self.started, 1e-9)
+        record["train/tokens_per_s"] = self.steps * self.tokens_per_step / elapsed
+        self._reset()
+        return record
 
 
 def _init_from(setup: Setup, state, source: str, devices, log):

@@ -109,3 +109,27 @@ def test_epochs_are_permutations_reshuffled_each_time():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         batches(numbered(10), **kwargs)
+
+
+def test_kept_examples_are_read_once_and_batches_are_unchanged(monkeypatch):
+    from effseq.data import pipeline
+
+    reads = []
+
+    def counted(n):
+        def read(i):
+            reads.append(i)
+            return {"inputs": np.full(3, i, np.int32), "label": np.int32(i % 2)}
+
+        return grain.MapDataset.range(n).map(read)
+
+    kept = counted(37)
+    a = batches(kept, global_batch_size=8, seed=2)
+    first = [next(a) for _ in range(20)]  # over four epochs
+    assert sorted(reads) == list(range(37))  # every example read exactly once
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", 0)
+    b = batches(numbered(37), global_batch_size=8, seed=2)
+    for want in first:
+        got = next(b)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])

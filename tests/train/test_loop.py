@@ -325,3 +325,52 @@ def test_saving_a_step_twice_keeps_the_first(tmp_path):
     ckpts.close()
     assert step == 5 and data == {"next_index": 5}
     np.testing.assert_array_equal(np.asarray(restored["x"]), [0.0, 1.0, 2.0])
+
+
+def test_call_sizes_land_every_boundary_on_an_exact_step():
+    from effseq.train.loop import _boundary, _call_sizes
+
+    tc = tiny(
+        steps=23,
+        **{
+            "train.steps_per_call": 4,
+            "train.log_every": 5,
+            "train.eval_every": 10,
+            "train.checkpoint_every": 7,
+        },
+    ).train
+    for start in (0, 3, 7):
+        sizes = list(_call_sizes(start, tc))
+        assert sum(sizes) == 23 - start and set(sizes) <= {1, 4}
+        ends = np.cumsum(sizes) + start
+        # Every boundary step ends a call; no call spans one.
+        assert {s for s in range(start + 1, 24) if _boundary(s, tc)} <= set(ends.tolist())
+        assert 4 in sizes
+
+
+def test_steps_per_call_gives_bitwise_the_single_step_run(tmp_path):
+    every = {"train.log_every": 3, "train.eval_every": 6, "train.checkpoint_every": 6}
+    runs = {}
+    for k in (1, 3):
+        workdir = tmp_path / f"k{k}"
+        summary = train_and_evaluate(
+            tiny(steps=12, **{"train.steps_per_call": k, **every}), workdir
+        )
+        records = [r for r in read_jsonl(workdir / "metrics.jsonl")]
+        for r in records:
+            r.pop("wall_s", None), r.pop("train/tokens_per_s", None)
+        config = tiny(steps=12)
+        setup = Setup(config)
+        from effseq.train.checkpoint import Checkpoints
+
+        ckpts = Checkpoints(workdir, 2)
+        assert ckpts.latest.all_steps() == [6, 12]
+        step, state, data = ckpts.restore_latest(setup.target)
+        ckpts.close()
+        runs[k] = (records, jax.device_get(state), data, summary)
+    (rec1, state1, data1, sum1), (rec3, state3, data3, sum3) = runs[1], runs[3]
+    assert rec1 == rec3  # every logged loss, accuracy and validation metric, exactly
+    assert data1 == data3
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state3), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sum1["test_accuracy"] == sum3["test_accuracy"]

@@ -40,16 +40,18 @@ def copy_info(seq_len, vocab_size, num_tokens, num_examples, num_eval_examples, 
     return base.TaskInfo(COPY_NAME, vocab_size, None, vocab_size, seq_len, sequence_labels=True)
 
 
-def make_copy(rng: np.random.Generator, seq_len, vocab_size, num_tokens):
+def make_copy(rng: np.random.Generator, count, seq_len, vocab_size, num_tokens):
+    """``count`` examples at once."""
     region = seq_len - num_tokens
-    tokens = rng.integers(3, vocab_size, num_tokens)
-    inputs = np.full(seq_len, FILLER, np.int64)
-    inputs[np.sort(rng.choice(region, num_tokens, replace=False))] = tokens
-    inputs[region:] = MARKER
-    label = np.zeros(seq_len, np.int64)
-    label[region:] = tokens
-    weights = np.zeros(seq_len)
-    weights[region:] = 1.0
+    tokens = rng.integers(3, vocab_size, (count, num_tokens))
+    inputs = np.full((count, seq_len), FILLER, np.int64)
+    positions = np.sort(source.distinct(rng, count, region, num_tokens), axis=1)
+    inputs[np.arange(count)[:, None], positions] = tokens
+    inputs[:, region:] = MARKER
+    label = np.zeros((count, seq_len), np.int64)
+    label[:, region:] = tokens
+    weights = np.zeros((count, seq_len))
+    weights[:, region:] = 1.0
     return source.labelled(inputs, label, weights)
 
 
@@ -82,15 +84,17 @@ def induction_info(seq_len, vocab_size, num_examples, num_eval_examples, seed):
     )
 
 
-def make_induction(rng: np.random.Generator, seq_len, vocab_size):
-    inputs = rng.integers(2, vocab_size, seq_len)
-    at = rng.integers(0, seq_len - 2)  # the trigger and its successor fit before the end
-    inputs[at] = TRIGGER
-    inputs[-1] = TRIGGER
-    label = np.zeros(seq_len, np.int64)
-    label[-1] = inputs[at + 1]
-    weights = np.zeros(seq_len)
-    weights[-1] = 1.0
+def make_induction(rng: np.random.Generator, count, seq_len, vocab_size):
+    """``count`` examples at once."""
+    inputs = rng.integers(2, vocab_size, (count, seq_len))
+    rows = np.arange(count)
+    at = rng.integers(0, seq_len - 2, count)  # the trigger and its successor fit before the end
+    inputs[rows, at] = TRIGGER
+    inputs[:, -1] = TRIGGER
+    label = np.zeros((count, seq_len), np.int64)
+    label[:, -1] = inputs[rows, at + 1]
+    weights = np.zeros((count, seq_len))
+    weights[:, -1] = 1.0
     return source.labelled(inputs, label, weights)
 
 

@@ -53,20 +53,25 @@ def info(seq_len, vocab_size, num_kv_pairs, power_a, num_examples, num_eval_exam
     return base.TaskInfo(NAME, vocab_size, None, vocab_size, seq_len, sequence_labels=True)
 
 
-def make(rng: np.random.Generator, seq_len, vocab_size, num_kv_pairs, power_a):
+def make(rng: np.random.Generator, count, seq_len, vocab_size, num_kv_pairs, power_a):
+    """``count`` examples at once."""
     num_keys = (vocab_size - 2) // 2
-    keys = rng.choice(num_keys, num_kv_pairs, replace=False) + 2
-    values = rng.choice(vocab_size - 2 - num_keys, num_kv_pairs, replace=False) + 2 + num_keys
+    keys = source.distinct(rng, count, num_keys, num_kv_pairs) + 2
+    values = source.distinct(rng, count, vocab_size - 2 - num_keys, num_kv_pairs) + 2 + num_keys
     context = 2 * num_kv_pairs
-    inputs = np.full(seq_len, FILLER, np.int64)
-    label = np.zeros(seq_len, np.int64)
-    weights = np.zeros(seq_len)
-    inputs[0:context:2], inputs[1:context:2] = keys, values
+    inputs = np.full((count, seq_len), FILLER, np.int64)
+    label = np.zeros((count, seq_len), np.int64)
+    weights = np.zeros((count, seq_len))
+    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
     space = (seq_len - context) // 2
-    gap_p = np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
-    gaps = rng.choice(space, num_kv_pairs, replace=False, p=gap_p / gap_p.sum())
+    # Gaps without replacement with p(g) ~ g^(power_a - 1): the top num_kv_pairs of
+    # log p + Gumbel noise, which draws exactly as sequential sampling with renormalisation.
+    log_p = (power_a - 1) * np.log(np.arange(1, space + 1, dtype=np.float64))
+    noisy = log_p + rng.gumbel(size=(count, space))
+    gaps = np.argsort(-noisy, axis=1)[:, :num_kv_pairs]
+    rows = np.arange(count)[:, None]
     positions = context + 2 * gaps
-    inputs[positions], label[positions], weights[positions] = keys, values, 1.0
+    inputs[rows, positions], label[rows, positions], weights[rows, positions] = keys, values, 1.0
     return source.labelled(inputs, label, weights)
 
 
