@@ -111,10 +111,7 @@ class Attention(nn.Module):
     def _project(self, w, x):
         """x (b, t, d) -> q, k, v, each (b, t, h, k), before the convolution."""
         x = x.astype(self.dtype)
-        return [
-            jnp.einsum("btd,dhk->bthk", x, w[n].astype(self.dtype))
-            for n in ("query", "key", "value")
-        ]
+        return [ops.dense(x, w[n].astype(self.dtype)) for n in ("query", "key", "value")]
 
     def _qkv(self, x: jax.Array):
         """x (b, t, d) -> (q, k, v) as attention reads them, and the pre-convolution ones."""
@@ -135,7 +132,7 @@ class Attention(nn.Module):
         o = ops.attention(
             q, k, v, causal=self.causal, window=self.window, kv_mask=mask, impl=self.impl
         )
-        return jnp.einsum("bthk,hkd->btd", o, self.w["out"].astype(self.dtype))
+        return ops.dense(o, self.w["out"].astype(self.dtype), 2)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """x (b, t, d), mask (b, t) bool or None -> (b, t, d); no query attends to padding."""

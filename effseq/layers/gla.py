@@ -106,12 +106,12 @@ class GLA(nn.Module):
         )
 
     def _proj(self, x: Array, w: Array) -> Array:
-        return jnp.einsum("...d,dhx->...hx", x, w.astype(self.dtype))
+        return ops.dense(x, w.astype(self.dtype))
 
     def log_gate(self, x: Array) -> Array:
         """log_g = logsigmoid(x W_a1 W_a2 + b_a) / tau: x (..., d) -> (..., h, k), float32, <= 0."""
         cd = self.dtype
-        logits = self._proj(x.astype(cd) @ self.gate_down.astype(cd), self.gate_up)
+        logits = self._proj(ops.dense(x.astype(cd), self.gate_down.astype(cd)), self.gate_up)
         # In float32: log gates are summed along time, so their rounding error compounds.
         logits = logits.astype(jnp.float32) + self.gate_bias.astype(jnp.float32)
         return jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
@@ -134,7 +134,7 @@ class GLA(nn.Module):
         o = ((o32 - mean) * jax.lax.rsqrt(var + self.norm_eps)).astype(cd)
         o = o * self.norm_scale.astype(cd) + self.norm_bias.astype(cd)
         r = jax.nn.silu(self._proj(x.astype(cd), self.wr) + self.br.astype(cd))
-        return jnp.einsum("...hv,hvd->...d", r * o, self.wo.astype(cd))
+        return ops.dense(r * o, self.wo.astype(cd), 2)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""

@@ -165,13 +165,14 @@ class Mamba(nn.Module):
         """From the activated conv output x (b, t, e): delta (b, t, e) float32, A (e, n), B, C
         (b, t, n)."""
         cd = self.dtype
-        dt = x @ p["x_proj_dt"].astype(cd)
-        B = x @ p["x_proj_B"].astype(cd)
-        C = x @ p["x_proj_C"].astype(cd)
+        dt = ops.dense(x, p["x_proj_dt"].astype(cd))
+        B = ops.dense(x, p["x_proj_B"].astype(cd))
+        C = ops.dense(x, p["x_proj_C"].astype(cd))
         # The softplus and bias add in float32, as the reference kernel does (delta_softplus):
         # delta sets the decay exp(delta * A), whose error compounds along the sequence.
         delta = jax.nn.softplus(
-            (dt @ p["dt_proj"].astype(cd)).astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)
+            ops.dense(dt, p["dt_proj"].astype(cd)).astype(jnp.float32)
+            + p["dt_bias"].astype(jnp.float32)
         )
         A = -jnp.exp(p["A_log"].astype(jnp.float32))
         return delta, A, B, C
@@ -193,13 +194,13 @@ class Mamba(nn.Module):
     def _forward(self, x: Array, mask: Array | None = None) -> tuple[Array, Array, Array]:
         """x (b, t, d) -> (y (b, t, d), conv input x_in (b, t, e), forward SSM state)."""
         cd = self.dtype
-        xz = zero_padding(x.astype(cd), mask) @ self.in_proj.astype(cd)
+        xz = ops.dense(zero_padding(x.astype(cd), mask), self.in_proj.astype(cd))
         x_in, z = jnp.split(xz, 2, axis=-1)
         y, h = self._branch(self.fwd, x_in, mask)
         if self.bidirectional:
             flip = None if mask is None else jnp.flip(mask, 1)
             y = y + jnp.flip(self._branch(self.bwd, jnp.flip(x_in, 1), flip)[0], 1)
-        return (y * jax.nn.silu(z)) @ self.out_proj.astype(cd), x_in, h
+        return ops.dense(y * jax.nn.silu(z), self.out_proj.astype(cd)), x_in, h
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""

@@ -193,7 +193,7 @@ def conv_output(
     S4/S4D code's default output layer); y, x (..., d), result in ``dtype``."""
     # The exact GELU x Phi(x), as the S4D and SGConv code use (torch's nn.GELU()).
     y = jax.nn.gelu(y + x * D.astype(dtype), approximate=False).astype(dtype)
-    y = jnp.einsum("...d,de->...e", y, kernel.astype(dtype)) + bias.astype(dtype)
+    y = ops.dense(y, kernel.astype(dtype)) + bias.astype(dtype)
     if glu:
         a, g = jnp.split(y, 2, axis=-1)
         y = a * jax.nn.sigmoid(g)

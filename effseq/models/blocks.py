@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effseq import sharding
+from effseq import ops, sharding
 from effseq.layers import params
 from effseq.models.registry import make_mixer
 
@@ -47,17 +47,17 @@ class MLP(nn.Module):
             self, "w_out", init, (hidden, self.d_model), axes_out, self.param_dtype
         )
         x = x.astype(self.dtype)
-        h = x @ w_in.astype(self.dtype)
+        h = ops.dense(x, w_in.astype(self.dtype))
         if self.kind == "glu":
             gate = params.param(
                 self, "w_gate", init, (self.d_model, hidden), axes_in, self.param_dtype
             )
-            h = jax.nn.silu(x @ gate.astype(self.dtype)) * h
+            h = jax.nn.silu(ops.dense(x, gate.astype(self.dtype))) * h
         elif self.kind == "sqrelu":
             h = jnp.square(jax.nn.relu(h))
         else:
             h = jax.nn.gelu(h)
-        return h @ w_out.astype(self.dtype)
+        return ops.dense(h, w_out.astype(self.dtype))
 
 
 class ResidualBlock(nn.Module):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effseq import sharding
+from effseq import ops, sharding
 from effseq.layers import params
 from effseq.models.blocks import _norm
 from effseq.models.registry import BIDIRECTIONAL, parse_pattern
@@ -107,7 +107,7 @@ class SequenceClassifier(nn.Module):
             x = jnp.take(self.encoder, inputs, axis=0)
         else:
             values = inputs[..., None] if inputs.ndim == 2 else inputs
-            x = values.astype(self.dtype) @ self.encoder.astype(self.dtype)
+            x = ops.dense(values.astype(self.dtype), self.encoder.astype(self.dtype))
         x = x.astype(self.dtype)
         if mask is None:
             mask = jnp.ones(x.shape[:2], bool)
@@ -119,7 +119,7 @@ class SequenceClassifier(nn.Module):
         if not self.denoise_outputs:
             raise ValueError("SequenceClassifier.denoise needs denoise_outputs > 0")
         x, _ = self.features(inputs, mask, deterministic)
-        return (x @ self.denoise_head.astype(self.dtype)).astype(jnp.float32)
+        return ops.dense(x, self.denoise_head.astype(self.dtype)).astype(jnp.float32)
 
     def encode(self, inputs, mask=None, deterministic: bool = True):
         """(b, t[, c]) -> pooled features (b, d)."""

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effseq import sharding
+from effseq import ops, sharding
 from effseq.layers import params
 from effseq.models.blocks import _norm
 from effseq.models.stack import stack_for
@@ -65,8 +65,9 @@ class LanguageModel(nn.Module):
         x = self.final_norm(x)
         if self.tie_embeddings:
             # Scale by d^-1/2 so tied logits start at unit scale like an untied lecun head.
-            return (x @ self.embed.T.astype(self.dtype) * self.d_model**-0.5).astype(jnp.float32)
-        return (x @ self.head.astype(self.dtype)).astype(jnp.float32)
+            logits = ops.dense(x, self.embed.T.astype(self.dtype)) * self.d_model**-0.5
+            return logits.astype(jnp.float32)
+        return ops.dense(x, self.head.astype(self.dtype)).astype(jnp.float32)
 
     def _embed(self, tokens):
         return jnp.take(self.embed, tokens, axis=0).astype(self.dtype)

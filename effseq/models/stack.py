@@ -15,7 +15,6 @@ from effseq import sharding
 from effseq.models.blocks import ResidualBlock
 from effseq.models.registry import parse_pattern
 
-
 # Stacks of at most this many scanned groups are unrolled (see Stack.setup).
 UNROLL_UP_TO = 4
 

@@ -7,6 +7,7 @@ decoding. Layout is batch first, then time; see :mod:`effseq.typing` for the sha
 
 from effseq.ops._impl import IMPLEMENTATIONS, resolve_impl
 from effseq.ops.attention import attention, attention_reference
+from effseq.ops.dense import dense, dense_reference
 from effseq.ops.fftconv import (
     bidirectional_conv,
     bidirectional_conv_reference,
@@ -39,6 +40,8 @@ __all__ = [
     "bidirectional_conv_reference",
     "causal_conv",
     "causal_conv_reference",
+    "dense",
+    "dense_reference",
     "gated_linear_attention",
     "gated_linear_attention_reference",
     "gla_step",
