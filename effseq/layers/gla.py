@@ -44,7 +44,8 @@ class GLA(nn.Module):
       gate_low_rank: rank of the forget-gate projection.
       gate_logit_normalizer: tau, the divisor of logsigmoid in the log gate.
       norm_eps: epsilon of the per-head LayerNorm.
-      chunk_size: chunk length of :func:`effseq.ops.gated_linear_attention`.
+      chunk_size: chunk length of :func:`effseq.ops.gated_linear_attention` (None: its
+        backend default).
       dtype: compute dtype; the recurrence accumulates in float32.
       param_dtype: storage dtype of the parameters.
     """
@@ -56,7 +57,7 @@ class GLA(nn.Module):
     gate_low_rank: int = 16
     gate_logit_normalizer: float = 16.0
     norm_eps: float = 1e-5
-    chunk_size: int = 64
+    chunk_size: int | None = None
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 

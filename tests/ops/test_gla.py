@@ -86,6 +86,7 @@ def _check_against_reference(fast, t, gates="realistic", dtype=jnp.float32, seed
         ("chunked", 37, 16),
         ("chunked", 37, 64),
         ("chunked", 300, 16),
+        ("chunked", 37, None),  # the backend default
         # chunk_size does not apply; t = 300 spans several rematerialised segments.
         ("recurrent", 1, 16),
         ("recurrent", 37, 16),
