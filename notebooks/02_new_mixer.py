@@ -63,8 +63,8 @@ STEPS = int(os.environ.get("EFFSEQ_NB_STEPS", "400"))
 # The mixer protocol (`effseq.layers`): fields `d_model`, `dtype`, `param_dtype`;
 # `__call__(x, mask=None)` for training, `init_state` / `step` / `prefill` for decoding.
 # Parameters go through `effseq.layers.params.param`, which attaches logical axis names so
-# that the trainer can shard them; Lambda is tagged `ssm=True` to get the optimizer's SSM
-# treatment (no weight decay), like the other recurrences' decay parameters.
+# that the trainer can shard them; Lambda is put in the optimizer group `"ssm"` (its own
+# learning rate, no weight decay), like the S4 recipes treat a recurrence's decay parameters.
 
 
 # %%
@@ -91,7 +91,7 @@ class RGLRU(nn.Module):
         self.w_x = params.param(self, "w_x", lecun, (d, d), mat, pd)
         self.w_g = params.param(self, "w_g", lecun, (d, d), mat, pd)
         self.w_o = params.param(self, "w_o", lecun, (d, d), (ax.INNER, ax.EMBED), pd)
-        self.lam = params.param(self, "lam", _lambda_init, (d,), (ax.INNER,), pd, ssm=True)
+        self.lam = params.param(self, "lam", _lambda_init, (d,), (ax.INNER,), pd, group="ssm")
 
     def _gates(self, x):
         """x (..., d) -> decay a, input b of h_t = a h_{t-1} + b, both float32 (..., d)."""

@@ -18,8 +18,10 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
 import jax
 
+from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.models import MIXERS
@@ -89,10 +91,12 @@ def _generate(entry: Entry, data_dir: pathlib.Path, log) -> None:
     generate_listops(target, **sizes)
 
 
-def _run_id(task: str, mixer: str, seed: int, width: int | None) -> str:
+def _run_id(task: str, mixer: str, seed: int, width: int | None, lrs=()) -> str:
     slug = f"{task.replace('/', '-')}__{mixer.replace(',', '+')}"
     if width is not None:
         slug += f"__d{width}"
+    for name, lr in zip(("lr", "ssmlr"), lrs, strict=False):
+        slug += f"__{name}{lr}"
     return f"{slug}__seed{seed}"
 
 
@@ -110,8 +114,9 @@ def _curve(workdir: pathlib.Path) -> list[dict]:
     return points
 
 
-def _abstract_model(config):
-    """(model, info, abstract variables) of ``config``: shapes only, nothing allocated."""
+def _abstract_model(config, boxed: bool = False):
+    """(model, info, abstract variables) of ``config``: shapes only, nothing allocated.
+    ``boxed`` keeps the parameters' boxes (axis names and the SSM tag)."""
     info = task_info(config.task.name, **dict(config.task.options))
     model = build.build_model(config.model, info)
     shapes = jax.eval_shape(
@@ -119,7 +124,7 @@ def _abstract_model(config):
         jax.random.key(0),
         build.example_batch(info),
     )
-    return model, info, shapes
+    return model, info, (shapes if boxed else nn.unbox(shapes))
 
 
 def recurrent_state_bytes(config) -> int:
@@ -145,12 +150,15 @@ def run_compare(
     *,
     mixers: tuple[str, ...] = DEFAULT_MIXERS,
     preset: str = "cpu",
-    seeds: int = 1,
+    seeds: int = 3,
     data_dir: str | None = None,
     out: str | os.PathLike = "results/compare",
     overrides: tuple[str, ...] = (),
     widths: tuple[int, ...] | None = None,
     pretrain: bool = False,
+    match: str = "params",
+    lr_grid: tuple[float, ...] | None = None,
+    ssm_lr_grid: tuple[float, ...] | None = None,
     devices=None,
     log=None,
 ) -> list[dict]:
@@ -161,6 +169,14 @@ def run_compare(
     adds, for every classification run, a self-pretrained one: the same model first trained
     on the task's own training inputs with a denoising objective (:data:`PRETRAIN_MASK_RATE`),
     then fine-tuned from it with the same recipe; its rows read "MIXER+pretrain".
+
+    ``match`` is what compared models share on each task (:data:`MATCHES`): "params" (widths
+    chosen so parameter counts match attention's), "flops" (forward FLOPs per example match
+    attention's) or "width" (every mixer at the experiment's d_model). ``lr_grid`` makes the
+    comparison a learning-rate sweep: every mixer runs at each ``optim.learning_rate`` in the
+    grid (and each ``optim.ssm_learning_rate`` of ``ssm_lr_grid`` where it has SSM-tagged
+    parameters), every seed; the report then picks per task and mixer the rate with the best
+    mean validation accuracy.
     """
     from effseq.compare.report import write_report
     from effseq.train.loop import train_and_evaluate
@@ -169,12 +185,20 @@ def run_compare(
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if match not in MATCHES:
+        raise ValueError(f"unknown --match {match!r}; choose one of {', '.join(MATCHES)}")
+    for name, grid in (("--lr_grid", lr_grid), ("--ssm_lr_grid", ssm_lr_grid)):
+        if grid is not None and (not grid or any(not lr > 0 for lr in grid)):
+            raise ValueError(f"{name} must list positive learning rates, got {grid}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_root = pathlib.Path(data_dir or os.environ.get("EFFSEQ_DATA_DIR", "") or out / "data")
     published = _published()
-    plan = _plan(suite, mixers, preset, seeds, overrides, data_root, log, widths)
+    plan = _plan(
+        suite, mixers, preset, seeds, overrides, data_root, log, widths, match, lr_grid, ssm_lr_grid
+    )
+    baselines = _baselines(plan, out, log)
     if pretrain:
         plan = _with_pretraining(plan, out)
     records: list[dict] = []
@@ -191,18 +215,30 @@ def run_compare(
             record.update(stage_summary, pretrained=True)
         records.append(record)
         _records_path(out).write_text(json.dumps(records, indent=2) + "\n")
-        write_report(records, out, published=published)
+        write_report(records, out, published=published, baselines=baselines)
     log(f"compare: {len(records)} runs in {time.time() - started:.0f} s; results in {out}")
     return records
 
 
-def _plan(suite, mixers, preset, seeds, overrides, data_root, log, widths=None) -> list[dict]:
+def _plan(
+    suite,
+    mixers,
+    preset,
+    seeds,
+    overrides,
+    data_root,
+    log,
+    widths=None,
+    match="params",
+    lr_grid=None,
+    ssm_lr_grid=None,
+) -> list[dict]:
     """Every run of the suite with its config (or the reason it is skipped)."""
     for mixer in mixers:
         for name in (m.strip() for m in mixer.split(",")):
             if name not in MIXERS:
                 raise ValueError(f"unknown mixer {name!r}; known: {', '.join(MIXERS)}")
-    plan = []
+    bases = []
     for entry in SUITES[suite]:
         path = experiments_dir() / entry.experiment
         skipped = None
@@ -228,44 +264,110 @@ def _plan(suite, mixers, preset, seeds, overrides, data_root, log, widths=None) 
                     first = next((x for x in lines[1:] if x != "Expected:"), "")
                     skipped = f"{lines[0]} (e.g. {first.split()[0]})" if first else lines[0]
                     info = None
-                for seed in range(seeds):
-                    c = override(config.copy_and_resolve_references(), [f"seed={seed}"])
-                    plan.append(
-                        dict(
-                            id=_run_id(task, mixer, seed, width),
-                            task=task,
-                            mixer=mixer,
-                            seed=seed,
-                            width=width,
-                            config=c,
-                            generated=bool(entry.generate),
-                            skipped=skipped,
-                            info=info,
-                        )
+                bases.append(
+                    dict(
+                        task=task,
+                        mixer=mixer,
+                        width=width,
+                        config=config,
+                        generated=bool(entry.generate),
+                        skipped=skipped,
+                        info=info,
                     )
-    _match_params(plan, log)
+                )
+    _match(bases, match, log)
+    plan = []
+    for base in bases:
+        for lrs in _learning_rates(base, lr_grid, ssm_lr_grid):
+            config = override(base["config"].copy_and_resolve_references(), lrs)
+            for seed in range(seeds):
+                c = override(config.copy_and_resolve_references(), [f"seed={seed}"])
+                tags = [x.split("=")[1] for x in lrs]
+                plan.append(
+                    {
+                        **base,
+                        "id": _run_id(base["task"], base["mixer"], seed, base["width"], tags),
+                        "seed": seed,
+                        "config": c,
+                        "match": match,
+                    }
+                )
     return plan
+
+
+def _learning_rates(base, lr_grid, ssm_lr_grid) -> list[list[str]]:
+    """The learning-rate overrides of a sweep: every lr x every SSM lr (the latter only where
+    the model has SSM-tagged parameters); one empty list when nothing is swept."""
+    lrs = [[f"optim.learning_rate={lr!r}"] for lr in lr_grid] if lr_grid else [[]]
+    if not ssm_lr_grid or base["skipped"] or not _has_ssm_params(base["config"]):
+        return lrs
+    return [x + [f"optim.ssm_learning_rate={s!r}"] for x in lrs for s in ssm_lr_grid]
+
+
+def _has_ssm_params(config) -> bool:
+    from effseq.train.optimizer import param_labels
+
+    shapes = _abstract_model(config, boxed=True)[2]
+    return "ssm" in jax.tree.leaves(param_labels(shapes["params"]))
+
+
+def _baselines(plan, out: pathlib.Path, log) -> dict:
+    """{task: [baseline, ...]} for every task with data, computed once and kept in
+    ``OUT/baselines.json`` (recomputed when the task's options change)."""
+    from effseq.compare.baselines import task_baselines
+
+    path = out / "baselines.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    result = {}
+    for item in plan:
+        task = item["task"]
+        if item["skipped"] or task in result:
+            continue
+        options = dict(item["config"].task.options)
+        key = json.dumps(options, sort_keys=True)
+        if kept.get(task, {}).get("options") == key:
+            result[task] = kept[task]
+            continue
+        log(f"baselines of {task} from its data")
+        data_dir = item["config"].task.data_dir or None
+        result[task] = {"options": key, "rows": task_baselines(task, data_dir, options)}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return {task: entry["rows"] for task, entry in result.items()}
 
 
 # After width matching, compared models' parameter counts stay within this factor of each
 # other on every task.
 PARAM_BUDGET = 1.25
+# What compared models share on a task: the quantity matched, by choosing each mixer's width.
+MATCHES = ("params", "flops", "width")
 
 
-def _match_width(config, target: int) -> tuple[object, int]:
+def _forward_flops(config) -> float:
+    """XLA's count of floating-point operations in one example's forward pass."""
+    model, info, shapes = _abstract_model(config)
+    fn = jax.jit(lambda v, b: build.apply_model(model, v, b))
+    cost = fn.lower(shapes, build.example_batch(info)).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+MEASURES = {"params": _param_count, "flops": _forward_flops}
+
+
+def _match_width(config, target: float, measure=_param_count) -> tuple[object, float]:
     """``config`` with the d_model (a multiple of 8, from half to twice the experiment's)
-    whose parameter count is closest to ``target``; returns (config, count)."""
+    whose ``measure`` (parameters or FLOPs) is closest to ``target``; returns (config, value)."""
     base = config.model.d_model
-    best = (abs(_param_count(config) - target), base)
+    best = (abs(measure(config) - target), base)
     for d in range(max(8, base // 2 // 8 * 8), 2 * base + 1, 8):
         candidate = override(config.copy_and_resolve_references(), [f"model.d_model={d}"])
         try:
-            count = _param_count(candidate)
+            value = measure(candidate)
         except ValueError:  # e.g. a width the mixer's heads do not divide
             continue
-        best = min(best, (abs(count - target), d))
+        best = min(best, (abs(value - target), d))
     matched = override(config.copy_and_resolve_references(), [f"model.d_model={best[1]}"])
-    return matched, _param_count(matched)
+    return matched, measure(matched)
 
 
 # Masking rates of self-pretraining (Amos, Berant & Gupta 2023): 10% for ListOps, 15% for
@@ -310,35 +412,39 @@ def _with_pretraining(plan: list[dict], out: pathlib.Path) -> list[dict]:
     return result
 
 
-def _match_params(plan, log) -> None:
-    """Per task, widths matched to the parameter count of attention (the baseline) at the
-    experiment's width, or of the first mixer without attention; then the budget check."""
+def _match(items, match: str, log) -> None:
+    """Per task, each mixer's width chosen so its ``match`` measure (parameters or forward
+    FLOPs) is closest to attention's (the baseline) at the experiment's width, or to the first
+    mixer's without attention; ``"width"`` keeps every experiment's width. Then the parameter
+    budget check, whatever was matched, and each item records what it was matched to."""
     tasks: dict[str, list[dict]] = {}
-    for item in plan:
+    for item in items:
         if not item["skipped"] and item["width"] is None:
             tasks.setdefault(item["task"], []).append(item)
-    for task, items in tasks.items():
-        first = {}
-        for item in items:
-            first.setdefault(item["mixer"], item)
+    for task, group in tasks.items():
+        first = {item["mixer"]: item for item in group}
         if len(first) < 2:
             continue
         ref = first.get("attention", next(iter(first.values())))
-        target = _param_count(ref["config"])
-        counts = {}
-        for mixer, item in first.items():
-            matched, counts[mixer] = _match_width(item["config"], target)
-            for other in items:
-                if other["mixer"] == mixer:
-                    other["config"] = override(
-                        matched.copy_and_resolve_references(), [f"seed={other['seed']}"]
-                    )
-        line = ", ".join(
-            f"{m} {n:,} (d_model {first[m]['config'].model.d_model})" for m, n in counts.items()
-        )
-        log(f"parameters on {task}, matched to {ref['mixer']}: {line}")
+        if match == "width":
+            line = ", ".join(f"{m} d_model {it['config'].model.d_model}" for m, it in first.items())
+            log(f"widths on {task} as the experiments set them: {line}")
+        else:
+            measure = MEASURES[match]
+            target = measure(ref["config"])
+            values = {}
+            for mixer, item in first.items():
+                item["config"], values[mixer] = _match_width(item["config"], target, measure)
+            line = ", ".join(
+                f"{m} {v:,.0f} (d_model {first[m]['config'].model.d_model})"
+                for m, v in values.items()
+            )
+            log(f"{match} on {task}, matched to {ref['mixer']}: {line}")
+        counts = {m: _param_count(it["config"]) for m, it in first.items()}
+        for item in group:
+            item["matched_to"] = ref["mixer"]
         ratio = max(counts.values()) / min(counts.values())
-        if ratio > PARAM_BUDGET:
+        if match == "params" and ratio > PARAM_BUDGET:
             raise ValueError(
                 f"parameter counts on {task} differ by {ratio:.2f}x after width matching (budget "
                 f"{PARAM_BUDGET}x): {line}; adjust the experiment"
@@ -352,8 +458,14 @@ def _run_one(item, out: pathlib.Path, train, devices, log) -> dict:
         "seed": item["seed"],
         "generated": item["generated"],
     }
-    if item["width"] is not None:
-        base["d_model"] = item["width"]
+    config = item["config"]
+    base["d_model"] = config.model.d_model
+    base["learning_rate"] = config.optim.learning_rate
+    if _has_ssm_params_cached(item):
+        base["ssm_learning_rate"] = config.optim.ssm_learning_rate
+    base["match"] = item.get("match", "params")
+    if item.get("matched_to"):
+        base["matched_to"] = item["matched_to"]
     if item["skipped"]:
         log(f"  skipped: {item['skipped']}")
         return {**base, "status": "skipped", "reason": item["skipped"]}
@@ -387,9 +499,16 @@ def _run_one(item, out: pathlib.Path, train, devices, log) -> dict:
         "curve": _curve(workdir),
         "workdir": str(workdir),
     }
+    record["still_improving"] = still_improving(record["curve"], summary["steps"])
     if item["info"].sequence_labels:  # language-model tasks (MQAR): the decoding state
         record["recurrent_state_bytes"] = recurrent_state_bytes(item["config"])
     return record
+
+
+def _has_ssm_params_cached(item) -> bool:
+    if "has_ssm" not in item:
+        item["has_ssm"] = not item["skipped"] and _has_ssm_params(item["config"])
+    return item["has_ssm"]
 
 
 def _published() -> dict:

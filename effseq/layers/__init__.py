@@ -15,6 +15,6 @@ Every mixer follows one protocol, so models can swap them by name:
   state that ``step`` continues from, as if the t tokens had been stepped one by one.
 
 Every parameter carries logical axis names (:mod:`effseq.sharding`), created through
-:func:`effseq.layers.params.param`; parameters that need the SSM optimizer treatment are tagged
-there (``ssm=True``).
+:func:`effseq.layers.params.param`; a parameter whose recipe gives it its own learning rate or
+no weight decay names its optimizer group there (``group="ssm"``, ...).
 """

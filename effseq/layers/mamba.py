@@ -126,8 +126,8 @@ class Mamba(nn.Module):
 
         lecun = nn.initializers.lecun_normal()
 
-        def p(name, init, shape, axes, ssm=False):
-            return params.param(self, prefix + name, init, shape, axes, pd, ssm=ssm)
+        def p(name, init, shape, axes, group=None):
+            return params.param(self, prefix + name, init, shape, axes, pd, group=group)
 
         return dict(
             conv_kernel=p("conv_kernel", _uniform(w**-0.5), (e, w), (ax.INNER, ax.CONV)),
@@ -142,10 +142,12 @@ class Mamba(nn.Module):
                 dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
                 (e,),
                 (ax.INNER,),
-                ssm=True,
+                group="no_decay",
             ),
-            A_log=p("A_log", s4d_real_a_log_init, (e, n), (ax.INNER, ax.STATE), ssm=True),
-            D=p("D", nn.initializers.ones, (e,), (ax.INNER,), ssm=True),
+            # The Mamba code marks A_log and D _no_weight_decay (Mamba-2 also dt_bias), with no
+            # learning rate of their own.
+            A_log=p("A_log", s4d_real_a_log_init, (e, n), (ax.INNER, ax.STATE), group="no_decay"),
+            D=p("D", nn.initializers.ones, (e,), (ax.INNER,), group="no_decay"),
         )
 
     def setup(self):

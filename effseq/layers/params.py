@@ -1,10 +1,19 @@
-"""Parameters with logical axes, and the SSM tag the optimizer reads.
+"""Parameters with logical axes, and the optimizer group their layer's recipe gives them.
 
-Every parameter is created boxed with its logical axis names (:mod:`effseq.sharding`).
-Parameters that the S4/S5/Mamba recipes train with their own learning rate and no weight decay
-(A, dt, B of S4D, SGConv sub-kernels, Mamba's A_log, dt bias and D) are boxed as
-:class:`SSMPartitioned` instead: the box type is the tag, so the optimizer needs no name
-matching, and the tag survives ``jax.grad`` and ``jax.tree`` maps like the axis names do.
+Every parameter is created boxed with its logical axis names (:mod:`effseq.sharding`). A layer
+whose published recipe treats a parameter specially names its group (:data:`GROUPS`), and the
+parameter is boxed as :class:`GroupedPartitioned` carrying it; the rest get the optimizer's
+default by shape (matrices decayed, vectors not). The box is the tag, so the optimizer needs
+no name matching, and it survives ``jax.grad`` and ``jax.tree`` maps like the axis names do.
+
+The groups (learning rate, weight decay):
+  "decay": the main learning rate, weight decay.
+  "no_decay": the main learning rate, no weight decay (Mamba's A_log, D and dt bias; S4's dt
+    when its recipe gives dt no learning rate of its own).
+  "ssm": ``optim.ssm_learning_rate`` and ``optim.ssm_weight_decay`` (S4D's A and B: the S4
+    recipes' lr 0.001 without weight decay).
+  "ssm_decay": ``optim.ssm_learning_rate`` with the main weight decay (SGConv's sub-kernels,
+    whose ``_optim`` sets only a learning rate).
 """
 
 from __future__ import annotations
@@ -15,15 +24,22 @@ import flax.linen as nn
 import jax
 from flax import struct
 
+GROUPS = ("decay", "no_decay", "ssm", "ssm_decay")
+# The groups trained at the SSM learning rate.
+SSM_GROUPS = ("ssm", "ssm_decay")
+
 
 @struct.dataclass
-class SSMPartitioned(nn.LogicallyPartitioned):
-    """A logically partitioned parameter that gets the SSM optimizer treatment."""
+class GroupedPartitioned(nn.LogicallyPartitioned):
+    """A logically partitioned parameter with the optimizer group its layer chose."""
+
+    group: str = struct.field(pytree_node=False, default="decay")
 
 
-def _boxed(init: Callable, axes: Sequence[str], ssm: bool) -> Callable:
-    box = SSMPartitioned if ssm else nn.LogicallyPartitioned
+def _boxed(init: Callable, axes: Sequence[str], group: str | None) -> Callable:
     axes = tuple(axes)
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown parameter group {group!r}; choose one of {GROUPS}")
 
     def init_boxed(key, shape, dtype):
         value = init(key, shape, dtype)
@@ -31,7 +47,9 @@ def _boxed(init: Callable, axes: Sequence[str], ssm: bool) -> Callable:
             raise ValueError(
                 f"parameter of shape {tuple(value.shape)} given {len(axes)} axis names {axes}"
             )
-        return box(value, axes)
+        if group is None:
+            return nn.LogicallyPartitioned(value, axes)
+        return GroupedPartitioned(value, axes, group=group)
 
     return init_boxed
 
@@ -44,19 +62,31 @@ def param(
     axes: Sequence[str],
     dtype,
     *,
-    ssm: bool = False,
+    group: str | None = None,
 ):
-    """``module.param`` with logical axis names, SSM-tagged when ``ssm``; returns the value."""
-    return module.param(name, _boxed(init, axes, ssm), tuple(shape), dtype)
+    """``module.param`` with logical axis names and, when given, its optimizer ``group``
+    (:data:`GROUPS`; None: the default by shape); returns the value."""
+    return module.param(name, _boxed(init, axes, group), tuple(shape), dtype)
 
 
 def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
+def group_of(leaf) -> str | None:
+    """The group a parameter's layer chose, or None (the optimizer's default by shape)."""
+    return leaf.group if isinstance(leaf, GroupedPartitioned) else None
+
+
+def groups(variables) -> dict:
+    """A pytree matching the (unboxed) parameters: each one's named group, or None."""
+    return jax.tree.map(group_of, variables, is_leaf=_is_box)
+
+
 def ssm_mask(variables) -> dict:
-    """A pytree of bools matching the (unboxed) parameters: True where tagged SSM."""
-    return jax.tree.map(lambda x: isinstance(x, SSMPartitioned), variables, is_leaf=_is_box)
+    """A pytree of bools matching the (unboxed) parameters: True where trained at the SSM
+    learning rate ("ssm" and "ssm_decay" groups)."""
+    return jax.tree.map(lambda x: group_of(x) in SSM_GROUPS, variables, is_leaf=_is_box)
 
 
 def logical_axes(variables) -> dict:

@@ -93,7 +93,8 @@ def _to_complex(x: Array) -> Array:
 class S4DKernel(nn.Module):
     """One diagonal SSM per channel: its parameters, kernel and discretization.
 
-    Parameters (S4D paper sec. 4; SSM-tagged: log_dt, log_A_real, A_imag, B):
+    Parameters (S4D paper sec. 4; optimizer group "ssm": log_A_real, A_imag, B; log_dt:
+    ``dt_group``):
       log_dt (h,): log-uniform in [log dt_min, log dt_max], as in S4 and S4D.
       log_A_real (h, n): Re A = -exp(log_A_real), initialized to -1/2; the exp keeps Re A < 0
         (stable) whatever the optimizer does (S4D code, ``log_A_real``).
@@ -111,6 +112,7 @@ class S4DKernel(nn.Module):
     dt_max: float = 1e-1
     discretization: str = "zoh"
     trainable_B: bool = True
+    dt_group: str = "ssm"
     param_dtype: DType = jnp.float32
 
     def setup(self):
@@ -125,17 +127,23 @@ class S4DKernel(nn.Module):
             (h,),
             (sharding.EMBED,),
             pd,
-            ssm=True,
+            group=self.dt_group,
         )
         self.log_A_real = params.param(
-            self, "log_A_real", _constant(np.log(0.5)), (h, n), hn_axes, pd, ssm=True
+            self, "log_A_real", _constant(np.log(0.5)), (h, n), hn_axes, pd, group="ssm"
         )
         self.A_imag = params.param(
-            self, "A_imag", _constant(init_imag(self.init_method, n)), (h, n), hn_axes, pd, ssm=True
+            self,
+            "A_imag",
+            _constant(init_imag(self.init_method, n)),
+            (h, n),
+            hn_axes,
+            pd,
+            group="ssm",
         )
         ones = np.stack([np.ones(n), np.zeros(n)], -1)  # B = 1 + 0i
         if self.trainable_B:
-            self.B = params.param(self, "B", _constant(ones), (h, n, 2), c_axes, pd, ssm=True)
+            self.B = params.param(self, "B", _constant(ones), (h, n, 2), c_axes, pd, group="ssm")
         else:
             self.B = jnp.broadcast_to(jnp.asarray(ones, jnp.float32), (h, n, 2))
         self.C = params.param(self, "C", _complex_normal, (h, n, 2), c_axes, pd)
@@ -164,15 +172,17 @@ class S4DKernel(nn.Module):
 
 
 def output_params(module: nn.Module, d: int, glu: bool) -> tuple[Array, Array, Array]:
-    """Creates the skip D (d,), SSM-tagged, and the output projection's kernel (d, d or 2d)
-    and bias; shared by the convolution mixers (S4D, SGConv). Call from ``setup``.
+    """Creates the skip D (d,), and the output projection's kernel (d, d or 2d) and bias;
+    shared by the convolution mixers (S4D, SGConv). Call from ``setup``. D is an ordinary
+    weight-decayed parameter at the main learning rate, as in both repositories (a plain
+    ``nn.Parameter`` without ``_optim``).
 
     Kernel axes (embed, mlp): the input dimension is the mixer's channels, the output the new
     width (2d before a GLU). D is standard normal as in the S4D code.
     """
     pd = module.param_dtype
     normal = nn.initializers.normal(1.0)
-    D = params.param(module, "D", normal, (d,), (sharding.EMBED,), pd, ssm=True)
+    D = params.param(module, "D", normal, (d,), (sharding.EMBED,), pd, group="decay")
     width = 2 * d if glu else d
     kernel = params.param(
         module,
@@ -214,6 +224,9 @@ class S4D(nn.Module):
       dt_min, dt_max: range of the log-uniform step-size initialization.
       discretization: ``"zoh"`` or ``"bilinear"`` (sec. 3.1).
       trainable_B: whether B (initialized to 1) is trained.
+      dt_group: optimizer group of log_dt (:mod:`effseq.layers.params`): "ssm" (the S4 layer
+        default, ``lr: {dt: 0.001, ...}``) or "no_decay" (the main learning rate without weight
+        decay, what state-spaces/s4's ListOps config gets with ``lr: {dt: null, ...}``).
       glu: output projection Dense d -> 2d then GLU (the S4D code's default); else Dense d -> d.
       bidirectional: add a second, independent SSM kernel run backwards in time (non-causal;
         :func:`effseq.ops.bidirectional_conv`); ``step`` then raises.
@@ -223,7 +236,8 @@ class S4D(nn.Module):
       param_dtype: parameter storage dtype.
 
     Parameters: ``kernel`` (and ``kernel_bwd``): see :class:`S4DKernel`; D (h,) skip, standard
-    normal as in the S4D code, SSM-tagged; ``out_kernel``/``out_bias``: the output projection.
+    normal as in the S4D code, an ordinary weight-decayed parameter as there;
+    ``out_kernel``/``out_bias``: the output projection.
     """
 
     d_model: int
@@ -233,6 +247,7 @@ class S4D(nn.Module):
     dt_max: float = 1e-1
     discretization: str = "zoh"
     trainable_B: bool = True
+    dt_group: str = "ssm"
     glu: bool = True
     bidirectional: bool = False
     conv_impl: str | None = None
@@ -252,6 +267,7 @@ class S4D(nn.Module):
             dt_max=self.dt_max,
             discretization=self.discretization,
             trainable_B=self.trainable_B,
+            dt_group=self.dt_group,
             param_dtype=self.param_dtype,
             name=name,
         )

@@ -95,7 +95,9 @@ class SGConv(nn.Module):
             (s, self.d_model, self.kernel_dim),
             (sharding.SCALES, sharding.EMBED, sharding.KERNEL),
             self.param_dtype,
-            ssm=True,
+            # The SGConv code's kernels set only a learning rate (_optim = {"lr": 0.001}), so
+            # they keep the main weight decay.
+            group="ssm_decay",
         )
 
         def init_norm():

@@ -1,14 +1,17 @@
 """Optimizer: parameter groups from the layers' tags, learning-rate schedules, clipping.
 
-Three groups, read from the box each parameter was created in (:mod:`effseq.layers.params`),
-never from its name:
-  "ssm": parameters boxed as ``SSMPartitioned`` (S4D's A, dt, B; Mamba's A_log, dt bias, D; ...).
-    Their own peak learning rate (``optim.ssm_learning_rate``) and weight decay
-    (``optim.ssm_weight_decay``, 0 by default), as the training recipes of S4 (Gu et al. 2022,
-    "Efficiently Modeling Long Sequences with Structured State Spaces") and S5 (Smith et al.
-    2023) treat them: decaying A or dt towards 0 changes the dynamics, not just the scale.
-  "decay": matrices, i.e. parameters with >= 2 dimensions besides a scanned stack's "layers" axis.
-  "no_decay": vectors (norm scales, biases), which weight decay would pull towards 0.
+Four groups, read from the box each parameter was created in (:mod:`effseq.layers.params`),
+never from its name. A layer names the group its published recipe gives a parameter:
+  "ssm": ``optim.ssm_learning_rate`` and ``optim.ssm_weight_decay`` (0 by default): S4D's A
+    and B, as the S4 recipes train them (Gu et al. 2022; state-spaces/s4's kernel registers
+    them with lr 0.001 and weight decay 0): decaying A towards 0 changes the dynamics.
+  "ssm_decay": the SSM learning rate with the main weight decay (SGConv's sub-kernels).
+  "no_decay": the main learning rate without weight decay (Mamba's A_log, D and dt bias;
+    S4D's dt, which the S4 ListOps recipe leaves at the main rate).
+  "decay": the main learning rate and weight decay.
+Parameters without a named group get "decay" when they are matrices (>= 2 dimensions besides
+a scanned stack's "layers" axis) and "no_decay" when vectors (norm scales, biases, which
+weight decay would pull towards 0).
 
 The config section ``optim`` has exactly the keys listed in :func:`make_optimizer`; they are
 read as attributes, since their defaults live only in the base config.
@@ -25,16 +28,17 @@ import jax.numpy as jnp
 import optax
 
 from effseq import sharding
-from effseq.layers.params import SSMPartitioned
+from effseq.layers.params import GROUPS, group_of
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "power")
-LABELS = ("decay", "no_decay", "ssm")
+LABELS = GROUPS
 
 
 def _label(leaf, decay_vectors: bool) -> str:
-    if isinstance(leaf, SSMPartitioned):
-        return "ssm"
+    group = group_of(leaf)
+    if group is not None:
+        return group
     if decay_vectors:
         return "decay"
     if isinstance(leaf, nn.Partitioned):
@@ -46,13 +50,13 @@ def _label(leaf, decay_vectors: bool) -> str:
 
 
 def param_labels(boxed_params, decay_vectors: bool = False):
-    """The group of every parameter: a pytree of "decay" / "no_decay" / "ssm" strings with the
-    structure of ``flax.linen.unbox(boxed_params)``.
+    """The group of every parameter (:data:`LABELS`): a pytree of strings with the structure
+    of ``flax.linen.unbox(boxed_params)``.
 
-    "ssm" for ``SSMPartitioned`` leaves; otherwise "decay" for parameters with at least two
-    dimensions not counting the ``sharding.LAYERS`` axis, "no_decay" for the rest. With
-    ``decay_vectors`` every non-SSM parameter is "decay". An unboxed leaf counts all its
-    dimensions (it has no axis names to tell the layers axis apart).
+    The group a layer named (``GroupedPartitioned``); otherwise "decay" for parameters with at
+    least two dimensions not counting the ``sharding.LAYERS`` axis, "no_decay" for the rest.
+    With ``decay_vectors`` every parameter without a named group is "decay". An unboxed leaf
+    counts all its dimensions (it has no axis names to tell the layers axis apart).
     """
     return jax.tree.map(
         lambda x: _label(x, decay_vectors),
@@ -255,7 +259,8 @@ def make_optimizer(
         ``weight_decay`` or ``ssm_weight_decay`` is > 0 rather than ignore them), or "sgd" (heavy
         ball ``momentum`` with decoupled weight decay, i.e. SGDW).
       learning_rate / ssm_learning_rate: peaks of the two schedules (:func:`make_schedule`).
-      weight_decay: the "decay" group's; "no_decay" gets 0; ssm_weight_decay: the "ssm" group's.
+      weight_decay: the "decay" and "ssm_decay" groups'; "no_decay" gets 0; ssm_weight_decay:
+        the "ssm" group's.
       b1, b2, eps: Adam's moment decay rates and denominator epsilon. momentum: SGD's.
       grad_clip_norm: clip the global norm of ALL gradients together to this (0 disables).
       schedule, warmup_steps, min_lr_ratio, wsd_decay_fraction, power_a, power_b: the schedule.
@@ -270,6 +275,7 @@ def make_optimizer(
         "decay": _group(optim, lr, optim.weight_decay),
         "no_decay": _group(optim, lr, 0.0),
         "ssm": _group(optim, ssm_lr, optim.ssm_weight_decay),
+        "ssm_decay": _group(optim, ssm_lr, optim.weight_decay),
     }
     unknown = sorted({x for x in jax.tree.leaves(labels) if x not in groups}, key=str)
     if unknown:

@@ -91,12 +91,17 @@ def train_step(
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         return (g_acc, loss_acc + loss, corr_acc + correct, w_acc + weight), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, 0.0, 0.0, 0.0)
-    micro = _split_micro(batch, micro_batches)
-    (g_sum, loss_sum, correct, weight), _ = jax.lax.scan(
-        accumulate, init, (jnp.arange(micro_batches), micro)
-    )
+    if micro_batches == 1:
+        # No loop: XLA keeps a one-trip while loop, whose carried buffers cost copies.
+        (loss_sum, (correct, weight)), g = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        g_sum = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, 0.0, 0.0, 0.0)
+        micro = _split_micro(batch, micro_batches)
+        (g_sum, loss_sum, correct, weight), _ = jax.lax.scan(
+            accumulate, init, (jnp.arange(micro_batches), micro)
+        )
     weight = jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), g_sum, params)
     loss = loss_sum / weight

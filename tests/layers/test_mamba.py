@@ -97,11 +97,13 @@ def test_axes_and_ssm_tags(bidirectional):
     variables = abstract_init(module)
     axes = jax.tree.leaves(params.logical_axes(variables), is_leaf=lambda a: isinstance(a, tuple))
     assert axes and all(a is not None and None not in a for a in axes)
-    mask = params.ssm_mask(variables)["params"]
+    # The Mamba code's recipe: A_log, D (and dt bias) without weight decay at the main rate.
+    named = params.groups(variables)["params"]
     tagged = {"A_log", "dt_bias", "D"}
     if bidirectional:
         tagged |= {"bwd_" + name for name in tagged}
-    assert {name for name, is_ssm in mask.items() if is_ssm} == tagged
+    assert {name: g for name, g in named.items() if g} == dict.fromkeys(tagged, "no_decay")
+    assert not any(jax.tree.leaves(params.ssm_mask(variables)))
 
 
 def test_bfloat16_compute_and_param_dtype():

@@ -157,15 +157,18 @@ def test_axes_and_ssm_tags():
         axes, is_leaf=lambda x: isinstance(x, tuple) or x is None
     ):
         assert names is not None and None not in names, path
-    mask = params.ssm_mask(variables)["params"]
-    tagged = {
-        jax.tree_util.keystr(path)
-        for path, is_ssm in jax.tree_util.tree_leaves_with_path(mask)
-        if is_ssm
+    # The S4 recipe: A and B (and dt, by default) at the SSM rate; D an ordinary parameter.
+    named = {
+        jax.tree_util.keystr(path): group
+        for path, group in jax.tree_util.tree_leaves_with_path(params.groups(variables)["params"])
+        if group
     }
     ssm = ("log_dt", "log_A_real", "A_imag", "B")
-    expected = {f"['{k}']['{p}']" for k in ("kernel", "kernel_bwd") for p in ssm} | {"['D']"}
-    assert tagged == expected
+    expected = {f"['{k}']['{p}']": "ssm" for k in ("kernel", "kernel_bwd") for p in ssm}
+    assert named == {**expected, "['D']": "decay"}
+    # With the ListOps recipe's dt: null, dt trains at the main rate without weight decay.
+    _, listops = _init(S4D(d_model=D_MODEL, state_size=N, dt_group="no_decay"))
+    assert params.groups(listops)["params"]["kernel"]["log_dt"] == "no_decay"
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])

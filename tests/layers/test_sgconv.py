@@ -115,16 +115,16 @@ def test_axes_and_ssm_tags():
             axes, is_leaf=lambda x: isinstance(x, tuple) or x is None
         ):
             assert names is not None and None not in names, (col, path)
-    mask = params.ssm_mask(variables)
-    tagged = {
-        jax.tree_util.keystr(path)
-        for path, is_ssm in jax.tree_util.tree_leaves_with_path(mask)
-        if is_ssm
+    # The SGConv code's recipe: sub-kernels at their own rate (with weight decay), D ordinary.
+    named = {
+        jax.tree_util.keystr(path): group
+        for path, group in jax.tree_util.tree_leaves_with_path(params.groups(variables))
+        if group
     }
-    assert tagged == {
-        "['params']['sub_kernels']",
-        "['params']['sub_kernels_bwd']",
-        "['params']['D']",
+    assert named == {
+        "['params']['sub_kernels']": "ssm_decay",
+        "['params']['sub_kernels_bwd']": "ssm_decay",
+        "['params']['D']": "decay",
     }
 
 

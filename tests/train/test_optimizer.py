@@ -169,9 +169,9 @@ def test_labels_follow_tags_and_ignore_the_layers_axis(mixer):
     labels = opt_lib.param_labels(boxed)
     assert jax.tree.structure(labels) == jax.tree.structure(nn.unbox(boxed))
     flat = _flat(labels)
-    ssm = _flat(params_lib.ssm_mask(boxed))
-    assert {k for k, v in flat.items() if v == "ssm"} == {k for k, v in ssm.items() if v}
-    assert sum(ssm.values()) >= 4
+    named = {k: g for k, g in _flat(params_lib.groups(boxed)).items() if g}
+    assert {k: flat[k] for k in named} == named  # a named group always wins
+    assert len(named) >= 3
     layer = f"['stack']['layers']['0_{mixer}']"
     assert flat["['embed']"] == "decay" and flat["['head']"] == "decay"
     assert flat["['final_norm']['scale']"] == "no_decay"
@@ -181,15 +181,16 @@ def test_labels_follow_tags_and_ignore_the_layers_axis(mixer):
     assert flat[f"{layer}['ffn']['w_in']"] == "decay"  # (layers, embed, mlp)
     if mixer == "s4d":
         assert flat[f"{layer}['mix']['kernel']['log_dt']"] == "ssm"
-        assert flat[f"{layer}['mix']['D']"] == "ssm"
+        assert flat[f"{layer}['mix']['kernel']['A_imag']"] == "ssm"
+        assert flat[f"{layer}['mix']['D']"] == "decay"  # a vector the recipe decays
         assert flat[f"{layer}['mix']['out_bias']"] == "no_decay"
     else:
-        assert flat[f"{layer}['mix']['A_log']"] == "ssm"
+        assert flat[f"{layer}['mix']['A_log']"] == "no_decay"  # a matrix the recipe does not
         assert flat[f"{layer}['mix']['conv_bias']"] == "no_decay"
         assert flat[f"{layer}['mix']['conv_kernel']"] == "decay"
     everything = _flat(opt_lib.param_labels(boxed, decay_vectors=True))
-    assert {k for k, v in everything.items() if v == "ssm"} == {k for k, v in ssm.items() if v}
-    assert set(everything.values()) == {"decay", "ssm"}
+    assert {k: everything[k] for k in named} == named
+    assert set(everything.values()) == {"decay"} | set(named.values())
 
 
 def _groups(labels, tree):
@@ -218,7 +219,7 @@ def _update(optim, boxed, grads=None):
     return _groups(labels, params), _groups(labels, step(params, grads))
 
 
-@pytest.mark.parametrize("mixer", ["s4d", "mamba"])
+@pytest.mark.parametrize("mixer", ["s4d", "mamba", "sgconv"])
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 @pytest.mark.parametrize("ssm_wd", [0.0, 0.4])
 def test_zero_gradient_step_applies_each_groups_decoupled_weight_decay(mixer, name, ssm_wd):
@@ -232,7 +233,17 @@ def test_zero_gradient_step_applies_each_groups_decoupled_weight_decay(mixer, na
         ssm_weight_decay=ssm_wd,
     )
     old, new = _update(optim, _boxed(mixer))
-    for group, factor in [("decay", 1 - lr * wd), ("no_decay", 1.0), ("ssm", 1 - ssm_lr * ssm_wd)]:
+    present = {"s4d": "ssm", "mamba": None, "sgconv": "ssm_decay"}[mixer]
+    factors = [
+        ("decay", 1 - lr * wd),
+        ("no_decay", 1.0),
+        ("ssm", 1 - ssm_lr * ssm_wd),
+        ("ssm_decay", 1 - ssm_lr * wd),
+    ]
+    for group, factor in factors:
+        if group.startswith("ssm") and group != present:
+            assert not old[group], group
+            continue
         assert old[group], group
         for key, w in old[group].items():
             if factor == 1.0:
@@ -246,7 +257,7 @@ def test_zero_gradient_step_applies_each_groups_decoupled_weight_decay(mixer, na
     "mixer,ssm_param",
     [
         ("s4d", "['stack']['layers']['0_s4d']['mix']['kernel']['log_dt']"),
-        ("mamba", "['stack']['layers']['0_mamba']['mix']['dt_bias']"),
+        ("sgconv", "['stack']['layers']['0_sgconv']['mix']['sub_kernels']"),
     ],
 )
 def test_one_hot_gradient_moves_an_ssm_parameter_by_the_ssm_learning_rate(mixer, ssm_param):
@@ -258,7 +269,8 @@ def test_one_hot_gradient_moves_an_ssm_parameter_by_the_ssm_learning_rate(mixer,
     params = nn.unbox(boxed)
     paths = _flat(params)
     # Second layer of the scanned stack, channel 3; a weight of the classifier head.
-    hot = {ssm_param: (1, 3), "['head']": (5, 2)}
+    ndim = paths[ssm_param].ndim
+    hot = {ssm_param: (1,) + (0,) * (ndim - 2) + (3,), "['head']": (5, 2)}
     grads = jax.tree_util.tree_map_with_path(
         lambda p, x: (
             jnp.zeros_like(x).at[hot[jax.tree_util.keystr(p)]].set(1.0)
@@ -271,7 +283,8 @@ def test_one_hot_gradient_moves_an_ssm_parameter_by_the_ssm_learning_rate(mixer,
     g = 1 / math.sqrt(2)
     old, new = _update(optim, boxed, grads)
     # First Adam step: m_hat = g, v_hat = g**2, so the move is lr * g / (|g| + eps).
-    for group, key, rate in [("ssm", ssm_param, ssm_lr), ("decay", "['head']", lr)]:
+    ssm_group = "ssm" if mixer == "s4d" else "ssm_decay"
+    for group, key, rate in [(ssm_group, ssm_param, ssm_lr), ("decay", "['head']", lr)]:
         moved = np.array(old[group][key] - new[group][key])
         # w - lr is rounded to float32: exact up to one ulp of w.
         ulp = np.spacing(np.abs(np.asarray(old[group][key])[hot[key]]))
