@@ -53,6 +53,9 @@ def _compare(args, overrides: list[str]) -> int:
         overrides=tuple(overrides),
         widths=tuple(args.widths) if args.widths else None,
         pretrain=args.pretrain,
+        match=args.match,
+        lr_grid=tuple(args.lr_grid) if args.lr_grid else None,
+        ssm_lr_grid=tuple(args.ssm_lr_grid) if args.ssm_lr_grid else None,
     )
     table = (pathlib.Path(args.out) / "results.md").read_text()
     print(table)
@@ -121,10 +124,31 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--suite", default="default", help="default | lra | mqar")
     c.add_argument("--mixers", nargs="+", default=["s4d", "sgconv", "mamba", "gla", "attention"])
     c.add_argument("--preset", default="cpu", help="cpu | full (LRA experiments)")
-    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("--seeds", type=int, default=3, help="seeds per (task, mixer); default 3")
     c.add_argument("--data_dir", default=None, help="default: $EFFSEQ_DATA_DIR, else OUT/data")
     c.add_argument("--out", default="results/compare")
     c.add_argument("--widths", type=int, nargs="+", help="the mqar sweep's d_model values")
+    c.add_argument(
+        "--match",
+        default="params",
+        choices=("params", "flops", "width"),
+        help="what compared models share per task: parameter count (default) or forward FLOPs "
+        "(widths chosen to match attention's), or the experiments' own widths",
+    )
+    c.add_argument(
+        "--lr_grid",
+        type=float,
+        nargs="+",
+        help="sweep: train every mixer at each of these learning rates; the report picks the "
+        "best per task and mixer by mean validation accuracy",
+    )
+    c.add_argument(
+        "--ssm_lr_grid",
+        type=float,
+        nargs="+",
+        help="with --lr_grid: also sweep optim.ssm_learning_rate where a mixer has SSM-rate "
+        "parameters",
+    )
     c.add_argument(
         "--pretrain",
         action="store_true",

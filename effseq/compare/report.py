@@ -554,8 +554,87 @@ def _one_table(
     failed = _reasons(records, keys, "failed", tasks)
     if failed:
         notes.append("Failed:\n" + "\n".join(failed))
+    notes.extend(_match_lines(records, tasks))
     notes.extend(_budget_lines(records, keys, rows, tasks))
+    notes.extend(_sweep_lines(records, tasks))
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+MATCH_WORDS = {
+    "params": "parameter count",
+    "flops": "forward FLOPs per example",
+    "width": "nothing (each experiment's own width)",
+}
+
+
+def _match_lines(records, tasks) -> list[str]:
+    """What the compared models share on each task, and the widths that gave it."""
+    lines = []
+    for task in tasks:
+        recs = [r for r in records if r["task"] == task and r.get("match")]
+        if not recs:
+            continue
+        match = recs[0]["match"]
+        ref = next((r.get("matched_to") for r in recs if r.get("matched_to")), None)
+        widths = dict.fromkeys(
+            f"{r['mixer']} {r['d_model']}" for r in recs if r.get("d_model") is not None
+        )
+        text = f"{task_label(task)}: matched on {MATCH_WORDS.get(match, match)}"
+        if ref and match != "width":
+            text += f" (to {ref}'s at the experiment's width)"
+        if widths:
+            text += "; d_model " + ", ".join(widths)
+        lines.append(text + ".")
+    if not lines:
+        return []
+    return ["What the models share:\n" + "\n".join(f"- {line}" for line in lines)]
+
+
+def best_learning_rates(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict]:
+    """Per (task, mixer) whose runs used more than one learning rate (a sweep): the rates with
+    the best mean validation accuracy over seeds, as ``{"learning_rate", "ssm_learning_rate",
+    "val_accuracy", "seeds", "grid"}``. Only completed runs count."""
+    cells: dict[tuple[str, str], dict[tuple, list[float]]] = {}
+    for rec in check_records(records):
+        if rec["status"] != "completed" or rec.get("val_accuracy") is None:
+            continue
+        rates = (rec.get("learning_rate"), rec.get("ssm_learning_rate"))
+        cells.setdefault((rec["task"], rec["mixer"]), {}).setdefault(rates, []).append(
+            rec["val_accuracy"]
+        )
+    best = {}
+    for key, by_rate in cells.items():
+        if len(by_rate) < 2:
+            continue
+        rates = max(by_rate, key=lambda r: (float(np.mean(by_rate[r])), -len(by_rate[r])))
+        best[key] = {
+            "learning_rate": rates[0],
+            "ssm_learning_rate": rates[1],
+            "val_accuracy": float(np.mean(by_rate[rates])),
+            "seeds": len(by_rate[rates]),
+            "grid": sorted(by_rate, key=lambda r: (r[0] or 0.0, r[1] or 0.0)),
+        }
+    return best
+
+
+def _sweep_lines(records, tasks) -> list[str]:
+    best = best_learning_rates(records)
+    if not best:
+        return []
+    lines = []
+    for (task, mixer), b in sorted(best.items(), key=lambda kv: (tasks.index(kv[0][0]), kv[0][1])):
+        rate = f"learning_rate {b['learning_rate']:g}"
+        if b["ssm_learning_rate"] is not None:
+            rate += f", ssm_learning_rate {b['ssm_learning_rate']:g}"
+        lines.append(
+            f"- {task_label(task)}, {mixer}: {rate} (mean validation accuracy "
+            f"{100 * b['val_accuracy']:.2f} over {b['seeds']} seed(s), of {len(b['grid'])} "
+            f"settings)"
+        )
+    return [
+        "Learning-rate sweep, best setting per task and mixer by mean validation accuracy "
+        "(the test split plays no part in the choice):\n" + "\n".join(lines)
+    ]
 
 
 def results_table(

@@ -7,6 +7,7 @@ import pytest
 
 from effseq.cli import main
 from effseq.compare import run_compare
+from effseq.configs import override
 
 TINY = (
     "train.steps=4",
@@ -31,7 +32,7 @@ def _run(out, log=None, **kw):
         widths=(16, 32),
         devices=jax.devices()[:1],
         log=log or (lambda m: None),
-        **kw,
+        **{"seeds": 1, **kw},
     )
 
 
@@ -75,6 +76,7 @@ def test_missing_data_is_reported_as_skipped(tmp_path):
     records = run_compare(
         "lra",
         mixers=("gla",),
+        seeds=1,
         out=tmp_path / "out",
         data_dir=str(tmp_path / "empty"),
         log=lambda m: None,
@@ -93,3 +95,64 @@ def test_cli_errors_name_the_bad_argument(tmp_path, capsys):
     assert "unknown suite 'nope'" in capsys.readouterr().err
     assert main(["compare", "--mixers", "gla", "lstm", "--out", str(tmp_path)]) == 2
     assert "unknown mixer 'lstm'" in capsys.readouterr().err
+
+
+def _tiny_suite(monkeypatch):
+    from effseq.compare import run
+
+    monkeypatch.setitem(run.SUITES, "tiny", (run.Entry("mqar.py", arg="{mixer}"),))
+    return run
+
+
+@pytest.mark.parametrize("match", ["params", "flops", "width"])
+def test_match_modes_choose_widths(tmp_path, monkeypatch, match):
+    run = _tiny_suite(monkeypatch)
+    plan = run._plan(
+        "tiny", ("s4d", "attention"), "cpu", 1, TINY, tmp_path, lambda m: None, match=match
+    )
+    widths = {item["mixer"]: item["config"].model.d_model for item in plan}
+    assert all(item["match"] == match and item["matched_to"] == "attention" for item in plan)
+    if match == "width":
+        assert widths == {"s4d": 64, "attention": 64}  # the experiment's
+        return
+    measure = run.MEASURES[match]
+    values = {item["mixer"]: measure(item["config"]) for item in plan}
+    # The chosen width is the closest multiple of 8: within a step of the target.
+    s4d = next(item["config"] for item in plan if item["mixer"] == "s4d")
+    wider = override(s4d.copy_and_resolve_references(), [f"model.d_model={widths['s4d'] + 8}"])
+    narrower = override(s4d.copy_and_resolve_references(), [f"model.d_model={widths['s4d'] - 8}"])
+    gap = abs(values["s4d"] - values["attention"])
+    assert gap <= abs(measure(wider) - values["attention"])
+    assert gap <= abs(measure(narrower) - values["attention"])
+
+
+def test_learning_rate_grid_plans_every_rate_seed_and_ssm_rate(tmp_path, monkeypatch):
+    run = _tiny_suite(monkeypatch)
+    plan = run._plan(
+        "tiny",
+        ("s4d", "gla"),
+        "cpu",
+        2,
+        TINY,
+        tmp_path,
+        lambda m: None,
+        lr_grid=(0.001, 0.01),
+        ssm_lr_grid=(0.0005,),
+    )
+    got = sorted(
+        (
+            i["mixer"],
+            i["config"].optim.learning_rate,
+            i["config"].optim.ssm_learning_rate,
+            i["seed"],
+        )
+        for i in plan
+    )
+    # GLA has no SSM parameters: its SSM rate is not swept (the experiment's stays).
+    gla_ssm = plan[-1]["config"].optim.ssm_learning_rate
+    assert got == sorted(
+        [("s4d", lr, 0.0005, seed) for lr in (0.001, 0.01) for seed in (0, 1)]
+        + [("gla", lr, gla_ssm, seed) for lr in (0.001, 0.01) for seed in (0, 1)]
+    )
+    assert len({i["id"] for i in plan}) == len(plan)
+    assert any("__lr0.01__ssmlr0.0005__seed1" in i["id"] for i in plan)
