@@ -42,6 +42,9 @@ def get_config() -> ConfigDict:
     c.model.remat = False  # recompute each layer's activations in the backward pass
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.model.mixer_options = ConfigDict()  # extra fields of the mixer layer, e.g. state_size
+    # Taps of a short causal depthwise convolution in front of every mixer (Zoology's fairness
+    # recipe, Arora et al. 2023); 0: none, the mixers as published.
+    c.model.short_conv = 0
 
     c.train = ConfigDict()
     c.train.steps = 1000  # optimizer updates

@@ -77,6 +77,7 @@ class ResidualBlock(nn.Module):
     mlp_ratio: int = 4
     dropout: float = 0.0
     mixer_options: Mapping[str, Any] | None = None
+    short_conv: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -99,6 +100,35 @@ class ResidualBlock(nn.Module):
             self.ffn = MLP(self.d_model, self.mlp, self.mlp_ratio, self.dtype, self.param_dtype)
             self.norm_mlp = _norm(self.norm, self.dtype, self.param_dtype, "norm_mlp")
         self.drop = nn.Dropout(self.dropout)
+        if self.short_conv < 0 or self.short_conv == 1:
+            raise ValueError(
+                f"short_conv must be 0 (none) or the number of taps >= 2, got {self.short_conv}"
+            )
+        if self.short_conv:
+            # Zoology's (Arora et al. 2023) ShortConvolution: a depthwise causal Conv1d with a
+            # bias, initialised as torch initialises Conv1d (uniform in +-1/sqrt(taps)).
+            k = self.short_conv
+            bound = k**-0.5
+
+            def uniform(key, shape, dtype):
+                return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+            self.conv_kernel = params.param(
+                self,
+                "short_conv",
+                uniform,
+                (self.d_model, k),
+                (sharding.EMBED, sharding.CONV),
+                self.param_dtype,
+            )
+            self.conv_bias = params.param(
+                self,
+                "short_conv_bias",
+                uniform,
+                (self.d_model,),
+                (sharding.EMBED,),
+                self.param_dtype,
+            )
 
     def _residual(self, x, fn, norm, deterministic):
         if self.prenorm:
@@ -110,16 +140,29 @@ class ResidualBlock(nn.Module):
             return x
         return self._residual(x, self.ffn, self.norm_mlp, deterministic)
 
+    def _conv(self, h):
+        """The short causal convolution in front of the mixer (identity when off)."""
+        if not self.short_conv:
+            return h
+        y = ops.causal_conv(h, self.conv_kernel.astype(self.dtype), impl="direct")
+        return (y + self.conv_bias.astype(self.dtype)).astype(self.dtype)
+
     def __call__(self, x, mask=None, deterministic: bool = True):
         """x (b, t, d); mask (b, t) bool, True = real token, or None."""
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0)
         # The mixer masks its own (normalised) input: a norm's bias would refill zeroed padding.
-        x = self._residual(x, lambda h: self.mix(h, mask), self.norm_mix, deterministic)
+        # A causal convolution of right-padded input never lets padding reach a real token.
+        x = self._residual(x, lambda h: self.mix(self._conv(h), mask), self.norm_mix, deterministic)
         return self._mlp(x, deterministic).astype(self.dtype)
 
     def init_state(self, batch: int, max_len: int):
-        return self.mix.init_state(batch, max_len)
+        """The mixer's decoding state; with a short convolution, (its last inputs, that)."""
+        state = self.mix.init_state(batch, max_len)
+        if not self.short_conv:
+            return state
+        window = jnp.zeros((batch, self.short_conv - 1, self.d_model), jnp.float32)
+        return (window, state)
 
     def _with_state(self, x, mix, deterministic=True):
         """The block around a mixer call ``mix(h) -> (y, state)``; returns (out, state)."""
@@ -134,8 +177,29 @@ class ResidualBlock(nn.Module):
 
     def step(self, x_t, state):
         """One token x_t (b, d) -> (y_t (b, d), state)."""
-        return self._with_state(x_t, lambda h: self.mix.step(h, state))
+        if not self.short_conv:
+            return self._with_state(x_t, lambda h: self.mix.step(h, state))
+        window, mix_state = state
+
+        def mix(h):
+            kernel = self.conv_kernel.astype(self.dtype)
+            c, new_window = ops.causal_conv_step(window, h, kernel)
+            c = (c + self.conv_bias.astype(self.dtype)).astype(self.dtype)
+            y, new_state = self.mix.step(c, mix_state)
+            return y, (new_window, new_state)
+
+        return self._with_state(x_t, mix)
 
     def prefill(self, x, max_len: int):
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the mixer's state after it)."""
-        return self._with_state(x, lambda h: self.mix.prefill(h, max_len))
+        if not self.short_conv:
+            return self._with_state(x, lambda h: self.mix.prefill(h, max_len))
+
+        def mix(h):
+            y, state = self.mix.prefill(self._conv(h), max_len)
+            w = self.short_conv - 1
+            # Prompts shorter than the window leave zeros in front, as init_state does.
+            padded = jnp.pad(h.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
+            return y, (padded[:, padded.shape[1] - w :], state)
+
+        return self._with_state(x, mix)

@@ -33,6 +33,8 @@ class SequenceClassifier(nn.Module):
       pooling: "mean" over real tokens, "last" real token, or "first".
       denoise_outputs: > 0 adds a per-position head of this many outputs (the vocabulary, or
         the input channels) for self-pretraining on the inputs (:meth:`denoise`).
+      short_conv: > 0 puts a causal depthwise convolution of that many taps in front of every
+        mixer (Zoology's fairness recipe, Arora et al. 2023).
     """
 
     num_classes: int
@@ -53,6 +55,7 @@ class SequenceClassifier(nn.Module):
     dropout: float = 0.0
     remat: bool = False
     mixer_options: Mapping[str, Any] | None = None
+    short_conv: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

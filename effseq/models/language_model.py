@@ -22,6 +22,8 @@ class LanguageModel(nn.Module):
     ``init_cache(batch, max_len)`` (or ``prefill(prompt, max_len)``, the prompt in parallel)
     then ``decode_step(tokens_t, cache)`` per token; S4D, Mamba and
     GLA keep a fixed-size state, attention a KV cache, SGConv the input history.
+    ``short_conv`` > 0 puts a causal depthwise convolution of that many taps in front of every
+    mixer (Zoology's fairness recipe); its last inputs join the decoding state.
     """
 
     vocab_size: int
@@ -37,6 +39,7 @@ class LanguageModel(nn.Module):
     tie_embeddings: bool = True
     remat: bool = False
     mixer_options: Mapping[str, Any] | None = None
+    short_conv: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

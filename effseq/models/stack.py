@@ -63,6 +63,7 @@ BLOCK_FIELDS = (
     "mlp_ratio",
     "dropout",
     "mixer_options",
+    "short_conv",
     "dtype",
     "param_dtype",
 )

@@ -13,6 +13,7 @@ from effseq.ops.fftconv import (
     bidirectional_conv_reference,
     causal_conv,
     causal_conv_reference,
+    causal_conv_step,
     next_fast_len,
 )
 from effseq.ops.gla import gated_linear_attention, gated_linear_attention_reference, gla_step
@@ -40,6 +41,7 @@ __all__ = [
     "bidirectional_conv_reference",
     "causal_conv",
     "causal_conv_reference",
+    "causal_conv_step",
     "dense",
     "dense_reference",
     "gated_linear_attention",

@@ -14,6 +14,8 @@ are recomputed in the backward pass, which stores only the running statistics pe
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,22 +115,50 @@ def attention(
     if kv_mask is None:
         kv_mask = jnp.ones((k.shape[0], s), bool)
     if impl == "xla":
-        o = _attention_xla(q, k, v, q_pos, causal, window, scale, kv_mask)
+        o = _attention_xla(q, k, v, q_pos, kv_mask, causal, window, scale)
     else:
         o = _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask)
     return o.astype(q.dtype)
 
 
-def _attention_xla(q, k, v, q_pos, causal, window, scale, kv_mask):
+def _probabilities(q, k, q_pos, kv_mask, causal, window, scale):
+    """The attention weights P (b, h, t, s), float32; all-zero rows where no key is visible."""
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     mask = _allowed(q_pos, jnp.arange(k.shape[1]), causal, window)[None, None]
     mask = mask & kv_mask[:, None, None, :]
     scores = jnp.where(mask, scores, -jnp.inf)
-    # A row with no visible key would be 0/0 = nan (in the gradient too): give it finite
-    # scores, then zero weights.
     any_visible = mask.any(-1, keepdims=True)
-    p = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1) * any_visible
+    return jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1) * any_visible
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention_xla(q, k, v, q_pos, kv_mask, causal, window, scale):
+    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale)
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
+
+
+def _attention_xla_fwd(q, k, v, q_pos, kv_mask, causal, window, scale):
+    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale)
+    o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
+    return o, (q, k, v, p)
+
+
+def _attention_xla_bwd(causal, window, scale, residuals, do):
+    """The softmax-attention gradients written out: with dP = dO V^T, the score gradient is
+    dS = P * (dP - rowsum(P * dP)). Autodiff of the forward built several more (b, h, t, s)
+    temporaries (masks broadcast to full size among them): at (b, t, h, k) = (32, 128, 4, 16)
+    on CPU its backward took 14 ms against 1.3 ms forward; these are all the backward needs."""
+    q, k, v, p = residuals
+    f32 = jnp.float32
+    dv = jnp.einsum("bhts,bthd->bshd", p, do)
+    dp = jnp.einsum("bthd,bshd->bhts", do, v.astype(f32))
+    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
+    dq = jnp.einsum("bhts,bshd->bthd", ds, k.astype(f32))
+    dk = jnp.einsum("bhts,bthd->bshd", ds, q.astype(f32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
 
 
 def _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask):

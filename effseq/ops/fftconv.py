@@ -150,6 +150,40 @@ def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
     return y.astype(u.dtype)
 
 
+def causal_conv_step(window: Array, u_t: Array, k: Array) -> tuple[Array, Array]:
+    """One token of :func:`causal_conv`: the recurrent form of a short causal convolution.
+
+    Args:
+      window: (b, l - 1, h) the previous l - 1 inputs, oldest first (zeros before the start).
+      u_t: (b, h) the new input.
+      k: (h, l) the kernel; tap s multiplies the input s steps back.
+
+    Returns:
+      (y_t (b, h) in u_t's dtype, accumulated in float32 like ``causal_conv``; the next window
+      (b, l - 1, h), float32).
+    """
+    op = "causal_conv_step"
+    _checks.check_rank(op, "window", window, 3, "(b, l - 1, h)")
+    _checks.check_rank(op, "u_t", u_t, 2, "(b, h)")
+    _checks.check_rank(op, "k", k, 2, "(h, l)")
+    _checks.check_dims(op, [("window", window, 0, "b"), ("u_t", u_t, 0, "b")])
+    _checks.check_dims(op, [("window", window, 2, "h"), ("u_t", u_t, 1, "h"), ("k", k, 0, "h")])
+    if window.shape[1] != k.shape[1] - 1:
+        raise ValueError(
+            f"{op}: `window` holds {window.shape[1]} inputs; a kernel of {k.shape[1]} taps "
+            f"needs {k.shape[1] - 1}"
+        )
+    full = jnp.concatenate([window.astype(jnp.float32), u_t[:, None].astype(jnp.float32)], 1)
+    # full[:, j] is the input l - 1 - j steps back, so it pairs with the flipped kernel.
+    y = jnp.einsum(
+        "blh,hl->bh",
+        full,
+        jnp.flip(k.astype(jnp.float32), -1),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return y.astype(u_t.dtype), full[:, 1:]
+
+
 def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None = None) -> Array:
     """Non-causal convolution: a causal kernel plus an anti-causal one.
 

@@ -53,6 +53,7 @@ def build_model(model_cfg, info: TaskInfo, objective: str = "supervised") -> nn.
         dropout=model_cfg.dropout,
         remat=model_cfg.remat,
         mixer_options=dict(model_cfg.mixer_options) or None,
+        short_conv=model_cfg.short_conv,
         dtype=dtype,
     )
     if info.sequence_labels:

@@ -209,3 +209,44 @@ def test_remat_changes_memory_not_results():
     grads = [jax.grad(lambda v, m=m: m.apply(v, tokens).sum())(variables) for m in (plain, remat)]
     for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
         assert_close(a, b, kind="grad")
+
+
+@pytest.mark.parametrize("mixer", ["gla", "mamba", "attention", "s4d"])
+def test_short_conv_decoding_prefill_and_causality(mixer):
+    # Zoology's short convolution in front of every mixer: its window joins the decoding
+    # state, a prompt shorter than the window (3 < 4 taps) leaves zeros in front.
+    model = _lm(mixer, short_conv=4)
+    tokens = _tokens(seed=5)
+    variables = model.init(jax.random.key(1), tokens)
+    kernel = nn.unbox(variables)["params"]["stack"]["layers"][f"0_{mixer}"]["short_conv"]
+    assert kernel.shape == (2, D, 4)  # (layers, d, taps)
+    logits = model.apply(variables, tokens)
+    cache = model.apply(variables, 2, 16, method="init_cache")
+    steps = []
+    for i in range(T):
+        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        steps.append(out)
+    assert_close(jnp.stack(steps, axis=1), logits)
+    first, cache = model.apply(variables, tokens[:, :3], 16, method="prefill")
+    steps = [first]
+    for i in range(3, T):
+        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        steps.append(out[:, None])
+    assert_close(jnp.concatenate(steps, axis=1), logits)
+    changed = tokens.at[:, 5:].set((tokens[:, 5:] + 1) % V)
+    later = model.apply(variables, changed)
+    np.testing.assert_array_equal(np.asarray(logits[:, :5]), np.asarray(later[:, :5]))
+
+
+def test_short_conv_never_reads_padding_and_rejects_one_tap():
+    clf = SequenceClassifier(
+        num_classes=3, vocab_size=V, d_model=D, n_layers=2, mixer="s4d", max_len=12, short_conv=3
+    )
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 1, V)
+    mask = jnp.arange(12)[None] < jnp.array([[7], [12]])
+    variables = clf.init(jax.random.key(1), tokens, mask=mask)
+    a = clf.apply(variables, tokens, mask=mask)
+    b = clf.apply(variables, jnp.where(mask, tokens, 5), mask=mask)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="short_conv must be 0 .none. or the number of taps"):
+        _lm("gla", short_conv=1).init(jax.random.key(1), _tokens())

@@ -11,6 +11,7 @@ from effseq.ops import (
     bidirectional_conv_reference,
     causal_conv,
     causal_conv_reference,
+    causal_conv_step,
     next_fast_len,
 )
 from tests.ops.compare import compare_with_reference
@@ -179,3 +180,28 @@ def test_bad_impl_lists_choices():
 def test_bidirectional_rejects_mismatched_backward_kernel():
     with pytest.raises(ValueError, match="`k_bwd`"):
         bidirectional_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 3)), jnp.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("l", [2, 4, 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_causal_conv_step_walks_the_convolution(l, dtype):
+    # Token by token from a zero window equals the whole-sequence convolution, also for
+    # sequences shorter than the kernel (t = 3 < 4, 7).
+    t, b, h = 9, 2, 5
+    ku, kk = jax.random.split(jax.random.key(l))
+    u = jax.random.normal(ku, (b, t, h)).astype(dtype)
+    k = jax.random.normal(kk, (h, l)).astype(dtype)
+    want = causal_conv_reference(u.astype(jnp.float32), k.astype(jnp.float32))
+    window = jnp.zeros((b, l - 1, h), jnp.float32)
+    outs = []
+    for i in range(t):
+        y, window = causal_conv_step(window, u[:, i], k)
+        assert y.dtype == dtype and window.dtype == jnp.float32
+        outs.append(y)
+    assert_close(jnp.stack(outs, 1), want, dtype=jnp.dtype(dtype).name)
+    np.testing.assert_array_equal(np.asarray(window), np.asarray(u[:, t - l + 1 :], np.float32))
+
+
+def test_causal_conv_step_rejects_a_window_of_the_wrong_length():
+    with pytest.raises(ValueError, match="`window` holds 2 inputs; a kernel of 4 taps needs 3"):
+        causal_conv_step(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3)), jnp.zeros((3, 4)))
