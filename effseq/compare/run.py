@@ -77,18 +77,22 @@ def _module(path: pathlib.Path):
     return module
 
 
-def _generate(entry: Entry, data_dir: pathlib.Path, log) -> None:
-    """Generated CPU-sized data for ``entry`` under ``data_dir`` (once; kept between runs)."""
+def _generate(entry: Entry, data_dir: pathlib.Path, log) -> pathlib.Path:
+    """Generated CPU-sized data for ``entry``, made once and kept between runs; returns the
+    data_dir that holds it. Its folder is named by the generator's arguments, so changed sizes
+    get fresh data and generated files never mix with a real dataset under ``data_dir``."""
     from effseq.data.generators import generate_listops
 
     if entry.generate != "listops":
         raise ValueError(f"unknown generator {entry.generate!r}")
-    target = data_dir / "listops-1000"
-    if (target / "basic_test.tsv").exists():
-        return
     sizes = _module(experiments_dir() / entry.experiment).CPU_DATA
-    log(f"generating CPU-sized ListOps {sizes} in {target}")
-    generate_listops(target, **sizes)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(sizes.items()))
+    root = data_dir / "generated" / f"listops-{tag}"
+    target = root / "listops-1000"
+    if not (target / "basic_test.tsv").exists():
+        log(f"generating CPU-sized ListOps {sizes} in {target}")
+        generate_listops(target, **sizes)
+    return root
 
 
 def _run_id(task: str, mixer: str, seed: int, width: int | None, lrs=()) -> str:
@@ -242,14 +246,13 @@ def _plan(
     for entry in SUITES[suite]:
         path = experiments_dir() / entry.experiment
         skipped = None
-        if entry.generate:
-            _generate(entry, data_root, log)
+        root = _generate(entry, data_root, log) if entry.generate else data_root
         for mixer in mixers:
             sweep = (widths or entry.widths) if entry.widths else ()
             for width in sweep or (None,):
                 arg = entry.arg.format(mixer=mixer, preset=preset, width=width)
                 config = load_config(f"{path}:{arg}")
-                items = [f"task.data_dir={data_root}", *overrides]
+                items = [f"task.data_dir={root}", *overrides]
                 config = override(config, items)
                 # Config mistakes (e.g. warmup longer than the run) fail now, not per run.
                 make_schedule(config.optim, config.train.steps, tokens_per_step=1, batch_size=1)
@@ -257,7 +260,7 @@ def _plan(
                 try:
                     info = task_info(task, **dict(config.task.options))
                     # Opening the split checks that the data is there, before any training.
-                    load_task(task, "train", data_dir=str(data_root), **dict(config.task.options))
+                    load_task(task, "train", data_dir=str(root), **dict(config.task.options))
                 except MissingDataError as e:
                     # The summary line and the first expected path, e.g. ".../aclImdb/train/neg".
                     lines = [x.strip() for x in str(e).splitlines() if x.strip()]

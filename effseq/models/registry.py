@@ -99,7 +99,12 @@ def make_mixer(
     options: Mapping[str, Any] | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Builds mixer ``name`` with the model's width, direction and dtypes plus its own options."""
+    """Builds mixer ``name`` with the model's width, direction and dtypes plus its own options.
+
+    ``options`` are layer fields for every mixer of the model, except entries keyed by a mixer
+    name, which hold fields for that mixer only: ``{"state_size": 16, "attention": {"rotary":
+    True}}`` gives every mixer state_size=16 and only the attention layers rotary positions
+    (a hybrid's mixers seldom share all their fields)."""
     fields: dict[str, Any] = dict(d_model=d_model, dtype=dtype, param_dtype=param_dtype)
     if name == "attention":
         fields["causal"] = causal
@@ -109,5 +114,7 @@ def make_mixer(
         raise ValueError(f"mixer {name!r} is causal only; use it with causal=True")
     if name == "sgconv":
         fields["max_len"] = max_len
-    fields.update(options or {})
+    options = dict(options or {})
+    fields.update({k: v for k, v in options.items() if k not in MIXERS})
+    fields.update(options.get(name) or {})
     return MIXERS[name](**fields, **kwargs)

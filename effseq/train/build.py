@@ -52,7 +52,7 @@ def build_model(model_cfg, info: TaskInfo, objective: str = "supervised") -> nn.
         mlp_ratio=model_cfg.mlp_ratio,
         dropout=model_cfg.dropout,
         remat=model_cfg.remat,
-        mixer_options=dict(model_cfg.mixer_options) or None,
+        mixer_options=model_cfg.mixer_options.to_dict() or None,
         short_conv=model_cfg.short_conv,
         dtype=dtype,
     )

@@ -129,8 +129,9 @@ def build(task: str, recipes: dict[str, dict], arg: str | None):
     A recipe has the keys: train_size, epochs or steps, batch_size, n_layers, d_model,
     learning_rate, ssm_learning_rate, weight_decay, warmup_steps, dropout, prenorm, pooling,
     task_options, mixers (mixer -> layer fields), eval_batches, log_every; optionally
-    ``per_mixer`` (mixer -> recipe keys that the mixer's own paper sets differently), applied
-    when the whole model uses that one mixer.
+    eval_every and checkpoint_every (default: once per epoch), steps_per_call, and
+    ``per_mixer`` (mixer -> recipe keys that the mixer's own paper, or a learning-rate sweep,
+    sets differently), applied when the whole model uses that one mixer.
     """
     from effseq.configs import get_config, validate
     from effseq.models.registry import parse_pattern
@@ -164,8 +165,12 @@ def build(task: str, recipes: dict[str, dict], arg: str | None):
     every = min(epoch, steps)
     c.train.steps = steps
     c.train.batch_size = recipe["batch_size"]
-    c.train.eval_every = every
-    c.train.checkpoint_every = every
+    # Once per epoch unless the recipe sets its own cadence (the CPU presets validate more
+    # often, so that the report can see whether a run was still improving at its end).
+    c.train.eval_every = recipe["eval_every"] if "eval_every" in recipe else every
+    c.train.checkpoint_every = recipe["checkpoint_every"] if "checkpoint_every" in recipe else every
+    if "steps_per_call" in recipe:
+        c.train.steps_per_call = recipe["steps_per_call"]
     c.train.log_every = recipe["log_every"]
     c.train.eval_batches = recipe["eval_batches"]
 

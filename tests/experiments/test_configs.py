@@ -138,7 +138,7 @@ def test_arg_parsing(arg, mixer, preset):
     listops = _load_module(LRA / "listops.py")
     config = listops.get_config(arg)
     assert config.model.mixer == mixer
-    assert config.train.steps == (400 if preset == "cpu" else 76_800)
+    assert config.train.steps == (1500 if preset == "cpu" else 76_800)
 
 
 def test_hybrid_pattern_gets_only_shared_options():

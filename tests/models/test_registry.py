@@ -138,3 +138,25 @@ def test_replace_and_refusals(restore_registry):
     with pytest.raises(ValueError, match="lacks init_state, step, prefill"):
         register_mixer("nostep", NoStep)
     assert "nostep" not in MIXERS and "nobidi" not in MIXERS
+
+
+def test_options_keyed_by_a_mixer_name_reach_only_that_mixer():
+    options = {"state_size": 8, "attention": {"rotary": True}}
+    kw = dict(causal=True, max_len=16, dtype=jnp.float32, param_dtype=jnp.float32)
+    att = registry.make_mixer("attention", 16, options={"attention": {"rotary": True}}, **kw)
+    gla = registry.make_mixer("gla", 16, options={"attention": {"rotary": True}}, **kw)
+    mamba = registry.make_mixer("mamba", 16, options=options, **kw)
+    assert att.rotary and not hasattr(gla, "rotary") and mamba.state_size == 8
+    # In a hybrid LM the attention layers get rotary positions: moving a token changes them.
+    model = LanguageModel(
+        vocab_size=11,
+        d_model=16,
+        n_layers=2,
+        mixer="gla,attention",
+        max_len=16,
+        mixer_options={"attention": {"rotary": True}},
+    )
+    plain = model.clone(mixer_options=None)
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
+    variables = model.init(jax.random.key(0), tokens)
+    assert not np.allclose(model.apply(variables, tokens), plain.apply(variables, tokens))
