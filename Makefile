@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow lint format bench bench-ops bench-models clean
+.PHONY: run test test-slow lint format bench bench-ops bench-models bench-small clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench-ops: $(STAMP)
 ## bench-models: the model-level benchmark, quick plan (results/bench/)
 bench-models: $(STAMP)
 	$(BIN)/effseq bench
+
+## bench-small: the default suite's models: step time, GFLOP/s, loop overhead (results/bench/)
+bench-small: $(STAMP)
+	$(BIN)/effseq bench --plan small
 
 ## test: lint, then the fast test suite (what CI runs)
 test: $(STAMP) lint

@@ -2,6 +2,7 @@
 
     python -m benchmarks.models                 # quick plan (CPU-sized), results/bench/
     python -m benchmarks.models --plan full     # 512..16k, benchmarks/results/ (the README's)
+    python -m benchmarks.models --plan small    # the default suite's models (benchmarks/small.py)
     effseq bench [same options]                 # the same, through the CLI
 
 Every mixer runs in the same causal LanguageModel (4 layers, width 256, GLU MLP, tied
@@ -767,7 +768,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="effseq bench", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-    p.add_argument("--plan", choices=sorted(PLANS), default="quick")
+    p.add_argument("--plan", choices=sorted(PLANS) + ["small"], default="quick")
     p.add_argument("--mixers", type=_names, help="comma-separated subset of " + ",".join(MIXERS))
     p.add_argument("--lengths", type=_ints, help="training lengths, e.g. 1024,2048")
     p.add_argument("--contexts", type=_ints, help="decoding contexts, e.g. 1024,16384")
@@ -865,7 +866,18 @@ def write(result: dict, out: pathlib.Path, plots: bool = True) -> list[pathlib.P
     return paths
 
 
+def _wants_small(argv) -> bool:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "--plan=small" in args or any(
+        a == "--plan" and b == "small" for a, b in zip(args, args[1:], strict=False)
+    )
+
+
 def main(argv=None) -> int:
+    if _wants_small(argv):  # the default suite's small models: benchmarks/small.py
+        from benchmarks import small
+
+        return small.main(argv)
     args = parse_args(argv)
     plan = plan_from_args(args)
     out = args.out or (RESULTS if args.plan == "full" else QUICK_RESULTS)
