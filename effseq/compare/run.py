@@ -308,10 +308,12 @@ def _learning_rates(base, lr_grid, ssm_lr_grid) -> list[list[str]]:
 
 
 def _has_ssm_params(config) -> bool:
+    """Whether any parameter trains at ``optim.ssm_learning_rate``."""
+    from effseq.layers.params import SSM_GROUPS
     from effseq.train.optimizer import param_labels
 
     shapes = _abstract_model(config, boxed=True)[2]
-    return "ssm" in jax.tree.leaves(param_labels(shapes["params"]))
+    return any(g in SSM_GROUPS for g in jax.tree.leaves(param_labels(shapes["params"])))
 
 
 def _baselines(plan, out: pathlib.Path, log) -> dict:
