@@ -57,6 +57,7 @@ else:
         "mqar",
         mixers=("gla", "attention"),
         widths=(16, 32),
+        seeds=1,
         out=out,
         overrides=(
             "task.options.seq_len=32",
@@ -87,8 +88,11 @@ for r in records:
 # ## The table
 #
 # `report.results_table` lays the records out like LRA's Table 1: mixers as rows, tasks as
-# columns, test accuracy on the best-validation checkpoint (mean ± std over seeds). Published
-# rows (italic) appear for the LRA tasks the records have. The published numbers live in
+# columns, test accuracy on the best-validation checkpoint (mean ± std over seeds, `↑` where a
+# run was still improving at its end). Published rows (italic) appear for the LRA tasks the
+# records have; `effseq compare` also passes each task's trivial baselines computed from its
+# data (`baselines.json` beside `results.json`), and under the table a ranking says which
+# differences exceed the seeds' noise. The published numbers live in
 # `experiments/lra/published.py`, loaded by path like every experiment file.
 
 # %%
@@ -101,7 +105,13 @@ spec = importlib.util.spec_from_file_location(
 published = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(published)
 
-display(Markdown(report.results_table(records, published.PUBLISHED)))
+baselines_path = results_path.with_name("baselines.json")
+baselines = (
+    {t: v["rows"] for t, v in json.loads(baselines_path.read_text()).items()}
+    if baselines_path.exists()
+    else None
+)
+display(Markdown(report.results_table(records, published.PUBLISHED, baselines)))
 
 # %% [markdown]
 # ## The plots

@@ -374,3 +374,36 @@ def test_steps_per_call_gives_bitwise_the_single_step_run(tmp_path):
     for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state3), strict=True):
         np.testing.assert_array_equal(a, b)
     assert sum1["test_accuracy"] == sum3["test_accuracy"]
+
+
+def test_prefetcher_hands_errors_and_the_data_position_to_the_loop():
+    from effseq.train.loop import _Prefetcher
+
+    class Source:
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            self.i += 1
+            if self.i == 4:
+                raise ValueError("data/file.tsv:4: malformed row")
+            return {"x": np.full((2,), self.i)}
+
+        def get_state(self):
+            return {"i": self.i}
+
+    class Place:  # stands in for Setup: no device placement needed here
+        def global_batch(self, local):
+            return local
+
+        def global_batches(self, locals_):
+            return {"x": np.stack([b["x"] for b in locals_])}
+
+    feed = _Prefetcher(iter([1, 2, 5]), Source(), Place())
+    n, batch, state = feed.get()
+    assert n == 1 and batch["x"].tolist() == [1, 1] and state == {"i": 1}
+    n, batch, state = feed.get()
+    assert n == 2 and batch["x"][:, 0].tolist() == [2, 3] and state == {"i": 3}
+    with pytest.raises(ValueError, match="file.tsv:4: malformed row"):
+        feed.get()
+    feed.close()
