@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from effseq.data import batches, load_task, task_info
+from effseq.data import batches, load_task, task_defaults, task_info
 from effseq.data.lra import listops
 from effseq.data.synthetic import mqar
 
@@ -84,31 +84,25 @@ def task_baselines(task: str, data_dir: str | None, options: dict) -> list[dict]
     eval_split = "test" if "test" in info.splits else "val"
     train = _arrays(task, "train", data_dir, options)
     test = _arrays(task, eval_split, data_dir, options)
-    out = [
-        dict(
-            name="majority class",
-            accuracy=_majority(train, test),
-            split=eval_split,
-            description="always the most frequent training label",
-        )
-    ]
+    rows = [("majority class", _majority(train, test), "always the most frequent training label")]
     if task == listops.NAME:
-        out.append(
-            dict(
-                name="root operator",
-                accuracy=_root_operator(train, test),
-                split=eval_split,
-                description="the most frequent training label of the outermost operator",
+        rows.append(
+            (
+                "root operator",
+                _root_operator(train, test),
+                "the most frequent training label of the outermost operator",
             )
         )
     if task == mqar.NAME:
-        pairs = options.get("num_kv_pairs", mqar.DEFAULTS["num_kv_pairs"])
-        out.append(
-            dict(
-                name="guess in context",
-                accuracy=_guess_in_context(test, pairs),
-                split=eval_split,
-                description=f"a uniform guess among the {pairs} values in context",
+        pairs = {**task_defaults(task), **options}["num_kv_pairs"]
+        rows.append(
+            (
+                "guess in context",
+                _guess_in_context(test, pairs),
+                f"a uniform guess among the {pairs} values in context",
             )
         )
-    return out
+    return [
+        dict(name=name, accuracy=accuracy, split=eval_split, description=text)
+        for name, accuracy, text in rows
+    ]

@@ -34,6 +34,21 @@ def _tokens(seed=0, t=T):
     return jax.random.randint(jax.random.key(seed), (2, t), 0, V)
 
 
+def _decoded(model, variables, tokens, prompt=0):
+    """Logits (b, t, V) from decoding token by token, after prefilling ``prompt`` tokens in
+    parallel when ``prompt`` > 0, into a cache of 16 positions."""
+    if prompt:
+        first, cache = model.apply(variables, tokens[:, :prompt], 16, method="prefill")
+        steps = [first]
+    else:
+        cache = model.apply(variables, tokens.shape[0], 16, method="init_cache")
+        steps = []
+    for i in range(prompt, tokens.shape[1]):
+        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        steps.append(out[:, None])
+    return jnp.concatenate(steps, axis=1)
+
+
 @pytest.mark.parametrize("mixer", CAUSAL)
 def test_decoding_equals_the_parallel_forward(mixer):
     model = _lm(mixer)
@@ -41,12 +56,7 @@ def test_decoding_equals_the_parallel_forward(mixer):
     variables = model.init(jax.random.key(1), tokens)
     logits = model.apply(variables, tokens)
     assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
-    cache = model.apply(variables, 2, 16, method="init_cache")
-    steps = []
-    for i in range(T):
-        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
-        steps.append(out)
-    assert_close(jnp.stack(steps, axis=1), logits)
+    assert_close(_decoded(model, variables, tokens), logits)
 
 
 PRIMER = {"rotary": True, "dconv": True, "window": 4}
@@ -56,17 +66,10 @@ PRIMER = {"rotary": True, "dconv": True, "window": 4}
 def test_prefill_then_decoding_equals_the_parallel_forward(mixer, options):
     # A 3-token prompt is shorter than Mamba's and Primer's conv windows (width 4), so the
     # window's zero padding is exercised too.
-    prompt = 3
     model = _lm(mixer, options=options)
     tokens = _tokens(seed=3)
     variables = model.init(jax.random.key(1), tokens)
-    logits = model.apply(variables, tokens)
-    first, cache = model.apply(variables, tokens[:, :prompt], 16, method="prefill")
-    steps = [first]
-    for i in range(prompt, T):
-        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
-        steps.append(out[:, None])
-    assert_close(jnp.concatenate(steps, axis=1), logits)
+    assert_close(_decoded(model, variables, tokens, prompt=3), model.apply(variables, tokens))
 
 
 def test_prefill_longer_than_the_cache_is_an_error():
@@ -221,18 +224,8 @@ def test_short_conv_decoding_prefill_and_causality(mixer):
     kernel = nn.unbox(variables)["params"]["stack"]["layers"][f"0_{mixer}"]["short_conv"]
     assert kernel.shape == (2, D, 4)  # (layers, d, taps)
     logits = model.apply(variables, tokens)
-    cache = model.apply(variables, 2, 16, method="init_cache")
-    steps = []
-    for i in range(T):
-        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
-        steps.append(out)
-    assert_close(jnp.stack(steps, axis=1), logits)
-    first, cache = model.apply(variables, tokens[:, :3], 16, method="prefill")
-    steps = [first]
-    for i in range(3, T):
-        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
-        steps.append(out[:, None])
-    assert_close(jnp.concatenate(steps, axis=1), logits)
+    assert_close(_decoded(model, variables, tokens), logits)
+    assert_close(_decoded(model, variables, tokens, prompt=3), logits)
     changed = tokens.at[:, 5:].set((tokens[:, 5:] + 1) % V)
     later = model.apply(variables, changed)
     np.testing.assert_array_equal(np.asarray(logits[:, :5]), np.asarray(later[:, :5]))
