@@ -46,6 +46,8 @@ LRA_COLUMNS = {
 # Record keys that a sweep varies for one mixer on one task (the MQAR width/state sweep, the
 # learning-rate sweep). When they vary, each value gets its own row instead of being averaged.
 VARIANT_KEYS = ("d_model", "state_size", "learning_rate", "ssm_learning_rate")
+# The variant keys that change a model's size (the others, learning rates, do not).
+SIZE_KEYS = ("d_model", "state_size")
 # State-size keys for the recall-memory plot, in order of preference, with axis labels.
 STATE_KEYS = {
     "recurrent_state_bytes": "recurrent state (bytes)",
@@ -294,13 +296,17 @@ def _reasons(records, keys, status: str, tasks: list[str]) -> list[str]:
 def _budget_lines(records, keys, rows, tasks) -> list[str]:
     """The parameter budget: max/min of the mean parameter counts across mixers, overall and
     per task (a budget only holds within a task, where inputs and heads are the same). Sweep
-    rows vary their width on purpose and are stated apart."""
+    rows vary their width on purpose and are stated apart; rows of a learning-rate sweep share
+    their mixer's size and count as that mixer."""
+
+    def size_row(row):
+        return row[0], tuple((k, v) for k, v in row[1] if k in SIZE_KEYS)
 
     def mean_params(row, task=None):
         counts = [
             rec["params"]
             for i, rec in enumerate(records)
-            if keys[i] == row
+            if size_row(keys[i]) == row
             and (task is None or rec["task"] == task)
             and rec["status"] == "completed"
             and rec.get("params") is not None
@@ -308,6 +314,7 @@ def _budget_lines(records, keys, rows, tasks) -> list[str]:
         return float(np.mean(counts)) if counts else None
 
     lines = []
+    rows = list(dict.fromkeys(size_row(row) for row in rows))
     mixers = [row for row in rows if not row[1]]
     ratios = []  # (ratio, task, largest row, its params, smallest row, its params)
     for task in tasks:

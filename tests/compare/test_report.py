@@ -358,8 +358,12 @@ def test_learning_rate_sweep_gets_one_row_per_rate():
         rec(mixer="gla", learning_rate=0.01, test=0.5),
         rec(mixer="attention", learning_rate=0.001, test=0.4),
     ]
-    rows = table_rows(report.results_table(records))
+    text = report.results_table(records)
+    rows = table_rows(text)
     assert list(rows) == ["gla (learning_rate=0.001)", "gla (learning_rate=0.01)", "attention"]
+    # Learning rates do not change a model's size: the budget still compares the mixers.
+    assert "vary by design" not in text
+    assert "at most 1.00× the parameters of the smallest" in text
 
 
 def _curve(values, steps=100):
