@@ -150,7 +150,42 @@ def validate(config: ConfigDict) -> ConfigDict:
             raise ValueError(
                 f"config key {key!r} is missing (start from effseq.configs.get_config)"
             )
+    check_values(config)
     return config
+
+
+# Keys whose values must be at least this (counts, cadences, sizes).
+MINIMUM = {
+    "model.d_model": 1,
+    "model.n_layers": 1,
+    "model.mlp_ratio": 1,
+    "model.short_conv": 0,
+    "train.steps": 1,
+    "train.batch_size": 1,
+    "train.micro_batches": 1,
+    "train.steps_per_call": 1,
+    "train.log_every": 1,
+    "train.eval_every": 1,
+    "train.eval_batches": 0,
+    "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 1,
+    "train.max_bad_steps": 1,
+    "optim.warmup_steps": 0,
+}
+
+
+def check_values(config: ConfigDict) -> None:
+    """One-line errors naming the key, before anything is built: counts and cadences in
+    range (e.g. ``train.checkpoint_every`` >= 1), fractions in [0, 1)."""
+    flat = _flat_keys(config)
+    for key, least in MINIMUM.items():
+        if flat[key] < least:
+            raise ValueError(f"config key {key!r} must be >= {least}, got {flat[key]!r}")
+    if flat["model.short_conv"] == 1:
+        raise ValueError("config key 'model.short_conv' must be 0 (none) or >= 2 taps, got 1")
+    for key in ("model.dropout", "train.mask_rate"):
+        if not 0.0 <= flat[key] < 1.0:
+            raise ValueError(f"config key {key!r} must be in [0, 1), got {flat[key]!r}")
 
 
 def _is_int(x) -> bool:

@@ -244,6 +244,21 @@ def test_config_errors_name_the_key(tmp_path):
         load_config("nope.py:gla")
 
 
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1, got 0"),
+        ("train.steps_per_call=0", "'train.steps_per_call' must be >= 1, got 0"),
+        ("train.eval_every=-5", "'train.eval_every' must be >= 1, got -5"),
+        ("model.short_conv=1", "'model.short_conv' must be 0 .none. or >= 2 taps"),
+        ("model.dropout=1.0", r"'model.dropout' must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_config_values_are_checked_with_their_key(item, match):
+    with pytest.raises(ValueError, match=match):
+        override(get_config(), [item])
+
+
 def _cli(workdir, *extra, steps=40):
     cmd = [
         sys.executable, "-m", "effseq.cli", "train", "--config", f"{SMOKE}:gla",
