@@ -599,7 +599,7 @@ def _match_lines(records, tasks) -> list[str]:
 
 def best_learning_rates(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict]:
     """Per (task, mixer) whose runs used more than one learning rate (a sweep): the rates with
-    the best mean validation accuracy over seeds, as ``{"learning_rate", "ssm_learning_rate",
+    the best mean validation accuracy over seeds (ties: the lower rates), as ``{"learning_rate", "ssm_learning_rate",
     "val_accuracy", "seeds", "grid"}``. Only completed runs count."""
     cells: dict[tuple[str, str], dict[tuple, list[float]]] = {}
     for rec in check_records(records):
@@ -613,7 +613,11 @@ def best_learning_rates(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str,
     for key, by_rate in cells.items():
         if len(by_rate) < 2:
             continue
-        rates = max(by_rate, key=lambda r: (float(np.mean(by_rate[r])), -len(by_rate[r])))
+        # Ties go to the lower rates, whatever order the runs were recorded in.
+        rates = max(
+            by_rate,
+            key=lambda r: (float(np.mean(by_rate[r])), -(r[0] or 0.0), -(r[1] or 0.0)),
+        )
         best[key] = {
             "learning_rate": rates[0],
             "ssm_learning_rate": rates[1],
