@@ -599,8 +599,9 @@ def _match_lines(records, tasks) -> list[str]:
 
 def best_learning_rates(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict]:
     """Per (task, mixer) whose runs used more than one learning rate (a sweep): the rates with
-    the best mean validation accuracy over seeds (ties: the lower rates), as ``{"learning_rate", "ssm_learning_rate",
-    "val_accuracy", "seeds", "grid"}``. Only completed runs count."""
+    the best mean validation accuracy over seeds (ties: the lower rates), as
+    ``{"learning_rate", "ssm_learning_rate", "val_accuracy", "seeds", "grid"}``. Only completed
+    runs count."""
     cells: dict[tuple[str, str], dict[tuple, list[float]]] = {}
     for rec in check_records(records):
         if rec["status"] != "completed" or rec.get("val_accuracy") is None:
