@@ -347,6 +347,26 @@ def _budget_lines(records, keys, rows, tasks) -> list[str]:
     return lines
 
 
+def _params_cell(row_recs, tasks) -> str:
+    """The row's parameter count: one number, or the range over tasks whose models differ
+    (a mean over different tasks' models would describe none of them)."""
+    per_task = []
+    for task in tasks:
+        counts = [
+            r["params"]
+            for r in row_recs
+            if r["task"] == task and r["status"] == "completed" and r.get("params") is not None
+        ]
+        if counts:
+            per_task.append(float(np.mean(counts)))
+    if not per_task:
+        return "—"
+    lo, hi = min(per_task), max(per_task)
+    if hi <= 1.01 * lo:
+        return format_params(float(np.mean(per_task)))
+    return f"{format_params(lo)}–{format_params(hi)}"
+
+
 def _improving_mark(recs: list[Mapping[str, Any]]) -> str:
     """ "↑" when every completed run of a cell was still improving, "↑k/n" when some were."""
     done = [r for r in recs if r["status"] == "completed"]
@@ -430,12 +450,7 @@ def _one_table(
 
     for row in rows:
         row_recs = [rec for i, rec in enumerate(records) if keys[i] == row]
-        params = [
-            r["params"]
-            for r in row_recs
-            if r["status"] == "completed" and r.get("params") is not None
-        ]
-        cells = [_row_label(row), format_params(float(np.mean(params))) if params else "—"]
+        cells = [_row_label(row), _params_cell(row_recs, tasks)]
         params_cells.append(cells[1])
         means = []
         for task in tasks:
@@ -516,7 +531,10 @@ def _one_table(
             over += " seeds"
         notes.append(f"Test accuracy (%) on the best-validation checkpoint, {over}.")
     if any(cell != "—" for cell in params_cells):
-        notes.append("Params: mean parameter count over the row's completed runs.")
+        notes.append(
+            "Params: mean parameter count over the row's completed runs on each task; a range "
+            "(smallest–largest task) where the tasks' models differ in size."
+        )
     if used["val"]:
         notes.append(f"{VAL_MARK} Best validation accuracy: the test split was not evaluated.")
     if used["improving"]:

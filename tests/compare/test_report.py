@@ -439,3 +439,15 @@ def test_best_learning_rates_by_mean_validation_accuracy():
     assert best[("lra/listops", "gla")]["val_accuracy"] == pytest.approx(0.45)
     text = report.results_table(records)
     assert "- ListOps, gla: learning_rate 0.01 (mean validation accuracy 45.00 over 2" in text
+
+
+def test_params_cell_is_a_range_when_the_tasks_models_differ():
+    records = [
+        rec(task="lra/listops", mixer="s4d", params=38_800),
+        rec(task="synthetic/mqar", mixer="s4d", params=95_360),
+        rec(task="lra/listops", mixer="gla", params=64_000),
+        rec(task="synthetic/mqar", mixer="gla", params=64_100),  # within 1%: one number
+    ]
+    rows = table_rows(report.results_table(records))
+    assert rows["s4d"][0] == "38.8K–95.4K"
+    assert rows["gla"][0] == "64.0K"
