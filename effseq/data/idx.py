@@ -120,4 +120,4 @@ def load(
     images = images.reshape(len(images), -1)
     if permuted:
         images = images[:, np.random.default_rng(permutation_seed).permutation(784)]
-    return grain.MapDataset.source(ImageSource(images, labels.astype(np.int32), continuous))
+    return base.source_dataset(ImageSource(images, labels.astype(np.int32), continuous))

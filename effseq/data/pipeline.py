@@ -9,6 +9,8 @@ import weakref
 import grain
 import numpy as np
 
+from effseq.data import base
+
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 # Datasets up to this size are kept in memory once read (the CPU-sized tasks are a few MB).
@@ -29,6 +31,8 @@ class _Rows:
 
     def __init__(self, dataset: grain.MapDataset):
         self.dataset = dataset
+        # Rows straight from the dataset's source where there is one (see base.source_dataset).
+        self.source = base.plain_source(dataset)
         first = dataset[0]
         per_example = sum(np.asarray(v).nbytes for v in first.values())
         self.store = None
@@ -52,15 +56,25 @@ class _Rows:
             with self.lock:
                 # Whole aligned runs of examples, read in order: generated tasks make theirs
                 # in blocks, and shuffled reads would otherwise generate a block per example.
-                for start in np.unique(missing // _FILL_RUN) * _FILL_RUN:
-                    for i in range(start, min(start + _FILL_RUN, len(self.filled))):
+                for run in np.unique(missing // _FILL_RUN) * _FILL_RUN:
+                    todo = run + np.flatnonzero(~self.filled[run : run + _FILL_RUN])
+                    if not todo.size:
+                        continue
+                    start, stop = int(todo[0]), int(todo[-1]) + 1
+                    for i, row in zip(range(start, stop), self._read(start, stop), strict=True):
                         if self.filled[i]:
                             continue
-                        row = self.dataset[i]
                         for key, column in self.store.items():
                             column[i] = row[key]
                         self.filled[i] = True
         return {key: column[indices] for key, column in self.store.items()}
+
+    def _read(self, start: int, stop: int):
+        """Rows start..stop-1: in one read where the source can (LineSource.rows)."""
+        if hasattr(self.source, "rows"):
+            return self.source.rows(start, stop)
+        read = self.source if self.source is not None else self.dataset
+        return (read[i] for i in range(start, stop))
 
 
 # One row store per dataset object, so a caller that keeps its dataset (the trainer keeps each

@@ -133,3 +133,20 @@ def test_kept_examples_are_read_once_and_batches_are_unchanged(monkeypatch):
         got = next(b)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_rows_read_in_runs_from_the_plain_source_equal_single_reads(tmp_path):
+    from effseq.data import base, load_task
+    from effseq.data.generators import generate_listops
+    from effseq.data.pipeline import _rows
+
+    generate_listops(
+        tmp_path / "listops-1000", 300, 10, 10, min_length=4, max_length=40, progress=False
+    )
+    ds = load_task("lra/listops", "train", data_dir=str(tmp_path), max_length=40)
+    assert isinstance(base.plain_source(ds), base.LineSource)
+    assert base.plain_source(ds.map(lambda x: x)) is None  # a transformed dataset: grain's path
+    got = _rows(ds).take(np.arange(len(ds))[::-1])  # every run, read backwards
+    for i in range(len(ds)):
+        for key, value in ds[i].items():
+            np.testing.assert_array_equal(got[key][len(ds) - 1 - i], value)

@@ -85,4 +85,4 @@ def load(split: str, data_dir, continuous: bool) -> grain.MapDataset:
         num_train = int(round(TRAIN_FRACTION * len(labels)))
         part = slice(0, num_train) if split == "train" else slice(num_train, None)
         images, labels = images[part], labels[part]
-    return grain.MapDataset.source(ImageSource(images, labels, continuous))
+    return base.source_dataset(ImageSource(images, labels, continuous))

@@ -68,4 +68,4 @@ def load(split: str, data_dir, max_length: int) -> grain.MapDataset:
     header = base.read_line(path, source.offsets, 0)
     if header.strip() != HEADER:
         raise base.malformed(path, 1, f"expected the header {HEADER!r}, got {header[:40]!r}")
-    return grain.MapDataset.source(source)
+    return base.source_dataset(source)

@@ -124,6 +124,6 @@ def load(name: str, split: str, data_dir, difficulty: str, continuous: bool) -> 
         raise base.MissingDataError(f"task {name!r}: no images listed in {directory}/metadata")
     lo, hi = SPLIT_FRACTIONS[split]
     start, stop = int(round(lo * len(paths))), int(round(hi * len(paths)))
-    return grain.MapDataset.source(
+    return base.source_dataset(
         PathfinderSource(directory, paths[start:stop], labels[start:stop], resolution, continuous)
     )

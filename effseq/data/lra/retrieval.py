@@ -54,6 +54,6 @@ def parse_row(line: bytes, path, lineno: int, max_length: int) -> dict[str, np.n
 def load(split: str, data_dir, max_length: int) -> grain.MapDataset:
     root = base.resolve_data_dir(NAME, data_dir, files(split))
     (path,) = base.require_paths(NAME, root, files(split), base.LRA_HOW_TO)
-    return grain.MapDataset.source(
+    return base.source_dataset(
         base.LineSource(path, functools.partial(parse_row, max_length=max_length))
     )

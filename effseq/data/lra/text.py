@@ -75,4 +75,4 @@ def load(split: str, data_dir, max_length: int, val_fraction: float) -> grain.Ma
         num_val = int(round(val_fraction * len(paths)))
         keep = np.sort(order[:num_val] if split == "val" else order[num_val:])
         paths, labels = [paths[i] for i in keep], labels[keep]
-    return grain.MapDataset.source(ReviewSource(paths, labels, max_length))
+    return base.source_dataset(ReviewSource(paths, labels, max_length))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import grain
 import numpy as np
 
 from effseq.data import base
@@ -62,7 +61,7 @@ def dataset(make, split: str, num_examples: int, num_eval_examples: int, seed: i
     base.check_int("num_eval_examples", num_eval_examples)
     base.check_int("seed", seed, minimum=0)
     count = num_examples if split == "train" else num_eval_examples
-    return grain.MapDataset.source(
+    return base.source_dataset(
         SyntheticSource(functools.partial(make, **params), seed, split, count)
     )
 
