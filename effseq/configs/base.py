@@ -160,7 +160,7 @@ MINIMUM = {
     "model.n_layers": 1,
     "model.mlp_ratio": 1,
     "model.short_conv": 0,
-    "train.steps": 1,
+    "train.steps": 0,  # 0: evaluate the initial (or train.init_from) model only
     "train.batch_size": 1,
     "train.micro_batches": 1,
     "train.steps_per_call": 1,

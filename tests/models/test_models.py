@@ -166,7 +166,7 @@ def test_unknown_mixer_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("mixer", list(MIXERS))
-def test_every_parameter_has_axes_and_ssm_tags_follow_the_mixer(mixer):
+def test_every_parameter_has_axes_and_groups_follow_the_mixer(mixer):
     model = _lm(mixer)
     variables = model.init(jax.random.key(1), _tokens())
 
@@ -177,8 +177,12 @@ def test_every_parameter_has_axes_and_ssm_tags_follow_the_mixer(mixer):
     assert axes and all(a is not None and None not in a for a in axes)
     # The scanned stack adds the layer axis in front of every stacked parameter.
     assert all(a[0] == "layers" for a in leaves(params.logical_axes(variables["params"]["stack"])))
+    # Each recipe's groups: S4D's A, B (and log_dt) and SGConv's kernels train at the SSM
+    # learning rate; Mamba's A_log, D and dt_bias at the base rate without weight decay.
+    named = {g for g in jax.tree.leaves(params.groups(variables)) if g is not None}
     tagged = any(jax.tree.leaves(params.ssm_mask(variables)))
-    assert tagged == (mixer in ("s4d", "sgconv", "mamba"))
+    assert tagged == (mixer in ("s4d", "sgconv"))
+    assert ("no_decay" in named) == (mixer == "mamba")
 
 
 def test_compile_time_is_flat_in_depth():
