@@ -1,1 +1,2 @@
-"""Timing scripts: ``python -m benchmarks.ops`` (``make run`` / ``make bench``)."""
+"""Benchmarks: kernels (``python -m benchmarks.ops``, ``make bench`` / ``make bench-ops``) and
+models (``effseq bench``, ``make bench-models`` / ``make bench-small``)."""

@@ -1,25 +1,26 @@
-"""``effseq train|eval|data ...``: parse the command line, then call one function."""
+"""``effseq train|eval|compare|bench|data ...``: parse the command line, then call one function."""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import pathlib
 import sys
 
+# Exit statuses of `effseq train`: 0 finished, 1 failed, 2 bad input (config, data, workdir),
+# 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume),
+# 128 + N stopped at once by a second signal N.
+PREEMPTED_EXIT = 75
+
 
 def _options(items: list[str]) -> dict:
     """``KEY=VALUE`` task options, values read as Python literals where they parse."""
+    from effseq.configs.base import parse_literal, split_assignment
+
     out = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r} must look like KEY=VALUE")
-        key, text = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
+        key, text = split_assignment(item, "--option")
+        out[key] = parse_literal(text)
     return out
 
 
@@ -30,13 +31,13 @@ def _train(args, overrides: list[str]) -> int:
     config = override(load_config(args.config), overrides)
     summary = train_and_evaluate(config, args.workdir)
     print(json.dumps(summary, indent=2))
-    return 0
+    return PREEMPTED_EXIT if summary["status"] == "preempted" else 0
 
 
 def _eval(args, overrides: list[str]) -> int:
     from effseq.train.loop import evaluate_workdir
 
-    print(json.dumps(evaluate_workdir(args.workdir), indent=2))
+    print(json.dumps(evaluate_workdir(args.workdir, overrides=tuple(overrides)), indent=2))
     return 0
 
 
@@ -56,17 +57,13 @@ def _compare(args, overrides: list[str]) -> int:
         match=args.match,
         lr_grid=tuple(args.lr_grid) if args.lr_grid else None,
         ssm_lr_grid=tuple(args.ssm_lr_grid) if args.ssm_lr_grid else None,
+        rerun=args.rerun,
+        imports=tuple(args.imports),
     )
     table = (pathlib.Path(args.out) / "results.md").read_text()
     print(table)
     failed = [r for r in records if r["status"] == "failed"]
     return 1 if failed else 0
-
-
-def _bench(args, overrides: list[str]) -> int:
-    from effseq.bench import main as bench_main
-
-    return bench_main(args.bench_args)
 
 
 def _data_stats(args, overrides: list[str]) -> int:
@@ -100,7 +97,10 @@ def _data_generate(args, overrides: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effseq", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="effseq",
+        description="Train, evaluate, compare and benchmark efficient sequence models.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -111,8 +111,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="PATH[:ARG], e.g. experiments/smoke.py:gla")
     t.add_argument("--workdir", required=True)
     t.set_defaults(fn=_train)
+    t.epilog = (
+        "Exit status: 0 finished; 1 failed; 2 bad input (config, data or workdir); 75 stopped "
+        "by SIGTERM or Ctrl-C after saving a checkpoint (run the same command to resume); "
+        "128+N stopped at once by a second signal N."
+    )
 
-    e = sub.add_parser("eval", help="evaluate a workdir's best-validation checkpoint")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a workdir's best-validation checkpoint",
+        description="--config.mesh.KEY=VALUE (and --config.task.data_dir=DIR) change where "
+        "the saved model is evaluated, e.g. on another device count.",
+    )
     e.add_argument("--workdir", required=True)
     e.set_defaults(fn=_eval)
 
@@ -154,15 +164,28 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also self-pretrain each classifier on its task's inputs, then fine-tune",
     )
+    c.add_argument(
+        "--rerun",
+        action="store_true",
+        help="runs under --out trained with another config are moved aside and trained again "
+        "(without it the compare stops and names them)",
+    )
+    c.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a Python file to run first, e.g. an experiment file that registers a mixer "
+        "(repeatable)",
+    )
     c.set_defaults(fn=_compare)
 
-    b = sub.add_parser(
-        "bench",
-        help="model-level training/decoding speed and memory against sequence length",
-        add_help=False,
+    # Listed for --help only: main() hands `effseq bench ...` to the benchmark's own parser
+    # before this parser sees it.
+    sub.add_parser(
+        "bench", help="model-level training/decoding speed and memory against sequence length"
     )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `effseq bench --help`")
-    b.set_defaults(fn=_bench)
 
     d = sub.add_parser("data", help="inspect or generate data sets").add_subparsers(
         dest="data_command", required=True
@@ -194,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         if not item.startswith("--config."):
             parser().error(f"unrecognized argument {item!r}")
         overrides.append(item.removeprefix("--config."))
-    if overrides and args.command not in ("train", "compare"):
-        parser().error("--config.KEY=VALUE overrides only apply to `effseq train` and `compare`")
+    if overrides and args.command not in ("train", "compare", "eval"):
+        parser().error(
+            "--config.KEY=VALUE overrides only apply to `effseq train`, `eval` and `compare`"
+        )
     try:
         return args.fn(args, overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
+        # Bad input and the filesystem's refusals (a missing file, a full disk, no
+        # permission): one line that names what was wrong, no traceback.
         print(f"effseq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,9 +24,12 @@ import jax
 
 from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
+from effseq.configs.base import FREE_SECTIONS
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.models import MIXERS
 from effseq.train import build
+from effseq.train import workdir as workdir_lib
+from effseq.train.loop import load_recorded_mixers
 from effseq.train.optimizer import make_schedule
 
 DEFAULT_MIXERS = tuple(MIXERS)
@@ -149,6 +153,84 @@ def _records_path(out: pathlib.Path) -> pathlib.Path:
     return out / "results.json"
 
 
+# Keys that say where a run ran, not what it trained: left out of a run's config hash.
+_WHERE = ("mesh.", "distributed.", "train.progress", "task.data_dir")
+
+
+def _what(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == w or k.startswith(w) for w in _WHERE)}
+
+
+def config_hash(config) -> str:
+    """SHA-256 (16 hex digits) of what a run trains: its config without the keys that only
+    say where it runs (mesh, processes, data location, progress bar)."""
+    flat = _what(workdir_lib.flatten(json.loads(config.to_json()), free=FREE_SECTIONS))
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stale_runs(plan, out: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(workdir, what differs) for each planned run whose workdir holds a run of another
+    config."""
+    stale = []
+    for item in plan:
+        workdir = out / "runs" / item["id"]
+        if item["skipped"] or not (workdir / "config.json").exists():
+            continue
+        old = _what(workdir_lib.read_config(workdir))
+        new = _what(workdir_lib.flatten(json.loads(item["config"].to_json()), free=FREE_SECTIONS))
+        differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if differ:
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            stale.append((workdir, shown + more))
+    return stale
+
+
+def _set_aside_stale(stale, rerun: bool, log) -> None:
+    if not stale:
+        return
+    if not rerun:
+        first, why = stale[0]
+        raise ValueError(
+            f"{len(stale)} run(s) under {first.parent} were trained with another config, "
+            f"e.g. {first.name}: {why}. Pass --rerun to move them aside (to "
+            "runs/<id>.replaced-<time>) and train them again, or use another --out"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for workdir, why in stale:
+        target = workdir.with_name(f"{workdir.name}.replaced-{stamp}")
+        workdir.rename(target)
+        log(f"  {workdir.name}: config changed ({why}); the old run moved to {target.name}")
+
+
+def _earlier_records(out: pathlib.Path, plan) -> list[dict]:
+    """Finished runs of earlier compares into ``out`` that this one does not plan (other
+    mixers, tasks or seeds), read back from results.json when their workdir still holds the
+    finished run, so the results always cover every finished run under ``out``."""
+    path = _records_path(out)
+    if not path.exists():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e}); move it away to start the table anew"
+        ) from None
+    planned = {item["id"] for item in plan}
+    kept = []
+    for record in earlier:
+        if record.get("status") != "completed" or not record.get("workdir"):
+            continue
+        run_id = pathlib.Path(record["workdir"]).name
+        summary = out / "runs" / run_id / "summary.json"
+        if run_id in planned or not summary.exists():
+            continue
+        if json.loads(summary.read_text()).get("status") == "completed":
+            kept.append({**record, "workdir": str(out / "runs" / run_id)})
+    return kept
+
+
 def run_compare(
     suite: str = "default",
     *,
@@ -163,6 +245,8 @@ def run_compare(
     match: str = "params",
     lr_grid: tuple[float, ...] | None = None,
     ssm_lr_grid: tuple[float, ...] | None = None,
+    rerun: bool = False,
+    imports: tuple[str, ...] = (),
     devices=None,
     log=None,
 ) -> list[dict]:
@@ -181,6 +265,14 @@ def run_compare(
     grid (and each ``optim.ssm_learning_rate`` of ``ssm_lr_grid`` where it has SSM-tagged
     parameters), every seed; the report then picks per task and mixer the rate with the best
     mean validation accuracy.
+
+    A run already under ``out`` is read back if finished, resumed if not, but only when its
+    saved config is the planned one (a hash of it is in each record): otherwise the compare
+    stops before training anything, unless ``rerun`` moves such runs aside to train them
+    again. ``results.json`` keeps the finished runs of earlier compares into ``out`` that
+    this one does not plan. ``imports`` are Python files to run first (e.g. an experiment
+    file that registers a mixer); the mixers that runs under ``out`` were trained with are
+    registered from their workdirs.
     """
     from effseq.compare.report import write_report
     from effseq.train.loop import train_and_evaluate
@@ -197,6 +289,12 @@ def run_compare(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from effseq.models import registry
+
+    for path in imports:
+        registry.load_source(path)
+    for workdir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
+        load_recorded_mixers(workdir)
     data_root = pathlib.Path(data_dir or os.environ.get("EFFSEQ_DATA_DIR", "") or out / "data")
     published = _published()
     plan = _plan(
@@ -205,6 +303,10 @@ def run_compare(
     baselines = _baselines(plan, out, log)
     if pretrain:
         plan = _with_pretraining(plan, out)
+    _set_aside_stale(_stale_runs(plan, out), rerun, log)
+    earlier = _earlier_records(out, plan)
+    if earlier:
+        log(f"compare: keeping {len(earlier)} finished runs of earlier compares into {out}")
     records: list[dict] = []
     started = time.time()
     stage_summary = {}
@@ -218,8 +320,9 @@ def run_compare(
         if item.get("stage") == "finetune":
             record.update(stage_summary, pretrained=True)
         records.append(record)
-        _records_path(out).write_text(json.dumps(records, indent=2) + "\n")
-        write_report(records, out, published=published, baselines=baselines)
+        everything = earlier + records
+        workdir_lib.write_atomic(_records_path(out), json.dumps(everything, indent=2) + "\n")
+        write_report(everything, out, published=published, baselines=baselines)
     log(f"compare: {len(records)} runs in {time.time() - started:.0f} s; results in {out}")
     return records
 
@@ -469,6 +572,7 @@ def _run_one(item, out: pathlib.Path, train, devices, log) -> dict:
     if _has_ssm_params_cached(item):
         base["ssm_learning_rate"] = config.optim.ssm_learning_rate
     base["match"] = item.get("match", "params")
+    base["config_hash"] = config_hash(config)
     if item.get("matched_to"):
         base["matched_to"] = item["matched_to"]
     if item["skipped"]:

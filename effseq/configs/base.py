@@ -211,6 +211,20 @@ def _parse_value(text: str, like):
     return value
 
 
+def split_assignment(item: str, what: str = "config override") -> tuple[str, str]:
+    """``"KEY=VALUE"`` -> (KEY, VALUE text); ValueError naming ``what`` otherwise."""
+    if "=" not in item:
+        raise ValueError(f"{what} {item!r} must look like KEY=VALUE")
+    key, text = item.split("=", 1)
+    return key, text
+
+
+def parse_literal(text: str):
+    """A ``KEY=VALUE`` value with no existing value to follow: a Python literal where it
+    parses (numbers, booleans, lists), else the text."""
+    return _parse_value(text, None)
+
+
 def override(config: ConfigDict, assignments: list[str]) -> ConfigDict:
     """Applies ``KEY=VALUE`` strings (the CLI's ``--config.KEY=VALUE``) to ``config``.
 
@@ -219,9 +233,7 @@ def override(config: ConfigDict, assignments: list[str]) -> ConfigDict:
     """
     base = _flat_keys(config)
     for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"config override {item!r} must look like KEY=VALUE")
-        key, text = item.split("=", 1)
+        key, text = split_assignment(item)
         if key not in base and not _free(key):
             raise _unknown(key, base)
         try:

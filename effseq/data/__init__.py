@@ -4,7 +4,7 @@ sequential images, offline generators, and the batching the trainer uses.
 Never imports effseq.models or effseq.train.
 """
 
-from effseq.data.base import MissingDataError, TaskInfo
+from effseq.data.base import MissingDataError, TaskInfo, validate
 from effseq.data.pipeline import batches
 from effseq.data.tasks import list_tasks, load_task, task_defaults, task_info
 
@@ -16,4 +16,5 @@ __all__ = [
     "load_task",
     "task_defaults",
     "task_info",
+    "validate",
 ]

@@ -211,6 +211,14 @@ def source_dataset(source) -> grain.MapDataset:
     return dataset
 
 
+def validate(dataset: grain.MapDataset) -> None:
+    """Checks every row of a dataset whose source can (``validate()``; text-file sources),
+    raising the first malformed row's ``file:line`` error."""
+    check = getattr(plain_source(dataset), "validate", None)
+    if check is not None:
+        check()
+
+
 def plain_source(dataset: grain.MapDataset):
     """The source a dataset from :func:`source_dataset` reads, or None for any other."""
     return _SOURCES.get(dataset)
@@ -242,6 +250,12 @@ class LineSource:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} rows of {self.path}")
         return self.parse(self.line(index), self.path, index + self.skip + 1)
+
+    def validate(self, block: int = 4096) -> None:
+        """Parses every row once (and drops them), so a malformed row fails, naming its file
+        and line, when the data is loaded rather than when training reaches it."""
+        for start in range(0, len(self), block):
+            self.rows(start, min(start + block, len(self)))
 
     def rows(self, start: int, stop: int) -> list[dict[str, np.ndarray]]:
         """Rows ``start`` to ``stop - 1`` parsed, from one read of the file."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +31,9 @@ _BUILTIN = frozenset(MIXERS)
 BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "attention"}
 # The mixer protocol of effseq.layers: the methods a model calls and the fields make_mixer sets.
 _PROTOCOL_METHODS = ("__call__", "init_state", "step", "prefill")
+# name -> the Python file whose code registered it (an experiment file, a plugin), recorded in
+# a workdir so `effseq eval` and `effseq compare` can register the mixer again.
+_SOURCES: dict[str, str] = {}
 _REQUIRED_FIELDS = ("d_model", "dtype", "param_dtype")
 
 
@@ -65,10 +72,31 @@ def register_mixer(
             "(see effseq.layers)"
         )
     MIXERS[name] = cls
+    caller = sys._getframe(1).f_code.co_filename
+    if os.path.isfile(caller):
+        _SOURCES[name] = os.path.abspath(caller)
+    else:  # a notebook cell or an interactive session: nothing to run again
+        _SOURCES.pop(name, None)
     if bidirectional:
         BIDIRECTIONAL.add(name)
     else:
         BIDIRECTIONAL.discard(name)
+
+
+def sources(mixer: str) -> dict[str, str]:
+    """The registering file of each registered (not built-in) mixer in pattern ``mixer``."""
+    names = {m.strip() for m in mixer.split(",")}
+    return {n: _SOURCES[n] for n in sorted(names) if n in _SOURCES}
+
+
+def load_source(path: str | os.PathLike) -> None:
+    """Runs the Python file ``path`` (e.g. the experiment file that registers a mixer)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} (recorded as a mixer's source) does not exist")
+    spec = importlib.util.spec_from_file_location(f"effseq_source_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
 
 
 def parse_pattern(mixer: str, n_layers: int) -> tuple[str, ...]:
@@ -116,5 +144,16 @@ def make_mixer(
         fields["max_len"] = max_len
     options = dict(options or {})
     fields.update({k: v for k, v in options.items() if k not in MIXERS})
-    fields.update(options.get(name) or {})
-    return MIXERS[name](**fields, **kwargs)
+    own = options.get(name) or {}
+    fields.update(own)
+    cls = MIXERS[name]
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(k for k in {**fields, **kwargs} if k not in known)
+    if unknown:
+        where = "model.mixer_options" + (f".{name}" if unknown[0] in own else "")
+        raise ValueError(
+            f"{where}: {cls.__name__} (mixer {name!r}) has no field "
+            f"{', '.join(map(repr, unknown))}; its fields: "
+            f"{', '.join(sorted(known - {'d_model', 'dtype', 'param_dtype'}))}"
+        )
+    return cls(**fields, **kwargs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,9 +203,3 @@ def make_loss_fn(model: nn.Module, info: TaskInfo, objective: str, mask_rate: fl
 
 def param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def model_summary(model: nn.Module) -> dict:
-    """Flat dict of the model's hyper-parameters for logs."""
-    fields = dataclasses.fields(model)
-    return {f.name: getattr(model, f.name) for f in fields if f.name not in ("parent", "name")}

@@ -27,7 +27,13 @@ from effseq.configs import validate
 from effseq.configs.base import FREE_SECTIONS
 from effseq.train import build, checkpoint, optimizer
 from effseq.train import step as step_lib
-from effseq.train.metrics import MetricsWriter, read_jsonl
+from effseq.train import workdir as workdir_lib
+from effseq.train.metrics import MetricsWriter, read_jsonl, truncate_events, truncate_jsonl
+
+# `effseq train`'s exit status when a signal (SIGTERM, SIGINT) stopped the run after saving a
+# checkpoint: EX_TEMPFAIL, "try again", so a scheduler can tell a preempted run (resume it)
+# from a finished one (0) and a failed one (1, or 2 for bad input).
+PREEMPTED_EXIT = 75
 
 
 class Log:
@@ -185,9 +191,13 @@ class Setup:
         """The split's dataset, loaded once: its examples stay in memory after their first
         read (small tasks), so later epochs and evaluation passes reuse them."""
         if split not in self._datasets:
-            self._datasets[split] = data_lib.load_task(
+            dataset = data_lib.load_task(
                 self.info.name, split, data_dir=self.data_dir, **dict(self.config.task.options)
             )
+            # Every row of text-file data is parsed here, before the first step: a malformed
+            # row is an error naming its file and line, not a failure mid-run.
+            data_lib.validate(dataset)
+            self._datasets[split] = dataset
         return self._datasets[split]
 
     def batches(self, split: str, *, train: bool):
@@ -266,12 +276,17 @@ def _versions() -> str:
     )
 
 
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """On resume, drop records after the restored step: they are about to be redone."""
-    if not path.exists():
-        return
-    kept = [r for r in read_jsonl(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+def _truncate_metrics(workdir: pathlib.Path, step: int, log) -> None:
+    """Before the first step: drop the records after ``step`` (the restored one, or 0 for a
+    fresh start) from ``metrics.jsonl`` and the TensorBoard files, and a line or frame torn
+    by a kill or a full disk, so each step appears once."""
+    removed = truncate_jsonl(workdir / "metrics.jsonl", step)
+    events = truncate_events(workdir / "tensorboard", step)
+    if removed or events:
+        log(
+            f"removed {removed} metrics records and {events} TensorBoard events after step "
+            f"{step} (an earlier attempt logged them; they are about to be redone)"
+        )
 
 
 def _agreed(flag: bool) -> bool:
@@ -285,25 +300,41 @@ def _agreed(flag: bool) -> bool:
 
 
 class _Preemption:
-    """Records SIGTERM so the loop can checkpoint and stop between steps."""
+    """SIGTERM and SIGINT (Ctrl-C) ask the loop to save a checkpoint and stop between steps.
+    A second signal stops the process at once (status 128 + the signal): a save in flight is
+    abandoned in its temporary directory and the last complete checkpoint is untouched."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log=None):
+        self.requested: str | None = None
+        self._previous = {}
+        self._log = log or (lambda message: None)
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: no handler, no preemption support
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested:
+            again = "again" if name == self.requested else f"after {self.requested}"
+            self._log(f"{name} {again}: stopping now; the last complete checkpoint is kept")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.requested = name
+        self._log(
+            f"{name}: saving a checkpoint at the next step, then stopping ({name} again "
+            "stops at once)"
+        )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -313,15 +344,31 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
 
     ``devices`` (default: all) is the device list the mesh is built from."""
     maybe_initialize_distributed(config)
-    workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-    log = Log(workdir, lead)
+    workdir = workdir_lib.prepare(workdir) if lead else pathlib.Path(workdir).absolute()
+    lock = workdir_lib.Lock(workdir).acquire() if lead else None
+    try:
+        return _train(config, workdir, devices, lead)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir: pathlib.Path, devices, lead: bool) -> dict:
+    # Nothing in the workdir changes before the run is known to be this one (or a resumable
+    # change of it): config.json is replaced only after the check.
+    text = config.to_json(indent=2) + "\n"
+    changed = workdir_lib.check_compatible(
+        workdir, workdir_lib.flatten(json.loads(text), free=FREE_SECTIONS)
+    )
     setup = Setup(config, devices=devices)
     tc = config.train
+    log = Log(workdir, lead)
     if lead:
-        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+        workdir_lib.write_atomic(workdir / "config.json", text)
+        _record_mixers(workdir, config)
+    if changed:
+        log(f"config keys changed since the run started: {', '.join(changed)}")
     log(_versions())
     log(
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
@@ -332,23 +379,32 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
         f"{config.model.mixer!r}, {setup.num_params:,} parameters"
     )
 
-    ckpts = checkpoint.Checkpoints(workdir, tc.keep_checkpoints)
+    for split in ("train", "val", "test") if tc.test else ("train", "val"):
+        if split in setup.info.splits:
+            setup.dataset(split)  # loaded and checked before anything else is done
+    ckpts = checkpoint.Checkpoints(workdir, tc.keep_checkpoints, log, writer=lead)
     train_iter = setup.batches("train", train=True)
     restored = ckpts.restore_latest(setup.target)
     if restored is None:
         state = setup.init_state()
         start = 0
+        if ckpts.best.latest_step() is not None:
+            log(
+                "no checkpoint to resume from: starting at step 0 (the best checkpoint of an "
+                "earlier attempt is removed; this run produces it again)"
+            )
+            ckpts.discard_best()
         if tc.init_from:
             state = _init_from(setup, state, tc.init_from, devices, log)
     else:
         start, state, data_state = restored
         train_iter.set_state(data_state)
         log(f"resumed from the checkpoint at step {start}")
-        if lead:
-            _truncate_metrics(workdir / "metrics.jsonl", start)
+    if lead:
+        _truncate_metrics(workdir, start, log)
     # Wall time counts across resumptions: continue from the last logged record's.
     wall_offset = _last_wall(workdir / "metrics.jsonl") if restored else 0.0
-    best = _best_so_far(workdir) if restored else None
+    best = ckpts.best_meta() if restored else None
 
     k = tc.steps_per_call
     train_fns = {1: setup.train_fn(1)}
@@ -363,10 +419,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
     t_start = time.time()
     feed = _Prefetcher(_call_sizes(start, tc), train_iter, setup)
     try:
-        with _Preemption() as preempt:
+        with _Preemption(log) as preempt:
             while step < tc.steps:
-                if _agreed(preempt.requested):
-                    log(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                if _agreed(bool(preempt.requested)):
+                    log(
+                        f"{preempt.requested or 'a signal to another process'}: saving a "
+                        f"checkpoint at step {step} and stopping"
+                    )
                     ckpts.save(step, state, data_state)
                     status = "preempted"
                     break
@@ -407,9 +466,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
                     writer.write(step, record)
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
                     ckpts.save(step, state, data_state)
+    except BaseException:
+        # A save in flight is completed (or fails) before the error propagates, so a rerun
+        # in this process or the next never races an unfinished save.
+        try:
+            ckpts.wait()
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log(f"the checkpoint save in progress failed too: {type(e).__name__}: {e}")
+        raise
     finally:
         feed.close()
-    progress.close()
+        progress.close()  # an error's message starts on a line of its own
     ckpts.wait()
     wall = wall_offset + time.time() - t_start
     summary = {
@@ -578,19 +645,13 @@ class _Window:
 def _init_from(setup: Setup, state, source: str, devices, log):
     """``state`` with every parameter that ``source``'s best checkpoint has at the same path
     and shape (the backbone after self-pretraining); the rest (heads) keep their fresh init."""
-    from effseq.configs import get_config
-
     source = pathlib.Path(source)
-    path = source / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"train.init_from: {path} does not exist")
-    config = get_config()
-    config.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    config = saved_config(source, "train.init_from")
     # Restore onto this run's mesh, so the shared parameters already have its shardings.
     for key in ("data", "fsdp", "tensor", "rules"):
         config.mesh[key] = setup.config.mesh[key]
     other = Setup(config, devices=devices, for_eval_only=True)
-    ckpts = checkpoint.Checkpoints(source, config.train.keep_checkpoints)
+    ckpts = checkpoint.Checkpoints(source, config.train.keep_checkpoints, writer=False)
     restored = ckpts.restore_best(other.target)
     ckpts.close()
     if restored is None:
@@ -634,16 +695,6 @@ def _last_wall(path: pathlib.Path) -> float:
     return walls[-1] if walls else 0.0
 
 
-def _best_so_far(workdir: pathlib.Path) -> dict | None:
-    meta = sorted((workdir / "best").glob("*/meta/*"))
-    for path in meta:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
-
-
 def _progress(tc, start: int, enabled: bool):
     from tqdm import tqdm
 
@@ -657,18 +708,33 @@ def _progress(tc, start: int, enabled: bool):
     )
 
 
-def evaluate_workdir(workdir: str | os.PathLike, splits=("val", "test"), *, devices=None) -> dict:
-    """Re-evaluates the best-validation checkpoint of a finished or running ``workdir``."""
-    from effseq.configs import get_config
+def evaluate_workdir(
+    workdir: str | os.PathLike, splits=("val", "test"), *, devices=None, overrides=()
+) -> dict:
+    """Re-evaluates the best-validation checkpoint of a finished or running ``workdir``.
 
+    ``overrides`` (``KEY=VALUE``) may change where it runs: ``mesh.*`` (e.g. another device
+    count) and ``task.data_dir``; any other key is refused, since it would evaluate another
+    model than the one saved."""
     workdir = pathlib.Path(workdir)
-    path = workdir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
-    config = get_config()
-    config.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not (key.startswith("mesh.") or key == "task.data_dir"):
+            raise ValueError(
+                f"effseq eval: --config.{key} cannot change: only mesh.* and task.data_dir "
+                "(where the saved model runs) may be overridden"
+            )
+    config = saved_config(workdir, "effseq eval")
+    if overrides:
+        from effseq.configs import override
+
+        config = override(config, list(overrides))
+    sizes = [config.mesh[k] for k in ("data", "fsdp", "tensor")]
+    if devices is None and min(sizes) > 0 and np.prod(sizes) < jax.device_count():
+        # An explicit smaller mesh: evaluate on the first of the devices.
+        devices = jax.devices()[: int(np.prod(sizes))]
     setup = Setup(config, devices=devices, for_eval_only=True)
-    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints, writer=False)
     restored = ckpts.restore_best(setup.target)
     if restored is None:
         raise FileNotFoundError(f"{workdir / 'best'} holds no checkpoint yet")
@@ -681,12 +747,53 @@ def evaluate_workdir(workdir: str | os.PathLike, splits=("val", "test"), *, devi
     return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in FREE_SECTIONS:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+MIXERS_FILE = "mixers.json"
+
+
+def _record_mixers(workdir: pathlib.Path, config) -> None:
+    """``WORKDIR/mixers.json``: the source file of each registered (not built-in) mixer the
+    model uses, so ``effseq eval`` and ``effseq compare`` can register it again."""
+    from effseq.models import registry
+
+    sources = registry.sources(config.model.mixer)
+    path = workdir / MIXERS_FILE
+    if sources:
+        workdir_lib.write_atomic(path, json.dumps(sources, indent=2) + "\n")
+
+
+def load_recorded_mixers(workdir: pathlib.Path) -> list[str]:
+    """Registers the mixers ``WORKDIR/mixers.json`` records (running the files that define
+    them) where they are not registered yet; returns their names."""
+    from effseq.models import registry
+
+    path = workdir / MIXERS_FILE
+    if not path.exists():
+        return []
+    try:
+        sources = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for name, source in sources.items():
+        if name not in registry.MIXERS:
+            registry.load_source(source)
+        if name not in registry.MIXERS:
+            raise ValueError(f"{path}: running {source} did not register mixer {name!r}")
+    return list(sources)
+
+
+def saved_config(workdir: pathlib.Path, who: str):
+    """The validated config a workdir's run was started with (its recorded mixers
+    registered first)."""
+    from effseq.configs import get_config
+
+    path = workdir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{who}: {path} does not exist: is {workdir} a training workdir?")
+    load_recorded_mixers(workdir)
+    flat = workdir_lib.read_config(workdir)
+    config = get_config()
+    try:
+        config.update_from_flattened_dict(flat)
+        return validate(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{who}: {path}: {e}") from None

@@ -1,6 +1,7 @@
 """effseq compare end to end on tiny configs: records, table, plots, resume."""
 
 import json
+import pathlib
 
 import jax
 import pytest
@@ -26,13 +27,12 @@ KEYS = {"task", "mixer", "seed", "params", "steps", "wall_s", "val_accuracy", "t
 def _run(out, log=None, **kw):
     return run_compare(
         "mqar",
-        mixers=("gla", "attention"),
         out=out,
         overrides=TINY + ("task.options.seq_len=64",),
         widths=(16, 32),
         devices=jax.devices()[:1],
         log=log or (lambda m: None),
-        **{"seeds": 1, **kw},
+        **{"seeds": 1, "mixers": ("gla", "attention"), **kw},
     )
 
 
@@ -70,6 +70,36 @@ def test_rerun_skips_finished_runs(finished):
     again = _run(out, log=messages.append)
     assert sum("already finished" in m for m in messages) == len(records)
     assert [r["val_accuracy"] for r in again] == [r["val_accuracy"] for r in records]
+
+
+def test_results_keep_every_finished_run_and_a_changed_config_is_not_read_back(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    # Fewer mixers: the table still holds the other mixer's finished runs.
+    _run(out, mixers=("gla",))
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted((r["mixer"], r["d_model"]) for r in saved) == sorted(
+        (r["mixer"], r["d_model"]) for r in finished[1]
+    )
+    assert all(len(r["config_hash"]) == 16 for r in saved)
+    assert "| attention (d_model=32) |" in (out / "results.md").read_text()
+    # More steps: the finished 4-step runs are not passed off as 6-step ones.
+    changed = dict(mixers=("gla",), widths=(16,), overrides=(*TINY, "task.options.seq_len=64",
+                   "train.steps=6"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.steps 4 -> 6.*--rerun"):
+        run_compare("mqar", out=out, seeds=1, devices=jax.devices()[:1], log=print, **changed)
+    messages = []
+    (record,) = run_compare(
+        "mqar", out=out, seeds=1, devices=jax.devices()[:1], log=messages.append, rerun=True,
+        **changed,
+    )  # fmt: skip
+    before = next(r for r in saved if (r["mixer"], r["d_model"]) == ("gla", 16))
+    assert record["steps"] == 6 and record["config_hash"] != before["config_hash"]
+    (old,) = (out / "runs").glob("*.replaced-*")  # moved aside, not deleted
+    assert json.loads((old / "summary.json").read_text())["steps"] == 4
+    assert any("config changed (train.steps 4 -> 6)" in m for m in messages)
 
 
 def test_missing_data_is_reported_as_skipped(tmp_path):
@@ -156,3 +186,27 @@ def test_learning_rate_grid_plans_every_rate_seed_and_ssm_rate(tmp_path, monkeyp
     )
     assert len({i["id"] for i in plan}) == len(plan)
     assert any("__lr0.01__ssmlr0.0005__seed1" in i["id"] for i in plan)
+
+
+def test_import_registers_a_mixer_for_the_compare(tmp_path, capsys):
+    from effseq.models import MIXERS, registry
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        "from effseq.models import register_mixer\n"
+        "from tests.models.test_registry import Decay\n"
+        "register_mixer('decay_cmp', Decay)\n"
+    )
+    out = tmp_path / "out"
+    args = ["compare", "--suite", "mqar", "--mixers", "decay_cmp", "--widths", "16"]
+    args += ["--seeds", "1", "--out", str(out), *(f"--config.{t}" for t in TINY)]
+    try:
+        assert main(args) == 2 and "unknown mixer 'decay_cmp'" in capsys.readouterr().err
+        assert main([*args, "--import", str(plugin)]) == 0
+        (record,) = json.loads((out / "results.json").read_text())
+        assert record["mixer"] == "decay_cmp" and record["status"] == "completed"
+        workdir = out / "runs" / pathlib.Path(record["workdir"]).name
+        assert json.loads((workdir / "mixers.json").read_text()) == {"decay_cmp": str(plugin)}
+    finally:
+        MIXERS.pop("decay_cmp", None)
+        registry.BIDIRECTIONAL.discard("decay_cmp")

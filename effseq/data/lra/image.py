@@ -21,6 +21,7 @@ NAME = "lra/image"
 FOLDER = "cifar-10-batches-py"
 DEFAULTS = {"continuous": False}
 TRAIN_FRACTION = 0.9
+NUM_CLASSES = 10
 LUMA = np.asarray([0.2989, 0.5870, 0.1140], np.float32)
 HOW_TO = (
     "Download the CIFAR-10 python version (cifar-10-python.tar.gz, www.cs.toronto.edu/~kriz/"
@@ -38,7 +39,7 @@ def files(split: str) -> list[str]:
 def info(continuous: bool) -> base.TaskInfo:
     continuous = base.check_bool("continuous", continuous)
     vocab, dim = (None, 1) if continuous else (base.BYTE_VOCAB, None)
-    return base.TaskInfo(NAME, vocab, dim, 10, 1024)
+    return base.TaskInfo(NAME, vocab, dim, NUM_CLASSES, 1024)
 
 
 def grayscale(rgb: np.ndarray) -> np.ndarray:
@@ -57,7 +58,15 @@ def _read_batch(path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(data, np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
         raise ValueError(f"{path}: expected data (n, 3072) and n labels, got {data.shape}")
-    return grayscale(data.reshape(-1, 3, 32, 32)), np.asarray(labels, np.int32)
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{path}: image {i} (0-based) has label {labels[i]}, outside 0-{NUM_CLASSES - 1} "
+            f"({bad.size} such labels in the file)"
+        )
+    return grayscale(data.reshape(-1, 3, 32, 32)), labels.astype(np.int32)
 
 
 class ImageSource:
