@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -24,7 +23,7 @@ import jax
 
 from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
-from effseq.configs.base import FREE_SECTIONS
+from effseq.configs.base import FREE_SECTIONS, run_file
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.models import MIXERS
 from effseq.train import build
@@ -75,10 +74,7 @@ def experiments_dir() -> pathlib.Path:
 
 
 def _module(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"effseq_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return run_file(path, "effseq_experiment")
 
 
 def _generate(entry: Entry, data_dir: pathlib.Path, log) -> pathlib.Path:

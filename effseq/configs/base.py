@@ -254,6 +254,15 @@ def override(config: ConfigDict, assignments: list[str]) -> ConfigDict:
     return validate(config)
 
 
+def run_file(path: str | pathlib.Path, prefix: str):
+    """Runs the Python file ``path`` as a fresh module named ``{prefix}_{stem}``; returns it."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str) -> ConfigDict:
     """``PATH[:ARG]`` -> the config of the experiment file PATH, ``get_config(ARG)``, validated.
 
@@ -263,9 +272,7 @@ def load_config(spec: str) -> ConfigDict:
     path = pathlib.Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path_text!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"effseq_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = run_file(path, "effseq_config")
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config(None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import sys
@@ -91,12 +90,12 @@ def sources(mixer: str) -> dict[str, str]:
 
 def load_source(path: str | os.PathLike) -> None:
     """Runs the Python file ``path`` (e.g. the experiment file that registers a mixer)."""
+    from effseq.configs.base import run_file
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} (recorded as a mixer's source) does not exist")
-    spec = importlib.util.spec_from_file_location(f"effseq_source_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    run_file(path, "effseq_source")
 
 
 def parse_pattern(mixer: str, n_layers: int) -> tuple[str, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import socket
 import struct
@@ -17,7 +16,7 @@ import time
 
 import numpy as np
 
-from effseq.train.workdir import WorkdirError
+from effseq.train.workdir import WorkdirError, write_atomic
 
 # CRC-32C (Castagnoli), reflected polynomial: TFRecord frames carry masked CRC-32C checksums.
 _POLY = 0x82F63B78
@@ -210,17 +209,8 @@ def truncate_jsonl(path: pathlib.Path, step: int) -> int:
     kept = [r for r in records if r.get("step", 0) <= step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     if text != path.read_text():
-        _replace(path, text.encode())
+        write_atomic(path, text)
     return len(records) - len(kept)
-
-
-def _replace(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_records(data: bytes) -> tuple[list[bytes], int]:
@@ -288,5 +278,5 @@ def truncate_events(logdir: pathlib.Path, step: int) -> int:
         removed += len(records) - len(kept)
         new = b"".join(frame(r) for r in kept)
         if new != data:
-            _replace(path, new)
+            write_atomic(path, new)
     return removed

@@ -178,12 +178,12 @@ def check_compatible(workdir: pathlib.Path, new: dict) -> list[str]:
     return differ
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place, so the
+def write_atomic(path: pathlib.Path, data: str | bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path`` and renames it into place, so the
     file is the old one or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -229,7 +229,13 @@ def test_remat_changes_memory_not_results():
         assert_close(a, b, kind="grad")
 
 
-@pytest.mark.parametrize("mixer", ["gla", "mamba", "attention", "s4d"])
+# The short convolution sits in the residual block, the same for every mixer: the fast suite
+# runs it before a mixer with a state of its own (GLA) and one with its own convolution (Mamba).
+@pytest.mark.parametrize(
+    "mixer",
+    ["gla", "mamba", pytest.param("attention", marks=pytest.mark.slow),
+     pytest.param("s4d", marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_short_conv_decoding_prefill_and_causality(mixer):
     # Zoology's short convolution in front of every mixer: its window joins the decoding
     # state, a prompt shorter than the window (3 < 4 taps) leaves zeros in front.
