@@ -29,3 +29,28 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
 def pytest_unconfigure(config):
     if _CACHE is not None and not hasattr(config, "workerinput"):
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# The longest test files first. `make test` hands whole files to two workers as they free up
+# (pytest-xdist --dist loadfile); collected in name order, the slowest ones (tests/train/)
+# came last, and one worker ran them alone while the other sat idle for a minute or more.
+_LONGEST_FIRST = (
+    "tests/test_notebooks.py",
+    "tests/compare/test_run.py",
+    "tests/train/test_loop.py",
+    "tests/train/test_workdir.py",
+    "tests/train/test_preemption.py",
+    "tests/models/test_models.py",
+    "tests/benchmarks/",
+    "tests/train/",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        for i, prefix in enumerate(_LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

@@ -2,8 +2,11 @@
 
 Abstract-first setup (shapes by ``jax.eval_shape``, then shardings from the logical-axis rules,
 then a jitted init straight into them), one compiled ``train_step`` with pinned shardings and
-the state donated, periodic validation and checkpoints, automatic resume, a clean stop on
-SIGTERM, and the test split evaluated on the best-validation checkpoint.
+the state donated, periodic validation and checkpoints, automatic resume from the newest
+checkpoint that verifies, a clean stop on SIGTERM or SIGINT (exit status 75 from the CLI), and
+the test split evaluated on the best-validation checkpoint. Before anything in the workdir is
+written, :mod:`effseq.train.workdir` checks it, locks it for this trainer and refuses a config
+that differs from the run it holds.
 """
 
 from __future__ import annotations
