@@ -123,7 +123,9 @@ def one_device_losses(tmp_path_factory):
 @pytest.mark.parametrize(
     "rules,mesh",
     [
-        ("dp", (8, 1, 1)),
+        # The fast suite trains on the mesh that uses all three axes (data, fsdp, tensor);
+        # the single-axis meshes run with -m slow.
+        pytest.param("dp", (8, 1, 1), marks=pytest.mark.slow),
         pytest.param("fsdp", (2, 4, 1), marks=pytest.mark.slow),
         ("fsdp_tp", (2, 2, 2)),
     ],
