@@ -375,6 +375,10 @@ def _plan(
                         generated=bool(entry.generate),
                         skipped=skipped,
                         info=info,
+                        # What the widths are matched to: attention at the experiment's width,
+                        # whether or not attention is among the mixers, so a mixer's run is
+                        # the same whichever other mixers a compare names.
+                        reference=functools.partial(_reference_config, path, entry, preset, items),
                     )
                 )
     _match(bases, match, log)
@@ -516,10 +520,15 @@ def _with_pretraining(plan: list[dict], out: pathlib.Path) -> list[dict]:
     return result
 
 
+def _reference_config(path, entry: Entry, preset: str, items):
+    arg = entry.arg.format(mixer="attention", preset=preset, width=None)
+    return override(load_config(f"{path}:{arg}"), items)
+
+
 def _match(items, match: str, log) -> None:
     """Per task, each mixer's width chosen so its ``match`` measure (parameters or forward
-    FLOPs) is closest to attention's (the baseline) at the experiment's width, or to the first
-    mixer's without attention; ``"width"`` keeps every experiment's width. Then the parameter
+    FLOPs) is closest to attention's (the baseline) at the experiment's width, whether or not
+    attention is compared; ``"width"`` keeps every experiment's width. Then the parameter
     budget check, whatever was matched, and each item records what it was matched to."""
     tasks: dict[str, list[dict]] = {}
     for item in items:
@@ -527,9 +536,7 @@ def _match(items, match: str, log) -> None:
             tasks.setdefault(item["task"], []).append(item)
     for task, group in tasks.items():
         first = {item["mixer"]: item for item in group}
-        if len(first) < 2:
-            continue
-        ref = first.get("attention", next(iter(first.values())))
+        ref = first.get("attention") or {"mixer": "attention", "config": group[0]["reference"]()}
         if match == "width":
             line = ", ".join(f"{m} d_model {it['config'].model.d_model}" for m, it in first.items())
             log(f"widths on {task} as the experiments set them: {line}")
@@ -547,6 +554,8 @@ def _match(items, match: str, log) -> None:
         counts = {m: _param_count(it["config"]) for m, it in first.items()}
         for item in group:
             item["matched_to"] = ref["mixer"]
+        if len(counts) < 2:
+            continue
         ratio = max(counts.values()) / min(counts.values())
         if match == "params" and ratio > PARAM_BUDGET:
             raise ValueError(

@@ -210,3 +210,17 @@ def test_import_registers_a_mixer_for_the_compare(tmp_path, capsys):
     finally:
         MIXERS.pop("decay_cmp", None)
         registry.BIDIRECTIONAL.discard("decay_cmp")
+
+
+def test_a_mixers_width_does_not_depend_on_the_other_mixers_named(tmp_path, monkeypatch):
+    # Matched to attention at the experiment's width even when attention is not compared, so
+    # `--mixers s4d` plans the very run that `--mixers s4d attention` did (and reads it back).
+    run = _tiny_suite(monkeypatch)
+
+    def s4d_width(mixers):
+        plan = run._plan("tiny", mixers, "cpu", 1, TINY, tmp_path, lambda m: None)
+        (item,) = [i for i in plan if i["mixer"] == "s4d"]
+        assert item["matched_to"] == "attention"
+        return item["config"].model.d_model, run.config_hash(item["config"])
+
+    assert s4d_width(("s4d",)) == s4d_width(("s4d", "attention")) == s4d_width(("s4d", "gla"))
