@@ -23,12 +23,11 @@ import jax
 
 from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
-from effseq.configs.base import FREE_SECTIONS, run_file
+from effseq.configs.base import run_file
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.models import MIXERS
 from effseq.train import build
 from effseq.train import workdir as workdir_lib
-from effseq.train.loop import load_recorded_mixers
 from effseq.train.optimizer import make_schedule
 
 DEFAULT_MIXERS = tuple(MIXERS)
@@ -160,7 +159,7 @@ def _what(flat: dict) -> dict:
 def config_hash(config) -> str:
     """SHA-256 (16 hex digits) of what a run trains: its config without the keys that only
     say where it runs (mesh, processes, data location, progress bar)."""
-    flat = _what(workdir_lib.flatten(json.loads(config.to_json()), free=FREE_SECTIONS))
+    flat = _what(workdir_lib.flat_config(config))
     text = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -174,7 +173,7 @@ def _stale_runs(plan, out: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
         if item["skipped"] or not (workdir / "config.json").exists():
             continue
         old = _what(workdir_lib.read_config(workdir))
-        new = _what(workdir_lib.flatten(json.loads(item["config"].to_json()), free=FREE_SECTIONS))
+        new = _what(workdir_lib.flat_config(item["config"]))
         differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if differ:
             shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
@@ -290,7 +289,7 @@ def run_compare(
     for path in imports:
         registry.load_source(path)
     for workdir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
-        load_recorded_mixers(workdir)
+        workdir_lib.load_recorded_mixers(workdir)
     data_root = pathlib.Path(data_dir or os.environ.get("EFFSEQ_DATA_DIR", "") or out / "data")
     published = _published()
     plan = _plan(

@@ -94,7 +94,7 @@ def load_source(path: str | os.PathLike) -> None:
 
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} (recorded as a mixer's source) does not exist")
+        raise FileNotFoundError(f"mixer source file {path} does not exist")
     run_file(path, "effseq_source")
 
 

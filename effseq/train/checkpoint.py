@@ -23,7 +23,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from effseq.train.workdir import WorkdirError
+from effseq.train.workdir import WorkdirError, write_atomic
 
 
 def abstract_with_shardings(abstract, shardings):
@@ -109,9 +109,7 @@ class Checkpoints:
             directory = pathlib.Path(manager.directory) / str(step)
             if directory.is_dir():
                 sums = file_checksums(directory)
-                tmp = directory / f".{CHECKSUMS}.tmp"
-                tmp.write_text(json.dumps(sums, indent=1) + "\n")
-                tmp.replace(directory / CHECKSUMS)
+                write_atomic(directory / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
 
     def save(self, step: int, state, data_state: dict):
         """Starts an asynchronous save of ``state`` and the data iterator's position; a step

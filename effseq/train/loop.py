@@ -27,7 +27,6 @@ import optax
 from effseq import data as data_lib
 from effseq import sharding
 from effseq.configs import validate
-from effseq.configs.base import FREE_SECTIONS
 from effseq.train import build, checkpoint, optimizer
 from effseq.train import step as step_lib
 from effseq.train import workdir as workdir_lib
@@ -360,16 +359,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, devices=None) -> d
 def _train(config, workdir: pathlib.Path, devices, lead: bool) -> dict:
     # Nothing in the workdir changes before the run is known to be this one (or a resumable
     # change of it): config.json is replaced only after the check.
-    text = config.to_json(indent=2) + "\n"
-    changed = workdir_lib.check_compatible(
-        workdir, workdir_lib.flatten(json.loads(text), free=FREE_SECTIONS)
-    )
+    changed = workdir_lib.check_compatible(workdir, workdir_lib.flat_config(config))
     setup = Setup(config, devices=devices)
     tc = config.train
     log = Log(workdir, lead)
     if lead:
-        workdir_lib.write_atomic(workdir / "config.json", text)
-        _record_mixers(workdir, config)
+        workdir_lib.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
+        workdir_lib.record_mixers(workdir, config)
     if changed:
         log(f"config keys changed since the run started: {', '.join(changed)}")
     log(_versions())
@@ -750,40 +746,6 @@ def evaluate_workdir(
     return out
 
 
-MIXERS_FILE = "mixers.json"
-
-
-def _record_mixers(workdir: pathlib.Path, config) -> None:
-    """``WORKDIR/mixers.json``: the source file of each registered (not built-in) mixer the
-    model uses, so ``effseq eval`` and ``effseq compare`` can register it again."""
-    from effseq.models import registry
-
-    sources = registry.sources(config.model.mixer)
-    path = workdir / MIXERS_FILE
-    if sources:
-        workdir_lib.write_atomic(path, json.dumps(sources, indent=2) + "\n")
-
-
-def load_recorded_mixers(workdir: pathlib.Path) -> list[str]:
-    """Registers the mixers ``WORKDIR/mixers.json`` records (running the files that define
-    them) where they are not registered yet; returns their names."""
-    from effseq.models import registry
-
-    path = workdir / MIXERS_FILE
-    if not path.exists():
-        return []
-    try:
-        sources = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    for name, source in sources.items():
-        if name not in registry.MIXERS:
-            registry.load_source(source)
-        if name not in registry.MIXERS:
-            raise ValueError(f"{path}: running {source} did not register mixer {name!r}")
-    return list(sources)
-
-
 def saved_config(workdir: pathlib.Path, who: str):
     """The validated config a workdir's run was started with (its recorded mixers
     registered first)."""
@@ -792,7 +754,7 @@ def saved_config(workdir: pathlib.Path, who: str):
     path = workdir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{who}: {path} does not exist: is {workdir} a training workdir?")
-    load_recorded_mixers(workdir)
+    workdir_lib.load_recorded_mixers(workdir)
     flat = workdir_lib.read_config(workdir)
     config = get_config()
     try:

@@ -138,6 +138,47 @@ def flatten(tree: dict, prefix: str = "", free=()) -> dict:
     return out
 
 
+def flat_config(config) -> dict:
+    """A config (ConfigDict) flat, as :func:`read_config` reads it back from config.json
+    (through JSON, so tuples compare equal to the lists saved)."""
+    from effseq.configs.base import FREE_SECTIONS
+
+    return flatten(json.loads(config.to_json()), free=FREE_SECTIONS)
+
+
+MIXERS_FILE = "mixers.json"
+
+
+def record_mixers(workdir: pathlib.Path, config) -> None:
+    """``WORKDIR/mixers.json``: the source file of each registered (not built-in) mixer the
+    model uses, so ``effseq eval`` and ``effseq compare`` can register it again."""
+    from effseq.models import registry
+
+    sources = registry.sources(config.model.mixer)
+    if sources:
+        write_atomic(workdir / MIXERS_FILE, json.dumps(sources, indent=2) + "\n")
+
+
+def load_recorded_mixers(workdir: pathlib.Path) -> list[str]:
+    """Registers the mixers ``WORKDIR/mixers.json`` records (running the files that define
+    them) where they are not registered yet; returns their names."""
+    from effseq.models import registry
+
+    path = workdir / MIXERS_FILE
+    if not path.exists():
+        return []
+    try:
+        sources = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for name, source in sources.items():
+        if name not in registry.MIXERS:
+            registry.load_source(source)
+        if name not in registry.MIXERS:
+            raise ValueError(f"{path}: running {source} did not register mixer {name!r}")
+    return list(sources)
+
+
 def read_config(workdir: pathlib.Path) -> dict | None:
     """The flat config a workdir's run was started with, or None when it has none yet."""
     from effseq.configs.base import FREE_SECTIONS
