@@ -1,34 +1,8 @@
 import os
-import shutil
-import tempfile
 
 # Eight fake CPU devices for the multi-device tests; must be set before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-# One persistent compilation cache per test session, shared by the xdist workers and the
-# subprocesses the tests start (they inherit the environment): many tests compile the same
-# models, and the subprocess tests compile what their parent already did. A fresh directory
-# each session, so a local run compiles what CI compiles; removed when the session ends.
-_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _CACHE = tempfile.mkdtemp(prefix="effseq-tests-jax-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-if os.environ["JAX_PLATFORMS"] != "cpu":
-    # The tolerance table (tests/tolerances.py) assumes float32 arithmetic in the fast paths and
-    # the references alike. GPUs and TPUs run float32 matrix products at reduced precision by
-    # default (TF32 or bf16 passes, about 1e-3 relative), far outside those tolerances, so the
-    # suite pins full precision there. effseq itself leaves JAX's default (or the user's) alone.
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def pytest_unconfigure(config):
-    if _CACHE is not None and not hasattr(config, "workerinput"):
-        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 # The longest test files first. `make test` hands whole files to two workers as they free up
