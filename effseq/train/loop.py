@@ -30,7 +30,7 @@ from effseq.configs import validate
 from effseq.train import build, checkpoint, optimizer
 from effseq.train import step as step_lib
 from effseq.train import workdir as workdir_lib
-from effseq.train.metrics import MetricsWriter, read_jsonl, truncate_events, truncate_jsonl
+from effseq.train.metrics import MetricsWriter, read_jsonl, truncate_jsonl
 
 # `effseq train`'s exit status when a signal (SIGTERM, SIGINT) stopped the run after saving a
 # checkpoint: EX_TEMPFAIL, "try again", so a scheduler can tell a preempted run (resume it)
@@ -280,14 +280,14 @@ def _versions() -> str:
 
 def _truncate_metrics(workdir: pathlib.Path, step: int, log) -> None:
     """Before the first step: drop the records after ``step`` (the restored one, or 0 for a
-    fresh start) from ``metrics.jsonl`` and the TensorBoard files, and a line or frame torn
-    by a kill or a full disk, so each step appears once."""
+    fresh start) from ``metrics.jsonl``, and a line torn by a kill or a full disk, so each
+    step appears once. TensorBoard hides the events after ``step`` itself: the new event
+    file starts with a purge at ``step + 1`` (:class:`MetricsWriter`)."""
     removed = truncate_jsonl(workdir / "metrics.jsonl", step)
-    events = truncate_events(workdir / "tensorboard", step)
-    if removed or events:
+    if removed:
         log(
-            f"removed {removed} metrics records and {events} TensorBoard events after step "
-            f"{step} (an earlier attempt logged them; they are about to be redone)"
+            f"removed {removed} metrics records after step {step} (an earlier attempt logged "
+            "them; they are about to be redone, and TensorBoard shows the new ones)"
         )
 
 
@@ -409,7 +409,7 @@ def _train(config, workdir: pathlib.Path, devices, lead: bool) -> dict:
     train_fns = {1: setup.train_fn(1)}
     if k > 1:
         train_fns[k] = setup.train_fn(k)
-    writer = MetricsWriter(workdir, enabled=lead)
+    writer = MetricsWriter(workdir, enabled=lead, start=start)
     progress = _progress(tc, start, enabled=lead)
     tokens_per_step = tc.batch_size * setup.info.max_length
     step, status = start, "completed"

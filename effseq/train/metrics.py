@@ -1,8 +1,11 @@
 """Metrics: one JSON object per line in ``metrics.jsonl``, and TensorBoard event files.
 
-The event files are written here in TensorBoard's on-disk format (TFRecord framing of
-``Event`` protocol buffers holding scalar summaries), so no TensorFlow, tensorboard or
-protobuf package is needed to produce them; ``tensorboard --logdir WORKDIR`` reads them.
+The event files are written with tensorboardX (its ``RecordWriter`` frames and checksums the
+records, its protocol buffers and ``summary.scalar`` make them). A run that resumes from the
+checkpoint at step S starts a new event file with a ``SessionLog.START`` event at step S + 1
+(what tensorboardX's ``SummaryWriter(purge_step=...)`` writes): TensorBoard then hides the
+events that earlier files hold at steps after S, so each step is shown once, with the values
+of the run that resumed. Event files are never read or rewritten here.
 """
 
 from __future__ import annotations
@@ -11,103 +14,50 @@ import json
 import math
 import pathlib
 import socket
-import struct
 import time
 
 import numpy as np
+from tensorboardX import RecordWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import scalar
 
 from effseq.train.workdir import WorkdirError, write_atomic
 
-# CRC-32C (Castagnoli), reflected polynomial: TFRecord frames carry masked CRC-32C checksums.
-_POLY = 0x82F63B78
-_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
-    _TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int, *, scalars=None, file_version=None) -> bytes:
-    """An ``Event`` message: wall_time (1, double), step (2, int64), and either file_version
-    (3, string) or a summary (5) of ``Value``s with tag (1) and simple_value (2, float)."""
-    out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
-    if file_version is not None:
-        out += _length_delimited(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _length_delimited(
-                1, _length_delimited(1, tag.encode()) + _field(2, 5) + struct.pack("<f", value)
-            )
-            for tag, value in scalars.items()
-        )
-        out += _length_delimited(5, values)
-    return out
-
-
-def frame(record: bytes) -> bytes:
-    """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
-    header = struct.pack("<Q", len(record))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + record
-        + struct.pack("<I", masked_crc32c(record))
-    )
-
 
 class TensorBoardWriter:
-    """Scalars to ``DIR/events.out.tfevents.<time>.<host>``."""
+    """Scalars to a new ``DIR/events.out.tfevents.<seconds>.<host>.<nanoseconds>``, each
+    write flushed to disk before it returns (so a crash loses none, and a write error is
+    raised here). The name orders the files of a directory by when they were started, as
+    TensorBoard reads them; the events of earlier files at steps from ``purge_step`` on are
+    hidden."""
 
-    def __init__(self, logdir: str | pathlib.Path):
+    def __init__(self, logdir: str | pathlib.Path, purge_step: int):
+        # tensorboardX's SummaryWriter writes from a background thread fed by a bounded
+        # queue: a failed write there (a full disk) ends the thread and the queue, once full,
+        # blocks the training loop for good; and events reach the file up to flush_secs late.
         logdir = pathlib.Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = logdir / name
-        self._file = open(self.path, "ab")
-        self._file.write(frame(encode_event(time.time(), 0, file_version="brain.Event:2")))
-        self._file.flush()
+        ns = time.time_ns()
+        host = socket.gethostname()
+        self.path = logdir / f"events.out.tfevents.{ns // 10**9:010d}.{host}.{ns % 10**9:09d}"
+        self._records = RecordWriter(str(self.path))
+        now = time.time()
+        self._write(Event(wall_time=now, file_version="brain.Event:2"))
+        start = SessionLog(status=SessionLog.START)
+        self._write(Event(wall_time=now, step=purge_step, session_log=start))
+
+    def _write(self, event: Event):
+        self._records.write(event.SerializeToString())
+        self._records.flush()
 
     def write(self, step: int, scalars: dict[str, float]):
-        finite = {k: float(v) for k, v in scalars.items() if _is_number(v)}
-        if finite:
-            self._file.write(frame(encode_event(time.time(), step, scalars=finite)))
-            self._file.flush()
+        values = [v for k, x in scalars.items() if _is_number(x) for v in scalar(k, x).value]
+        if values:
+            self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
 
     def close(self):
-        self._file.close()
+        self._records.close()
 
 
 class MetricsWriteError(WorkdirError):
@@ -151,16 +101,19 @@ def _jsonable(v):
 
 class MetricsWriter:
     """``DIR/metrics.jsonl`` (one object per logged step, with ``step``) and TensorBoard files
-    under ``DIR/tensorboard``. Only process 0 writes (``enabled``)."""
+    under ``DIR/tensorboard``. Only process 0 writes (``enabled``). ``start``: the step the
+    run starts from (the restored checkpoint's, 0 for a fresh start); TensorBoard hides what
+    earlier attempts logged after it."""
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, *, start: int = 0):
         self.enabled = enabled
         if enabled:
             workdir = pathlib.Path(workdir)
             self._path = workdir / "metrics.jsonl"
             with _named(self._path):
                 self._jsonl = open(self._path, "a")
-                self._tb = TensorBoardWriter(workdir / "tensorboard")
+            with _named(workdir / "tensorboard"):
+                self._tb = TensorBoardWriter(workdir / "tensorboard", purge_step=start + 1)
 
     def write(self, step: int, metrics: dict):
         """Appends one record to both files. A failed write (a full disk) raises one error
@@ -211,72 +164,3 @@ def truncate_jsonl(path: pathlib.Path, step: int) -> int:
     if text != path.read_text():
         write_atomic(path, text)
     return len(records) - len(kept)
-
-
-def read_records(data: bytes) -> tuple[list[bytes], int]:
-    """TFRecord frames -> (records, bytes of complete frames); an incomplete or damaged tail
-    frame ends the list."""
-    out, at = [], 0
-    while at + 12 <= len(data):
-        header = data[at : at + 8]
-        (length,) = struct.unpack("<Q", header)
-        end = at + 12 + length + 4
-        if end > len(data) or struct.unpack("<I", data[at + 8 : at + 12])[0] != masked_crc32c(
-            header
-        ):
-            break
-        record = data[at + 12 : at + 12 + length]
-        if struct.unpack("<I", data[end - 4 : end])[0] != masked_crc32c(record):
-            break
-        out.append(record)
-        at = end
-    return out, at
-
-
-def event_step(record: bytes) -> int:
-    """The ``step`` field (2) of an encoded ``Event`` (0 when absent)."""
-    at = 0
-    while at < len(record):
-        key, at = _read_varint(record, at)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, at = _read_varint(record, at)
-            if number == 2:
-                return value
-        elif wire == 1:
-            at += 8
-        elif wire == 5:
-            at += 4
-        elif wire == 2:
-            length, at = _read_varint(record, at)
-            at += length
-        else:
-            break
-    return 0
-
-
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, at
-
-
-def truncate_events(logdir: pathlib.Path, step: int) -> int:
-    """Drops the events after ``step`` (and a torn tail frame) from every event file under
-    ``logdir``, atomically per file, so a resumed run logs each step once; returns how many
-    events were removed."""
-    removed = 0
-    for path in sorted(logdir.glob("events.out.tfevents.*")) if logdir.exists() else []:
-        data = path.read_bytes()
-        records, _ = read_records(data)
-        kept = [r for r in records if event_step(r) <= step]
-        removed += len(records) - len(kept)
-        new = b"".join(frame(r) for r in kept)
-        if new != data:
-            write_atomic(path, new)
-    return removed

@@ -3,7 +3,6 @@
 import json
 import pathlib
 import shutil
-import struct
 
 import jax
 import numpy as np
@@ -51,65 +50,39 @@ def test_run_writes_config_metrics_tensorboard_and_summary(tmp_path):
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert {"val/loss", "val/accuracy"} <= set(records[3])
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
-    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-    scalars = _event_scalars(events.read_bytes())
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert {"train/loss", "val/accuracy", "test/accuracy"} <= {tag for _, tag in scalars}
-    for r in records:
-        if "train/loss" in r:
-            assert scalars[(r["step"], "train/loss")] == np.float32(r["train/loss"])
+    assert scalars == jsonl_scalars(records)
     log = (tmp_path / "train.log").read_text()
     assert "jax " in log and "parameters" in log and "mesh" in log
 
 
-def _varint(buf: bytes, pos: int):
-    value, shift = 0, 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
+def tensorboard_scalars(logdir) -> dict:
+    """What TensorBoard shows of the scalars under ``logdir``, read by tensorboard's own
+    loader (which checks the records' checksums and applies the purge of a resumed run):
+    {(step, tag): value}. A step shown twice for a tag is a failure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-
-def _fields(buf: bytes):
-    """(field number, value) pairs of one protobuf message; bytes for length-delimited."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = struct.unpack("<d", buf[pos : pos + 8])[0], pos + 8
-        elif wire == 5:
-            value, pos = struct.unpack("<f", buf[pos : pos + 4])[0], pos + 4
-        else:
-            length, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + length], pos + length
-        yield number, value
-
-
-def _event_scalars(raw: bytes) -> dict:
-    """Reads the TFRecord frames back, checking both CRCs; {(step, tag): value}."""
-    from effseq.train.metrics import masked_crc32c
-
-    out, pos = {}, 0
-    while pos < len(raw):
-        header = raw[pos : pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", raw[pos + 8 : pos + 12])[0] == masked_crc32c(header)
-        record = raw[pos + 12 : pos + 12 + length]
-        assert struct.unpack("<I", raw[pos + 12 + length : pos + 16 + length])[0] == (
-            masked_crc32c(record)
-        )
-        pos += 16 + length
-        event = dict(_fields(record))
-        for number, summary_value in _fields(event.get(5, b"")):
-            assert number == 1
-            value = dict(_fields(summary_value))
-            out[(event.get(2, 0), value[1].decode())] = value[2]
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep all
+    accumulator.Reload()
+    out = {}
+    for tag in accumulator.Tags()["scalars"]:
+        for event in accumulator.Scalars(tag):
+            assert (event.step, tag) not in out, f"TensorBoard shows step {event.step} twice"
+            out[(event.step, tag)] = event.value
     return out
+
+
+def jsonl_scalars(records) -> dict:
+    """The numbers of ``metrics.jsonl``'s records as TensorBoard should show them (float32;
+    strings such as a non-finite value or a parameter path are not scalars)."""
+    return {
+        (r["step"], k): np.float32(v)
+        for r in records
+        for k, v in r.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 @pytest.fixture(scope="module")

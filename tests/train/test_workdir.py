@@ -19,7 +19,7 @@ from effseq.train.checkpoint import Checkpoints
 from effseq.train.loop import Setup, evaluate_workdir, train_and_evaluate
 from effseq.train.metrics import read_jsonl
 from effseq.train.workdir import Lock, WorkdirError
-from tests.train.test_loop import SMOKE, _event_scalars, losses, tiny
+from tests.train.test_loop import SMOKE, jsonl_scalars, losses, tensorboard_scalars, tiny
 
 ONE = jax.devices()[:1]
 # A constant learning rate, so a run stopped early and continued with more steps follows the
@@ -138,7 +138,8 @@ def test_no_restorable_checkpoint_is_one_error_listing_each(tmp_path):
 
 def test_torn_and_repeated_metrics_are_dropped_on_resume(tmp_path, reference):
     # A run that logged steps 6-8 and half of step 9 but was killed before its step-10 save:
-    # on resume each step appears once, in metrics.jsonl and in TensorBoard.
+    # on resume each step appears once, in metrics.jsonl and in TensorBoard, with the values
+    # of the resumed run (also val/ and test/, which the first run logged at step 8 only).
     _run(tmp_path, steps=8)
     shutil.rmtree(tmp_path / "checkpoints" / "8")
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -149,20 +150,13 @@ def test_torn_and_repeated_metrics_are_dropped_on_resume(tmp_path, reference):
     train_steps = [r["step"] for r in records if "train/loss" in r]
     assert train_steps == list(range(1, 11))
     assert losses(tmp_path) == reference[0]
-    tags = []
-    for events in (tmp_path / "tensorboard").glob("events.*"):  # one file per start
-        tags += _event_scalars_list(events.read_bytes())
-    assert len(tags) == len(set(tags))
-    assert sorted(s for s, t in tags if t == "train/loss") == list(range(1, 11))
-
-
-def _event_scalars_list(data: bytes):
-    records, _ = metrics_lib.read_records(data)
-    out = []
-    for record in records:
-        scalars = _event_scalars(metrics_lib.frame(record))
-        out += list(scalars)
-    return out
+    # One event file per start, the first one's steps 6-8 still in it: TensorBoard hides them.
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars == jsonl_scalars(records)
+    assert {s: v for (s, t), v in scalars.items() if t == "train/loss"} == {
+        s: np.float32(v) for s, v in reference[0].items()
+    }
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, reference):
@@ -170,10 +164,11 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, refer
     shutil.rmtree(tmp_path / "checkpoints")  # as if killed before the first save
     summary = _run(tmp_path, steps=10)
     log = (tmp_path / "train.log").read_text()
-    assert "starting at step 0" in log and "metrics records and" in log
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == (
-        list(range(1, 11))
-    )
+    assert "starting at step 0" in log and "metrics records after step 0" in log
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+    # TensorBoard shows the second attempt only (the first one's val/ at step 3 and 6 too).
+    assert tensorboard_scalars(tmp_path / "tensorboard") == jsonl_scalars(records)
     assert summary["best_step"] == 10 and losses(tmp_path) == reference[0]
 
 
