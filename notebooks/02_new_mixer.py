@@ -180,20 +180,18 @@ print(sorted(MIXERS))
 # %% [markdown]
 # ## Train on MQAR beside GLA
 #
-# The MQAR experiment (`experiments/mqar.py`), shrunk to notebook size: width 32, 4
-# key-value pairs in sequences of 32 tokens, 400 steps (`EFFSEQ_NB_STEPS` changes that).
+# The built-in MQAR experiment (`--config mqar`, `effseq/experiments/mqar.py`), shrunk to
+# notebook size: width 32, 4 key-value pairs in sequences of 32 tokens, 400 steps
+# (`EFFSEQ_NB_STEPS` changes that).
 # Everything else (2 layers, optimizer, schedule) is the experiment's. The trainer writes each
 # run's metrics to a temporary workdir; the summary holds the test accuracy on the
 # best-validation checkpoint.
 
 # %%
-root = next(
-    p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / "experiments").is_dir()
-)
 workdir = pathlib.Path(tempfile.mkdtemp(prefix="effseq-nb02-"))
 summaries, curves = {}, {}
 for mixer in ("rglru", "gla"):
-    config = load_config(f"{root / 'experiments' / 'mqar.py'}:{mixer}:32")
+    config = load_config(f"mqar:{mixer}:32")
     config = override(
         config,
         [

@@ -29,7 +29,6 @@
 # the pipeline, not the numbers.
 
 # %%
-import importlib.util
 import json
 import os
 import pathlib
@@ -41,6 +40,7 @@ from IPython.display import Image, Markdown, display
 from matplotlib.patches import Patch
 
 from effseq.compare import report, run_compare
+from effseq.experiments.lra import published
 
 # %% [markdown]
 # ## The records
@@ -93,18 +93,9 @@ for r in records:
 # records have; `effseq compare` also passes each task's trivial baselines computed from its
 # data (`baselines.json` beside `results.json`), and under the table a ranking says which
 # differences exceed the seeds' noise. The published numbers live in
-# `experiments/lra/published.py`, loaded by path like every experiment file.
+# `effseq/experiments/lra/published.py` (`PUBLISHED`).
 
 # %%
-root = next(
-    p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / "experiments").is_dir()
-)
-spec = importlib.util.spec_from_file_location(
-    "lra_published", root / "experiments" / "lra" / "published.py"
-)
-published = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(published)
-
 baselines_path = results_path.with_name("baselines.json")
 baselines = (
     {t: v["rows"] for t, v in json.loads(baselines_path.read_text()).items()}

@@ -23,8 +23,9 @@ import jax
 
 from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
-from effseq.configs.base import run_file
+from effseq.configs.base import experiment_module
 from effseq.data import MissingDataError, load_task, task_info
+from effseq.experiments.lra.published import PUBLISHED
 from effseq.models import MIXERS
 from effseq.train import build
 from effseq.train import workdir as workdir_lib
@@ -36,7 +37,8 @@ LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One column of a suite: an experiment file and how to call it.
+    """One column of a suite: a built-in experiment (by name, e.g. ``lra/listops``) and how
+    to call it.
 
     ``arg`` is formatted with ``mixer``, ``preset`` and ``width`` (for sweeps); ``generate``
     names a generator the suite runs to make the task's data (marked "generated" in the
@@ -52,28 +54,13 @@ class Entry:
 SUITES: dict[str, tuple[Entry, ...]] = {
     # `make run`: generated CPU-sized ListOps and MQAR, all five mixers, minutes on a CPU.
     "default": (
-        Entry("lra/listops.py", generate="listops"),
-        Entry("mqar.py", arg="{mixer}"),
+        Entry("lra/listops", generate="listops"),
+        Entry("mqar", arg="{mixer}"),
     ),
-    "lra": tuple(Entry(f"lra/{task}.py") for task in LRA_TASKS),
+    "lra": tuple(Entry(f"lra/{task}") for task in LRA_TASKS),
     # The recall-memory trade-off: MQAR at growing widths (state sizes) per mixer.
-    "mqar": (Entry("mqar.py", arg="{mixer}:{width}", widths=(16, 32, 64, 128)),),
+    "mqar": (Entry("mqar", arg="{mixer}:{width}", widths=(16, 32, 64, 128)),),
 }
-
-
-def experiments_dir() -> pathlib.Path:
-    """The repository's experiments/ (beside the package in a checkout), else ./experiments."""
-    for candidate in (pathlib.Path(__file__).resolve().parents[2], pathlib.Path.cwd()):
-        path = candidate / "experiments"
-        if (path / "smoke.py").is_file():
-            return path
-    raise FileNotFoundError(
-        "cannot find the experiments/ folder: run effseq compare from the repository root"
-    )
-
-
-def _module(path: pathlib.Path):
-    return run_file(path, "effseq_experiment")
 
 
 def _generate(entry: Entry, data_dir: pathlib.Path, log) -> pathlib.Path:
@@ -84,7 +71,7 @@ def _generate(entry: Entry, data_dir: pathlib.Path, log) -> pathlib.Path:
 
     if entry.generate != "listops":
         raise ValueError(f"unknown generator {entry.generate!r}")
-    sizes = _module(experiments_dir() / entry.experiment).CPU_DATA
+    sizes = experiment_module(entry.experiment).CPU_DATA
     tag = "-".join(f"{k}{v}" for k, v in sorted(sizes.items()))
     root = data_dir / "generated" / f"listops-{tag}"
     target = root / "listops-1000"
@@ -291,7 +278,6 @@ def run_compare(
     for workdir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
         workdir_lib.load_recorded_mixers(workdir)
     data_root = pathlib.Path(data_dir or os.environ.get("EFFSEQ_DATA_DIR", "") or out / "data")
-    published = _published()
     plan = _plan(
         suite, mixers, preset, seeds, overrides, data_root, log, widths, match, lr_grid, ssm_lr_grid
     )
@@ -317,7 +303,7 @@ def run_compare(
         records.append(record)
         everything = earlier + records
         workdir_lib.write_atomic(_records_path(out), json.dumps(everything, indent=2) + "\n")
-        write_report(everything, out, published=published, baselines=baselines)
+        write_report(everything, out, published=PUBLISHED, baselines=baselines)
     log(f"compare: {len(records)} runs in {time.time() - started:.0f} s; results in {out}")
     return records
 
@@ -342,14 +328,13 @@ def _plan(
                 raise ValueError(f"unknown mixer {name!r}; known: {', '.join(MIXERS)}")
     bases = []
     for entry in SUITES[suite]:
-        path = experiments_dir() / entry.experiment
         skipped = None
         root = _generate(entry, data_root, log) if entry.generate else data_root
         for mixer in mixers:
             sweep = (widths or entry.widths) if entry.widths else ()
             for width in sweep or (None,):
                 arg = entry.arg.format(mixer=mixer, preset=preset, width=width)
-                config = load_config(f"{path}:{arg}")
+                config = load_config(f"{entry.experiment}:{arg}")
                 items = [f"task.data_dir={root}", *overrides]
                 config = override(config, items)
                 # Config mistakes (e.g. warmup longer than the run) fail now, not per run.
@@ -377,7 +362,7 @@ def _plan(
                         # What the widths are matched to: attention at the experiment's width,
                         # whether or not attention is among the mixers, so a mixer's run is
                         # the same whichever other mixers a compare names.
-                        reference=functools.partial(_reference_config, path, entry, preset, items),
+                        reference=functools.partial(_reference_config, entry, preset, items),
                     )
                 )
     _match(bases, match, log)
@@ -519,9 +504,9 @@ def _with_pretraining(plan: list[dict], out: pathlib.Path) -> list[dict]:
     return result
 
 
-def _reference_config(path, entry: Entry, preset: str, items):
+def _reference_config(entry: Entry, preset: str, items):
     arg = entry.arg.format(mixer="attention", preset=preset, width=None)
-    return override(load_config(f"{path}:{arg}"), items)
+    return override(load_config(f"{entry.experiment}:{arg}"), items)
 
 
 def _match(items, match: str, log) -> None:
@@ -622,10 +607,3 @@ def _has_ssm_params_cached(item) -> bool:
     if "has_ssm" not in item:
         item["has_ssm"] = not item["skipped"] and _has_ssm_params(item["config"])
     return item["has_ssm"]
-
-
-def _published() -> dict:
-    path = experiments_dir() / "lra" / "published.py"
-    if not path.exists():
-        return {}
-    return getattr(_module(path), "PUBLISHED", {})

@@ -1,16 +1,21 @@
 """The base config: every key of every run, with its default and what it means.
 
-Experiments (``experiments/*.py``) start from :func:`get_config` and change values; they never
-add keys, and code never reads a key with a fallback default. :func:`validate` checks a config
-against this one, so a misspelt key fails with the closest valid name instead of being ignored.
+Experiments (the built-in ones in :mod:`effseq.experiments`, or a user's file; both found by
+:func:`load_config`) start from :func:`get_config` and change values; they never add keys, and
+code never reads a key with a fallback default. :func:`validate` checks a config against this
+one, so a misspelt key fails with the closest valid name instead of being ignored.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import functools
+import importlib
+import importlib.machinery
 import importlib.util
 import pathlib
+import pkgutil
 
 import ml_collections
 
@@ -255,28 +260,67 @@ def override(config: ConfigDict, assignments: list[str]) -> ConfigDict:
 
 
 def run_file(path: str | pathlib.Path, prefix: str):
-    """Runs the Python file ``path`` as a fresh module named ``{prefix}_{stem}``; returns it."""
+    """Runs the Python file ``path`` as a fresh module named ``{prefix}_{stem}``; returns it.
+    (A user's file, named on the command line; the package's own modules are imported.)"""
     path = pathlib.Path(path)
-    spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
+    name = f"{prefix}_{path.stem}"
+    # An explicit source loader: the file need not end in .py.
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def load_config(spec: str) -> ConfigDict:
-    """``PATH[:ARG]`` -> the config of the experiment file PATH, ``get_config(ARG)``, validated.
+# The package of the built-in experiments, addressed by name ("smoke", "lra/listops").
+EXPERIMENTS = "effseq.experiments"
 
-    Errors name the file (missing file, no get_config) and the key (unknown keys).
+
+@functools.cache
+def builtin_experiments() -> tuple[str, ...]:
+    """The built-in experiments' names, sorted: every module of :mod:`effseq.experiments`
+    with a ``get_config``, "/" between subpackages (e.g. ``lra/listops``, ``smoke``)."""
+    package = importlib.import_module(EXPERIMENTS)
+    names = []
+    for info in pkgutil.walk_packages(package.__path__, EXPERIMENTS + "."):
+        if not info.ispkg and hasattr(importlib.import_module(info.name), "get_config"):
+            names.append(info.name.removeprefix(EXPERIMENTS + ".").replace(".", "/"))
+    return tuple(sorted(names))
+
+
+def experiment_module(name: str):
+    """The built-in experiment ``name`` (e.g. ``lra/listops``), imported; ValueError listing
+    the built-in names when there is none of that name."""
+    names = builtin_experiments()
+    if name not in names:
+        raise ValueError(
+            f"unknown experiment {name!r}; built-in: {', '.join(names)} (or a file: PATH.py[:ARG])"
+        )
+    return importlib.import_module(f"{EXPERIMENTS}.{name.replace('/', '.')}")
+
+
+def load_config(spec: str) -> ConfigDict:
+    """A ``--config`` spec -> that experiment's ``get_config(ARG)``, validated.
+
+    ``NAME[:ARG]``: the built-in experiment NAME (:func:`builtin_experiments`), imported
+    from :mod:`effseq.experiments`: ``smoke:gla``, ``lra/listops:s4d:cpu``. ARG is
+    everything after the first colon (here ``"s4d:cpu"``), passed to ``get_config``; without
+    it ``get_config(None)``. ``PATH[:ARG]``: a user's experiment file, run by path, when the
+    part before the first colon ends in ``.py`` or is an existing file
+    (``experiments/example.py:gla``). Errors name the experiment or file (unknown name,
+    missing file, no get_config) and the key (unknown keys).
     """
-    path_text, _, arg = spec.partition(":")
-    path = pathlib.Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path_text!r} does not exist")
-    module = run_file(path, "effseq_config")
+    name, _, arg = spec.partition(":")
+    if name.endswith(".py") or pathlib.Path(name).is_file():
+        if not pathlib.Path(name).is_file():
+            raise FileNotFoundError(f"config file {name!r} does not exist")
+        module = run_file(name, "effseq_config")
+    else:
+        module = experiment_module(name)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: defines no get_config(arg)")
+        raise ValueError(f"{name}: defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config(None)
     try:
         return validate(config)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{name}: {e}") from None

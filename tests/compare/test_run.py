@@ -130,7 +130,7 @@ def test_cli_errors_name_the_bad_argument(tmp_path, capsys):
 def _tiny_suite(monkeypatch):
     from effseq.compare import run
 
-    monkeypatch.setitem(run.SUITES, "tiny", (run.Entry("mqar.py", arg="{mixer}"),))
+    monkeypatch.setitem(run.SUITES, "tiny", (run.Entry("mqar", arg="{mixer}"),))
     return run
 
 

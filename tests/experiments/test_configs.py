@@ -1,9 +1,9 @@
-"""Every experiment config loads, validates and builds its model; the LRA published data is
-well formed. Models are only traced (jax.eval_shape), never trained."""
+"""Every experiment config loads by name, validates and builds its model; user files load by
+path; the LRA published data is well formed. Models are only traced (jax.eval_shape), never
+trained."""
 
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from effseq import data
-from effseq.configs import load_config
+from effseq.configs import builtin_experiments, load_config
+from effseq.experiments.lra import listops, published
 from effseq.models.registry import MIXERS
 from effseq.train import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LRA = ROOT / "experiments" / "lra"
 MODULES = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TASKS = {
     "listops": "lra/listops",
@@ -28,13 +28,6 @@ TASKS = {
 }
 PRESETS = ("cpu", "full")
 MIXER_NAMES = ("s4d", "sgconv", "mamba", "gla", "attention")
-
-
-def _load_module(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"test_cfg_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _abstract_variables(config):
@@ -52,7 +45,7 @@ def _num_params(variables) -> int:
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", MODULES)
 def test_lra_config_builds(name, preset, mixer):
-    config = load_config(f"{LRA / name}.py:{mixer}:{preset}")
+    config = load_config(f"lra/{name}:{mixer}:{preset}")
     assert config.task.name == TASKS[name]
     assert config.model.mixer == mixer
     assert config.task.data_dir == ""  # $EFFSEQ_DATA_DIR
@@ -82,7 +75,7 @@ def test_full_recipes_match_published_numbers():
         "pathx": (6, 256, 16, 160_000 // 16 * 50, 0.001, 0.05, True, "mean"),
     }
     for name, want in expect.items():
-        c = load_config(f"{LRA / name}.py:s4d:full")
+        c = load_config(f"lra/{name}:s4d:full")
         got = (
             c.model.n_layers,
             c.model.d_model,
@@ -101,17 +94,16 @@ def test_full_recipes_match_published_numbers():
 
 
 def test_sgconv_uses_its_own_recipe_where_published():
-    c = load_config(f"{LRA / 'pathx'}.py:sgconv:full")
+    c = load_config("lra/pathx:sgconv:full")
     assert (c.train.batch_size, c.optim.learning_rate, c.train.steps) == (64, 0.004, 125_000)
     assert c.model.mixer_options.kernel_dim == 64
-    image = load_config(f"{LRA / 'image'}.py:sgconv:full")
+    image = load_config("lra/image:sgconv:full")
     assert image.model.dropout == 0.2
-    assert load_config(f"{LRA / 'image'}.py:s4d:full").model.dropout == 0.1
+    assert load_config("lra/image:s4d:full").model.dropout == 0.1
 
 
 def test_listops_cpu_preset_runs_forward():
     """The preset `make run` trains: real parameters and one forward pass on a zero batch."""
-    listops = _load_module(LRA / "listops.py")
     config = listops.get_config("s4d:cpu")
     assert config.task.options.max_length == listops.CPU_DATA["max_length"]
     assert listops.CPU_DATA["min_length"] < listops.CPU_DATA["max_length"] - 1
@@ -135,35 +127,33 @@ def test_listops_cpu_preset_runs_forward():
     ],
 )
 def test_arg_parsing(arg, mixer, preset):
-    listops = _load_module(LRA / "listops.py")
     config = listops.get_config(arg)
     assert config.model.mixer == mixer
     assert config.train.steps == (1500 if preset == "cpu" else 76_800)
 
 
 def test_hybrid_pattern_gets_only_shared_options():
-    config = load_config(f"{LRA / 'listops'}.py:gla,gla,gla,attention:full")
+    config = load_config("lra/listops:gla,gla,gla,attention:full")
     assert dict(config.model.mixer_options) == {"num_heads": 4}
     _abstract_variables(config)
 
 
 def test_pattern_not_dividing_depth_is_rejected():
     with pytest.raises(ValueError, match="multiple of the pattern length"):
-        load_config(f"{LRA / 'text'}.py:gla,gla,gla,attention:full")  # 6 layers
+        load_config("lra/text:gla,gla,gla,attention:full")  # 6 layers
 
 
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match=r"unknown preset 'huge'.*cpu, full"):
-        load_config(f"{LRA / 'listops'}.py:s4d:huge")
+        load_config("lra/listops:s4d:huge")
 
 
 def test_unknown_mixer_is_named():
     with pytest.raises(ValueError, match="unknown mixer 'lstm'"):
-        load_config(f"{LRA / 'listops'}.py:lstm:cpu")
+        load_config("lra/listops:lstm:cpu")
 
 
 def test_published_table():
-    published = _load_module(LRA / "published.py")
     assert set(published.PUBLISHED) == set(TASKS.values())
     for task, rows in published.PUBLISHED.items():
         assert task in data.list_tasks()
@@ -181,7 +171,65 @@ def test_published_table():
 
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
 def test_smoke_config_builds(mixer):
-    config = load_config(f"{ROOT / 'experiments' / 'smoke.py'}:{mixer}")
+    config = load_config(f"smoke:{mixer}")
     assert config.model.mixer == mixer
     _, variables = _abstract_variables(config)
     assert _num_params(variables) > 0
+
+
+# Every built-in experiment with the arguments its docstring documents, and what they set.
+DOCUMENTED = {
+    "smoke": ("gla", {"model.mixer": "gla", "model.d_model": 64}),
+    "mqar": ("attention:32", {"model.mixer": "attention", "model.d_model": 32}),
+    "lra/listops": ("s4d:cpu", {"task.name": "lra/listops", "model.mixer": "s4d"}),
+    "lra/text": ("gla:full", {"task.name": "lra/text", "model.mixer": "gla"}),
+    "lra/retrieval": ("mamba", {"task.name": "lra/retrieval", "model.mixer": "mamba"}),
+    "lra/image": ("sgconv:cpu", {"task.name": "lra/image", "model.mixer": "sgconv"}),
+    "lra/pathfinder": ("attention:full", {"task.name": "lra/pathfinder32"}),
+    "lra/pathx": ("s4d:full", {"task.name": "lra/pathx", "model.mixer": "s4d"}),
+}
+
+
+def test_every_builtin_name_resolves_from_any_directory(tmp_path, monkeypatch):
+    """NAME[:ARG] with ARG everything after the first colon, from outside the checkout."""
+    monkeypatch.chdir(tmp_path)
+    assert set(builtin_experiments()) == set(DOCUMENTED)
+    for name, (arg, want) in DOCUMENTED.items():
+        config = load_config(f"{name}:{arg}")
+        for key, value in want.items():
+            section, leaf = key.split(".")
+            assert config[section][leaf] == value, (name, key)
+        assert load_config(name).task.name == config.task.name  # no ARG: get_config(None)
+
+
+def test_unknown_name_lists_the_builtin_names():
+    with pytest.raises(ValueError) as e:
+        load_config("lra/listop:s4d:cpu")
+    message = str(e.value)
+    assert "\n" not in message and "unknown experiment 'lra/listop'" in message
+    assert all(name in message for name in DOCUMENTED)
+    with pytest.raises(ValueError, match="unknown experiment 'lra/published'"):
+        load_config("lra/published")  # a module of the package, but no experiment
+
+
+def test_user_file_loads_by_path(tmp_path, monkeypatch):
+    """The checkout's example experiment, by relative path, and a file that is not named .py."""
+    monkeypatch.chdir(ROOT)
+    config = load_config("experiments/example.py:attention")
+    assert (config.model.mixer, config.model.d_model) == ("attention", 32)
+    assert config.model.mixer_options.attention.rotary  # the smoke experiment's, kept
+    plain = tmp_path / "smoke"  # an existing file wins over the built-in of the same name
+    plain.write_text("from effseq.experiments import mqar\nget_config = mqar.get_config\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("smoke:gla:16").model.d_model == 16
+    with pytest.raises(FileNotFoundError, match="config file 'missing.py' does not exist"):
+        load_config("missing.py:gla")
+
+
+def test_cli_names_an_unknown_experiment_in_one_line(tmp_path, capsys):
+    from effseq.cli import main
+
+    assert main(["train", "--config", "smok:gla", "--workdir", str(tmp_path / "w")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("effseq train: error: unknown experiment 'smok'; built-in: lra/image")
+    assert not (tmp_path / "w").exists()

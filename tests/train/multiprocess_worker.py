@@ -1,7 +1,7 @@
 """One process of the multi-process training test: ``python multiprocess_worker.py WORKDIR
 [--config.KEY=VALUE ...]``.
 
-Runs ``effseq.train.loop.train_and_evaluate`` on ``experiments/smoke.py:gla`` with the given
+Runs ``effseq.train.loop.train_and_evaluate`` on the built-in ``smoke:gla`` with the given
 overrides. The launcher sets the device count (XLA_FLAGS), JAX_PLATFORMS and, for a
 multi-process run, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
 ``maybe_initialize_distributed`` reads. If the run is still going after
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import pathlib
 import sys
 
-SMOKE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "smoke.py"
+SMOKE = "smoke"  # the built-in experiment, by name
 
 
 def main(argv: list[str]) -> int:

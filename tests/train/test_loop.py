@@ -14,7 +14,7 @@ from effseq.train.metrics import read_jsonl
 from tests.tolerances import assert_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMOKE = str(ROOT / "experiments" / "smoke.py")
+SMOKE = "smoke"  # the built-in experiment, by name
 
 
 def tiny(mixer="gla", steps=4, **overrides):

@@ -1,7 +1,6 @@
 """Self-pretraining (denoising on the task's own inputs), then fine-tuning from it."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -15,8 +14,7 @@ from effseq.train.checkpoint import Checkpoints
 from effseq.train.loop import Setup, train_and_evaluate
 from effseq.train.metrics import read_jsonl
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-LISTOPS = str(ROOT / "experiments" / "lra" / "listops.py")
+LISTOPS = "lra/listops"  # the built-in experiment, by name
 TINY = {
     "train.steps": 4,
     "train.eval_every": 2,

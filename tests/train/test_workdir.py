@@ -245,7 +245,7 @@ def test_a_malformed_data_row_fails_before_the_first_step(tmp_path):
     lines[7] = lines[7].split("\t")[0] + "\t12"
     val.write_text("\n".join(lines) + "\n")
     config = override(
-        load_config(f"{SMOKE.replace('smoke.py', 'lra/listops.py')}:s4d:cpu"),
+        load_config("lra/listops:s4d:cpu"),
         [f"task.data_dir={root}", "train.steps=4", "train.progress=false", "optim.warmup_steps=0"],
     )
     with pytest.raises(ValueError, match=rf"{val}:8: malformed row: target must be 0-9"):
@@ -274,19 +274,15 @@ def test_metrics_errors_name_file_and_line(tmp_path):
 
 
 EXPERIMENT = """
-import importlib.util
-
+from effseq.experiments import smoke
 from effseq.models import register_mixer
 from tests.models.test_registry import Decay
 
 register_mixer("decay", Decay)
-_spec = importlib.util.spec_from_file_location("smoke_for_decay", {smoke!r})
-_smoke = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_smoke)
 
 
 def get_config(arg):
-    config = _smoke.get_config("gla")
+    config = smoke.get_config("gla")
     config.model.mixer = "decay"
     return config
 """
@@ -300,7 +296,7 @@ def test_eval_finds_a_mixer_the_experiment_registered_and_runs_on_another_mesh(t
     from tests.train.test_loop import ROOT
 
     experiment = tmp_path / "decay_experiment.py"
-    experiment.write_text(EXPERIMENT.format(smoke=SMOKE))
+    experiment.write_text(EXPERIMENT)
     workdir = tmp_path / "w"
     tiny_args = [
         "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.progress=false",

@@ -3,7 +3,7 @@
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/listops.py:s4d:full --workdir /tmp/listops
+    effseq train --config lra/listops:s4d:full --workdir /tmp/listops
 
 Data: ``listops-1000/basic_{train,val,test}.tsv`` under $EFFSEQ_DATA_DIR (the LRA release). The
 ``cpu`` preset is meant for generated CPU-sized data, made with
@@ -18,13 +18,12 @@ below, 76,800 steps of batch 50 on sequences of 2,048 tokens, for an accelerator
 repository reports about 15 minutes per epoch (40 epochs) for its PyTorch S4 on one T4
 (models/s4/experiments.md); not timed here.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer 36.37 (Tay et al. 2021, Table 1); S4D-LegS 60.47, S4D-Inv
 60.18*, S4D-Lin 60.52* (Gu et al. 2022, S4D); SGConv 61.45* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/listops"
 
@@ -137,15 +136,6 @@ RECIPES = {
 #   attention    42.2   45.9   38.2   32.4   28.4
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)

@@ -3,7 +3,7 @@
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/text.py:s4d:full --workdir /tmp/text
+    effseq train --config lra/text:s4d:full --workdir /tmp/text
 
 Data: ``aclImdb/{train,test}/{pos,neg}/*.txt`` under $EFFSEQ_DATA_DIR (the standard IMDB
 release). As in LRA, validation is the test set (task option val_fraction 0).
@@ -14,13 +14,12 @@ Accuracy not yet measured. ``full``: the S4D recipe below, 49,984 steps of batch
 bytes, for an accelerator; the S4 repository reports about 17 minutes per epoch (32 epochs) for
 its PyTorch S4 on one T4 (models/s4/experiments.md); not timed here.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer 64.27 (Tay et al. 2021, Table 1); S4D-LegS 86.18, S4D-Inv
 87.34*, S4D-Lin 86.97* (Gu et al. 2022, S4D); SGConv 89.20* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/text"
 
@@ -82,15 +81,6 @@ RECIPES = {
 }
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)

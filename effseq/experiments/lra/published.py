@@ -16,8 +16,7 @@ summary table that reproduces both rows to two decimals, and S4D-LegS again agai
 paper's Table 3 (Orvieto et al. 2023) to one decimal for every task except Image; S4D-Inv's
 Path-X entry against a public Path-X leaderboard table.
 
-Experiment files are loaded by path (``effseq.configs.load_config``), not as a package, so the
-task configs load this file by path too.
+The task configs import :func:`build` from here; ``effseq compare`` reads ``PUBLISHED``.
 """
 
 from __future__ import annotations

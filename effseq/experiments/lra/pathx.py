@@ -4,7 +4,7 @@ lra/pathx, difficulty curv_contour_length_14).
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/pathx.py:s4d:full --workdir /tmp/pathx
+    effseq train --config lra/pathx:s4d:full --workdir /tmp/pathx
 
 Data: ``pathfinder128/curv_contour_length_14/`` under $EFFSEQ_DATA_DIR (the LRA release); the
 first 80% (160,000) train, 10% val, 10% test. Pixels are continuous inputs (task option
@@ -17,13 +17,12 @@ recipe below, 500,000 steps of batch 16, for an accelerator mesh; the S4 reposit
 about 56 minutes per epoch (50 epochs) for its PyTorch S4 on one A100
 (models/s4/experiments.md); not timed here. Every published Transformer failed this task.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer failed (Tay et al. 2021, Table 1); S4D-LegS 91.95, S4D-Inv
 92.80 (Gu et al. 2022, S4D); S4D-Lin failed* (S4D paper); SGConv 97.83* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/pathx"
 
@@ -95,15 +94,6 @@ RECIPES = {
 }
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)

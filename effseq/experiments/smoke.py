@@ -2,13 +2,13 @@
 
 Run (any mixer: s4d, sgconv, mamba, gla, attention, or a pattern such as gla,attention):
 
-    effseq train --config experiments/smoke.py:gla --workdir /tmp/smoke
+    effseq train --config smoke:gla --workdir /tmp/smoke
 
 Each 32-token sequence holds 4 key-value pairs, then queries of those keys. Every mixer gets
 Zoology's short causal convolution in front (``model.short_conv=4``, Arora et al. 2023), which
 lets a recurrent mixer bind each key to the value right after it, and attention gets rotary
 positions; without them GLA and Mamba need thousands of steps to leave the 25% plateau (see
-experiments/mqar.py). Hardware and time: a 2-core CPU, 600 steps of batch 32, width 64.
+the mqar experiment). Hardware and time: a 2-core CPU, 600 steps of batch 32, width 64.
 
 What to expect, one run per mixer (seed 0, the code of commit ce05bc2; wall time while
 another training job shared the 2 cores), validation accuracy at step 600 / final train loss

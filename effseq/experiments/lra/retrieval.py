@@ -4,7 +4,7 @@ sequences, encoded separately by one model (dual encoder), then classified toget
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/retrieval.py:s4d:full --workdir /tmp/retrieval
+    effseq train --config lra/retrieval:s4d:full --workdir /tmp/retrieval
 
 Data: ``tsv_data/new_aan_pairs.{train,eval,test}.tsv`` under $EFFSEQ_DATA_DIR (the LRA release).
 
@@ -14,13 +14,12 @@ yet timed). Accuracy not yet measured. ``full``: the S4D recipe below, 45,960 st
 on 2 x 4,000 bytes, for an accelerator; the S4 repository reports about 23 minutes per epoch (20
 epochs) for its PyTorch S4 on one A100 (models/s4/experiments.md); not timed here.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer 57.46 (Tay et al. 2021, Table 1); S4D-LegS 89.46, S4D-Inv
 91.09*, S4D-Lin 90.96* (Gu et al. 2022, S4D); SGConv 91.11* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/retrieval"
 
@@ -83,15 +82,6 @@ RECIPES = {
 }
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)

@@ -2,8 +2,8 @@
 
 Run:
 
-    effseq train --config experiments/mqar.py:gla --workdir /tmp/mqar-gla
-    effseq train --config experiments/mqar.py:attention:64 --workdir /tmp/mqar-att64
+    effseq train --config mqar:gla --workdir /tmp/mqar-gla
+    effseq train --config mqar:attention:64 --workdir /tmp/mqar-att64
 
 ARG is MIXER[:D_MODEL] (default gla, width 64). Each 32-token sequence holds 4 key-value
 pairs, then queries of those keys; the model must output each queried key's value. 20,000

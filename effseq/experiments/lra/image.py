@@ -4,7 +4,7 @@ read row by row.
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/image.py:s4d:full --workdir /tmp/image
+    effseq train --config lra/image:s4d:full --workdir /tmp/image
 
 Data: ``cifar-10-batches-py/`` under $EFFSEQ_DATA_DIR (the CIFAR-10 python release); 45,000
 train, 5,000 val, 10,000 test. Pixels are continuous inputs in [-1, 1] (task option
@@ -16,13 +16,12 @@ timed). Accuracy not yet measured. ``full``: the S4D recipe below, 180,000 steps
 for an accelerator; the S4 repository reports about 2 minutes per epoch (200 epochs) for its
 PyTorch S4 on one A100 (models/s4/experiments.md); not timed here.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer 42.44 (Tay et al. 2021, Table 1); S4D-LegS 88.19, S4D-Inv
 87.83*, S4D-Lin 87.93* (Gu et al. 2022, S4D); SGConv 87.97* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/image"
 
@@ -87,15 +86,6 @@ RECIPES = {
 }
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)

@@ -5,7 +5,7 @@ curv_contour_length_14, the hardest, as in LRA).
 Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
-    effseq train --config experiments/lra/pathfinder.py:s4d:full --workdir /tmp/pathfinder
+    effseq train --config lra/pathfinder:s4d:full --workdir /tmp/pathfinder
 
 Data: ``pathfinder32/curv_contour_length_14/`` under $EFFSEQ_DATA_DIR (the LRA release); the
 first 80% (160,000) train, 10% val, 10% test. Pixels are continuous inputs (task option
@@ -18,13 +18,12 @@ yet measured (the task needs long training). ``full``: the S4D recipe below, 500
 batch 64, for an accelerator; the S4 repository reports about 7 minutes per epoch (200 epochs)
 for its PyTorch S4 on one A100 (models/s4/experiments.md); not timed here.
 
-Published test accuracy (%), as data in experiments/lra/published.py (``*``: not yet verified
+Published test accuracy (%), as data in published.py (``*``: not yet verified
 against the paper): Transformer 71.40 (Tay et al. 2021, Table 1); S4D-LegS 93.06, S4D-Inv
 93.78*, S4D-Lin 93.96* (Gu et al. 2022, S4D); SGConv 95.46* (Li et al. 2022).
 """
 
-import importlib.util
-import pathlib
+from effseq.experiments.lra import published
 
 TASK = "lra/pathfinder32"
 
@@ -87,15 +86,6 @@ RECIPES = {
 }
 
 
-def _published():
-    # Experiment files are loaded by path, not as a package: load the sibling the same way.
-    path = pathlib.Path(__file__).with_name("published.py")
-    spec = importlib.util.spec_from_file_location("effseq_lra_published", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
     """``arg`` = "MIXER" or "MIXER:PRESET" (defaults s4d, cpu)."""
-    return _published().build(TASK, RECIPES, arg)
+    return published.build(TASK, RECIPES, arg)
