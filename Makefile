@@ -20,7 +20,7 @@ run: $(STAMP)
 
 ## bench-ops: the ops benchmark at its goal sizes (results/ops/)
 bench-ops: $(STAMP)
-	$(BIN)/python -m benchmarks.ops
+	$(BIN)/python -m effseq.benchmarks.ops
 
 ## bench-models: the model-level benchmark, quick plan (results/bench/)
 bench-models: $(STAMP)
@@ -48,7 +48,7 @@ format: $(STAMP)
 
 ## bench: the full ops benchmark (t = 1k..16k), writes benchmarks/results/ops.json
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.ops --full
+	$(BIN)/python -m effseq.benchmarks.ops --full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,4 +1,5 @@
-"""``effseq train|eval|compare|bench|data ...``: parse the command line, then call one function."""
+"""``effseq train|eval|compare|bench|data stats|data generate``: parse the command line, then
+call one function (``bench`` hands its arguments to :func:`effseq.benchmarks.models.main`)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,12 @@ def parser() -> argparse.ArgumentParser:
         help="train a config in a workdir (resumes if it holds a checkpoint)",
         description="Extra --config.KEY=VALUE arguments override the config's keys.",
     )
-    t.add_argument("--config", required=True, help="PATH[:ARG], e.g. experiments/smoke.py:gla")
+    t.add_argument(
+        "--config",
+        required=True,
+        help="NAME[:ARG], a built-in experiment (e.g. smoke:gla, lra/listops:s4d:cpu; an unknown "
+        "name lists them), or PATH.py[:ARG], an experiment file (e.g. experiments/example.py:gla)",
+    )
     t.add_argument("--workdir", required=True)
     t.set_defaults(fn=_train)
     t.epilog = (
@@ -208,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every other argument belongs to the benchmark's own parser
-        from effseq.bench import main as bench_main
+        from effseq.benchmarks.models import main as bench_main
 
         return bench_main(argv[1:])
     args, rest = parser().parse_known_args(argv)

@@ -23,7 +23,7 @@
 # convolutions and scans, 2 for attention's time and memory (`impl="xla"` forms the
 # (t, t) score matrix).
 #
-# Method, as in `benchmarks/`: compile ahead of time, one warm-up call, then the median of a
+# Method, as in `effseq.benchmarks`: compile ahead of time, one warm-up call, then the median of a
 # few calls, each ended by `block_until_ready`. Memory is the executable's own accounting
 # (`compiled.memory_analysis()`: arguments, outputs and temporaries), identical on any backend.
 # Sizes are tiny so that the notebook runs in under a minute on a 2-core CPU; `make

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import models
 from effseq import ops
+from effseq.benchmarks import models
 
 PLAN = models.Plan(mixers=("gla",), lengths=(16, 4096), contexts=(), d_model=32, repeats=5)
 

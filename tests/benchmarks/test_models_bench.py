@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from benchmarks import models
-from benchmarks.timing import loglog_slope
+from effseq.benchmarks import models
+from effseq.benchmarks.timing import loglog_slope
 
 TINY = models.Plan(
     mixers=("s4d", "attention"),

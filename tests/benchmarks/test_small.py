@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import models, small
+from effseq.benchmarks import models, small
 from effseq.configs import load_config, override
 from tests.train.test_loop import SMOKE
 

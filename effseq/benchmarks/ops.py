@@ -1,14 +1,15 @@
 """Speed and memory of the effseq.ops kernels against plain baselines, versus sequence length.
 
-    python -m benchmarks.ops            # the goal sizes only (what `make run` prints), minutes
-    python -m benchmarks.ops --full     # every op at t = 1k..16k (`make bench`), longer
+    python -m effseq.benchmarks.ops          # the goal sizes only (`make bench-ops`), minutes
+    python -m effseq.benchmarks.ops --full   # every op at t = 1k..16k (`make bench`), longer
 
 Every mixer runs at width 256 (4 heads x 64 for GLA and attention), batch 2, float32.
 Baselines implemented here or beside each op: the direct Vandermonde product
 (``s4d_kernel_reference``), a plain per-step ``lax.scan`` (``selective_scan_reference``,
 ``gated_linear_attention_reference``) and XLA softmax attention (``impl="xla"``).
 ``--full`` writes ``benchmarks/results/ops.json`` (with provenance) and ``ops.md``, the figures
-the README shows; the quick run writes ``results/ops/ops_quick.{json,md}`` (not tracked).
+the README shows (paths relative to the working directory: run it from the checkout root, or
+pass ``--out``); the quick run writes ``results/ops/ops_quick.{json,md}`` (not tracked).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import provenance, time_jitted
 from effseq import ops
+from effseq.benchmarks.timing import provenance, time_jitted
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+# Relative to the working directory: the checkout root holds the committed results.
+RESULTS = pathlib.Path("benchmarks/results")
 BATCH, HEADS, HEAD_DIM = 2, 4, 64
 WIDTH = HEADS * HEAD_DIM
 # Attention's (b, h, t, t) float32 scores: 8 GiB at t = 16k, more than fits with its backward.
@@ -344,7 +346,9 @@ def main(argv=None) -> int:
             parser.error(f"unknown op(s) {unknown}; known: {', '.join(CASES)}")
         plan = [p for p in plan if p[0] in args.only]
     prov = provenance()
-    print(f"benchmarks.ops: {len(plan)} cases on {prov['backend']} ({prov['cpu_count']} cores)")
+    print(
+        f"effseq.benchmarks.ops: {len(plan)} cases on {prov['backend']} ({prov['cpu_count']} cores)"
+    )
     records = []
     for i, (name, t, mode) in enumerate(plan, 1):
         label = f"[{i}/{len(plan)}] {name:30s} t={t:<6d} {mode:8s}"

@@ -1,9 +1,9 @@
 """Model-level cost versus sequence length: training throughput, decoding, memory, compile time.
 
-    python -m benchmarks.models                 # quick plan (CPU-sized), results/bench/
-    python -m benchmarks.models --plan full     # 512..16k, benchmarks/results/ (the README's)
-    python -m benchmarks.models --plan small    # the default suite's models (benchmarks/small.py)
-    effseq bench [same options]                 # the same, through the CLI
+    effseq bench                    # quick plan (CPU-sized), results/bench/
+    effseq bench --plan full        # 512..16k, benchmarks/results/ (the README's; --out DIR)
+    effseq bench --plan small       # the default suite's models (effseq/benchmarks/small.py)
+    python -m effseq.benchmarks.models [same options]   # the same, without the CLI
 
 Every mixer runs in the same causal LanguageModel (4 layers, width 256, GLU MLP, tied
 embeddings over a 256-token vocabulary, float32) built by the trainer from a config, so the
@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from benchmarks.timing import (
+from effseq.benchmarks.timing import (
     compile_timed,
     loglog_slope,
     memory,
@@ -50,7 +50,8 @@ from benchmarks.timing import (
     time_step,
 )
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+# Relative to the working directory: the checkout root holds the committed results.
+RESULTS = pathlib.Path("benchmarks/results")
 QUICK_RESULTS = pathlib.Path("results/bench")
 MIXERS = ("s4d", "sgconv", "mamba", "gla", "attention")
 EFFICIENT = ("s4d", "sgconv", "mamba", "gla")
@@ -826,7 +827,7 @@ def run(plan: Plan, *, train: bool = True, decode: bool = True, log=print) -> di
     if worst > MATCH_BUDGET:
         log(f"warning: parameter counts differ by up to {worst:.0%} at this model size")
     log(
-        f"benchmarks.models on {prov['backend']} ({prov['device_kind']}, {prov['cpu_count']} "
+        f"effseq bench on {prov['backend']} ({prov['device_kind']}, {prov['cpu_count']} "
         f"cores); memory limit {_mib(limit)} MiB; params at t={lengths[-1]}: "
         + ", ".join(f"{m} {params[m][lengths[-1]]:,}" for m in plan.mixers)
     )
@@ -860,7 +861,7 @@ def write(result: dict, out: pathlib.Path, plots: bool = True) -> list[pathlib.P
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown(result))
     if plots:
-        from benchmarks.plots import plot_models
+        from effseq.benchmarks.plots import plot_models
 
         paths += plot_models(result, out)
     return paths
@@ -874,8 +875,8 @@ def _wants_small(argv) -> bool:
 
 
 def main(argv=None) -> int:
-    if _wants_small(argv):  # the default suite's small models: benchmarks/small.py
-        from benchmarks import small
+    if _wants_small(argv):  # the default suite's small models: small.py
+        from effseq.benchmarks import small
 
         return small.main(argv)
     args = parse_args(argv)

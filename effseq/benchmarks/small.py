@@ -1,7 +1,7 @@
 """The default suite's small models: time per step, arithmetic rate, and the loop's overhead.
 
     effseq bench --plan small                  # results/bench/small.{json,md}
-    python -m benchmarks.small [--mixers s4d,gla] [--steps 300] [--out DIR]
+    python -m effseq.benchmarks.small [--mixers s4d,gla] [--steps 300] [--out DIR]
 
 For every (task, mixer) of ``effseq compare``'s default suite, at the widths the suite matches
 (the same configs ``make run`` trains):
@@ -33,7 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import provenance
+from effseq.benchmarks.timing import provenance
 
 QUICK_RESULTS = pathlib.Path("results/bench")
 MIXERS = ("s4d", "sgconv", "mamba", "gla", "attention")
