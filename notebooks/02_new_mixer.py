@@ -20,6 +20,10 @@
 # recurrent step, register it by name, and train it against GLA on multi-query associative
 # recall (MQAR; Arora et al. 2023) through the ordinary trainer.
 #
+# A mixer is three pieces, and this notebook writes each: its maths as pure JAX functions (in
+# the package, one file in `effseq/ops/`; here the existing `ops.linear_scan` does the work),
+# one layer class that subclasses `effseq.layers.Mixer`, and one `register_mixer` line.
+#
 # The mixer is the **RG-LRU**, the real-gated linear recurrent unit of Griffin (De et al.
 # 2024, "Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient Language
 # Models", Sec. 2.4). Per channel, with learned Lambda and input-dependent gates:
@@ -49,7 +53,7 @@ import numpy as np
 from effseq import ops
 from effseq import sharding as ax
 from effseq.configs import load_config, override
-from effseq.layers import params
+from effseq.layers import Mixer, params
 from effseq.layers.masking import zero_padding
 from effseq.models import MIXERS, register_mixer
 from effseq.train.loop import train_and_evaluate
@@ -60,8 +64,11 @@ STEPS = int(os.environ.get("EFFSEQ_NB_STEPS", "400"))
 # %% [markdown]
 # ## The layer
 #
-# The mixer protocol (`effseq.layers`): fields `d_model`, `dtype`, `param_dtype`;
+# The mixer interface (`effseq.layers.Mixer`): a subclass inherits the fields every model
+# sets, `d_model`, `causal`, `max_len`, `dtype`, `param_dtype`, and defines
 # `__call__(x, mask=None)` for training, `init_state` / `step` / `prefill` for decoding.
+# The RG-LRU is causal only, so `setup` calls `require_causal()`, the one check every
+# causal-only mixer shares.
 # Parameters go through `effseq.layers.params.param`, which attaches logical axis names so
 # that the trainer can shard them; Lambda is put in the optimizer group `"ssm"` (its own
 # learning rate, no weight decay), like the S4 recipes treat a recurrence's decay parameters.
@@ -75,15 +82,13 @@ def _lambda_init(key, shape, dtype):
     return jnp.log(a / (1 - a)).astype(dtype)
 
 
-class RGLRU(nn.Module):
+class RGLRU(Mixer):
     """Real-gated linear recurrent unit with a GELU output gate: x (b, t, d) -> (b, t, d)."""
 
-    d_model: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
     c = 8.0  # a class constant, not a field: the paper fixes it
 
     def setup(self):
+        self.require_causal()
         d, pd = self.d_model, self.param_dtype
         lecun = nn.initializers.lecun_normal()
         mat = (ax.EMBED, ax.INNER)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+from effseq.models import Backbone
 from effseq.models.registry import make_mixer
 
 MIXERS = ("s4d", "sgconv", "mamba", "gla", "attention")
@@ -64,9 +65,8 @@ def fwd_bwd(layer):
 def build(name):
     """The layer and its parameters. Sized for the longest length (SGConv's number of kernel
     scales depends on it); the same parameters then serve every shorter length."""
-    layer = make_mixer(
-        name, D_MODEL, causal=True, max_len=max(LENGTHS), dtype=jnp.float32, param_dtype=jnp.float32
-    )
+    backbone = Backbone(mixer=name, d_model=D_MODEL, n_layers=1, max_len=max(LENGTHS))
+    layer = make_mixer(name, backbone)
     x = jnp.zeros((BATCH, min(LENGTHS), D_MODEL))
     return layer, jax.jit(layer.init)(jax.random.key(1), x)
 

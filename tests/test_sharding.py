@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from effseq import sharding
-from effseq.models import LanguageModel
+from effseq.models import Backbone, LanguageModel
 from tests.tolerances import assert_close
 
 V, D, B, T = 64, 32, 8, 8
@@ -23,7 +23,9 @@ LAYOUTS = [
 
 
 def _lm(mixer, options=None):
-    return LanguageModel(vocab_size=V, d_model=D, n_layers=2, mixer=mixer, mixer_options=options)
+    # max_len 2048: the old LanguageModel default (SGConv's kernel scales depend on it).
+    backbone = Backbone(mixer, D, 2, max_len=2048, mixer_options=options)
+    return LanguageModel(backbone, vocab_size=V)
 
 
 def _tokens():
@@ -209,7 +211,7 @@ def test_non_divisible_dimension_names_the_parameter():
     ):
         sharding.param_shardings(_abstract(_lm("gla")), mesh, sharding.get_rules("fsdp_tp"))
     # d_model 12 over fsdp 8.
-    model = LanguageModel(vocab_size=V, d_model=12, n_layers=2, mixer="s4d")
+    model = LanguageModel(Backbone("s4d", 12, 2, max_len=2048), vocab_size=V)
     fsdp = sharding.get_rules("fsdp")
     with pytest.raises(
         ValueError, match=r"params/embed .*size 12 \(logical axis 'embed'\).*fsdp=8"

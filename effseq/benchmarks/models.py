@@ -237,7 +237,7 @@ def _at_position(cache, position: int):
 
 def measure_decode(mixer: str, context: int, plan: Plan, limit: int | None) -> dict:
     """Per-token decode latency with a cache for ``context`` tokens, ending at its last slot."""
-    from effseq.train import build
+    from effseq.models import build
 
     setup = make_setup(mixer, context, plan)
     model = setup.model

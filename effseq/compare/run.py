@@ -26,8 +26,8 @@ from effseq.configs import load_config, override
 from effseq.configs.base import experiment_module
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.experiments.lra.published import PUBLISHED
-from effseq.models import MIXERS
-from effseq.train import build
+from effseq.models import MIXERS, build, registry
+from effseq.train import objectives
 from effseq.train import workdir as workdir_lib
 from effseq.train.optimizer import make_schedule
 
@@ -108,18 +108,13 @@ def _abstract_model(config, boxed: bool = False):
     """(model, info, abstract variables) of ``config``: shapes only, nothing allocated.
     ``boxed`` keeps the parameters' boxes (axis names and the SSM tag)."""
     info = task_info(config.task.name, **dict(config.task.options))
-    model = build.build_model(config.model, info)
-    shapes = jax.eval_shape(
-        functools.partial(build.init_variables, model),
-        jax.random.key(0),
-        build.example_batch(info),
-    )
+    model, shapes = build.abstract_model(config, info)
     return model, info, (shapes if boxed else nn.unbox(shapes))
 
 
 def recurrent_state_bytes(config) -> int:
     """Bytes of a LanguageModel's decoding cache for one sequence of the task's length: a
-    fixed state for S4D/Mamba/GLA, the KV cache for attention, the history for SGConv."""
+    fixed state for S4D/Mamba/GLA, the KV cache for attention, the input window for SGConv."""
     model, info, shapes = _abstract_model(config)
     cache = jax.eval_shape(
         lambda v: model.apply(v, 1, info.max_length, method="init_cache"), shapes
@@ -271,7 +266,6 @@ def run_compare(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from effseq.models import registry
 
     for path in imports:
         registry.load_source(path)
@@ -323,7 +317,7 @@ def _plan(
 ) -> list[dict]:
     """Every run of the suite with its config (or the reason it is skipped)."""
     for mixer in mixers:
-        for name in (m.strip() for m in mixer.split(",")):
+        for name in registry.names(mixer):
             if name not in MIXERS:
                 raise ValueError(f"unknown mixer {name!r}; known: {', '.join(MIXERS)}")
     bases = []
@@ -437,7 +431,7 @@ MATCHES = ("params", "flops", "width")
 def _forward_flops(config) -> float:
     """XLA's count of floating-point operations in one example's forward pass."""
     model, info, shapes = _abstract_model(config)
-    fn = jax.jit(lambda v, b: build.apply_model(model, v, b))
+    fn = jax.jit(lambda v, b: objectives.apply_model(model, v, b))
     cost = fn.lower(shapes, build.example_batch(info)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])

@@ -165,7 +165,7 @@ MINIMUM = {
     "model.n_layers": 1,
     "model.mlp_ratio": 1,
     "model.short_conv": 0,
-    "train.steps": 0,  # 0: evaluate the initial (or train.init_from) model only
+    "train.steps": 1,
     "train.batch_size": 1,
     "train.micro_batches": 1,
     "train.steps_per_call": 1,
@@ -179,9 +179,37 @@ MINIMUM = {
 }
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every key that names a choice, from the modules that own them."""
+    # Imported here: the config is plain data, and these modules import jax and flax.
+    from effseq import sharding
+    from effseq.models import backbone, build, classifier
+    from effseq.train import objectives, optimizer
+
+    return {
+        "model.norm": backbone.NORMS,
+        "model.mlp": backbone.MLPS,
+        "model.pooling": classifier.POOLINGS,
+        "model.dtype": tuple(build.DTYPES),
+        "model.bidirectional": BIDIRECTIONAL_CHOICES,
+        "train.objective": objectives.OBJECTIVES,
+        "optim.name": optimizer.OPTIMIZERS,
+        "optim.schedule": optimizer.SCHEDULES,
+        "mesh.rules": tuple(sharding.RULES),
+    }
+
+
+BIDIRECTIONAL_CHOICES = ("auto", "yes", "no")
+
+
 def check_values(config: ConfigDict) -> None:
-    """One-line errors naming the key, before anything is built: counts and cadences in
-    range (e.g. ``train.checkpoint_every`` >= 1), fractions in [0, 1)."""
+    """The one check of a config's values, before anything is built; each error names its
+    key: counts and cadences in range (e.g. ``train.checkpoint_every`` >= 1), fractions in
+    [0, 1), choices among their values, the mixer pattern against the registry and the depth,
+    the direction against the mixers, and mixer options against the mixers' fields."""
+    from effseq.models import registry
+    from effseq.train import optimizer
+
     flat = _flat_keys(config)
     for key, least in MINIMUM.items():
         if flat[key] < least:
@@ -191,6 +219,28 @@ def check_values(config: ConfigDict) -> None:
     for key in ("model.dropout", "train.mask_rate"):
         if not 0.0 <= flat[key] < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {flat[key]!r}")
+    if flat["train.objective"] == "denoise" and flat["train.mask_rate"] == 0:
+        raise ValueError("config key 'train.mask_rate' must be > 0 for train.objective='denoise'")
+    for key, allowed in choices().items():
+        if flat[key] not in allowed:
+            raise ValueError(
+                f"config key {key!r}: unknown value {flat[key]!r}; choose one of {list(allowed)}"
+            )
+    model = config.model
+    try:
+        pattern = registry.parse_pattern(model.mixer, model.n_layers)
+    except ValueError as e:
+        raise ValueError(f"config key 'model.mixer': {e}") from None
+    causal_only = [m for m in pattern if m not in registry.BIDIRECTIONAL]
+    if model.bidirectional == "yes" and causal_only:
+        raise ValueError(
+            f"config key 'model.bidirectional': 'yes' needs every mixer to have a bidirectional "
+            f"form; mixer {causal_only[0]!r} is causal only"
+        )
+    options = model.mixer_options.to_dict()
+    for name in dict.fromkeys(pattern):
+        registry.check_fields(name, options)
+    optimizer.check(config.optim, config.train.steps)
 
 
 def _is_int(x) -> bool:

@@ -78,7 +78,9 @@ def get_config(arg: str | None = None):
     c.model.mixer = mixer
     c.model.d_model = int(width) if width else 64
     c.model.n_layers = 2
-    for name in dict.fromkeys(m.strip() for m in mixer.split(",")):
+    from effseq.models import registry  # here: listing the experiments needs no flax
+
+    for name in dict.fromkeys(registry.names(mixer)):
         if name in MIXERS:
             c.model.mixer_options[name] = dict(MIXERS[name])
     c.train.steps = 3000

@@ -40,7 +40,9 @@ def get_config(arg: str | None = None):
     c.model.d_model = 64
     c.model.n_layers = 2
     c.model.short_conv = 4
-    if "attention" in [m.strip() for m in mixer.split(",")]:
+    from effseq.models import registry  # here: listing the experiments needs no flax
+
+    if "attention" in registry.names(mixer):
         c.model.mixer_options.attention = {"rotary": True}
     c.train.steps = 600
     c.train.batch_size = 32

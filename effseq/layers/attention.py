@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from effseq import ops, sharding
 from effseq.layers import params
 from effseq.layers.masking import zero_padding
+from effseq.layers.mixer import Mixer
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -30,7 +31,7 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(Mixer):
     """Multi-head attention mixer: x (b, t, d) -> (b, t, d).
 
     Attributes:
@@ -44,18 +45,14 @@ class Attention(nn.Module):
       impl: ``effseq.ops.attention`` implementation (None: the backend default).
     """
 
-    d_model: int
     num_heads: int = 4
     head_dim: int | None = None
-    causal: bool = True
     window: int | None = None
     rotary: bool = False
     rotary_base: float = 10000.0
     dconv: bool = False
     dconv_width: int = 3
     impl: str | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     def _dims(self):
         head_dim = self.head_dim or self.d_model // self.num_heads
@@ -140,8 +137,7 @@ class Attention(nn.Module):
 
     def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, dict]:
         """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the KV cache holding it)."""
-        if not self.causal:
-            raise ValueError("Attention.prefill: a bidirectional layer has no recurrent form")
+        self.check_causal("prefill")
         b, t, _ = x.shape
         if t > max_len:
             raise ValueError(f"Attention.prefill: prompt length {t} exceeds max_len={max_len}")
@@ -152,9 +148,10 @@ class Attention(nn.Module):
         state["index"] = jnp.asarray(t, jnp.int32)
         if self.dconv:
             w = self.dconv_width - 1
-            stacked = jnp.stack(raw).astype(self.dtype)  # (3, b, t, h, k)
-            padded = jnp.pad(stacked, ((0, 0), (0, 0), (w, 0), (0, 0), (0, 0)))
-            state["window"] = padded[:, :, padded.shape[2] - w :]
+            channels = jnp.concatenate([y.reshape(b, t, -1) for y in raw], -1)  # (b, t, 3hk)
+            # Prompts shorter than the window leave zeros in front, as init_state does.
+            padded = jnp.pad(channels.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
+            state["window"] = padded[:, padded.shape[1] - w :]
         return self._attend(q, k, v), state
 
     def _dconv_parallel(self, kern, y):
@@ -163,7 +160,8 @@ class Attention(nn.Module):
         return flat.reshape(b, t, h, k).astype(self.dtype)
 
     def init_state(self, batch: int, max_len: int) -> dict:
-        """KV cache (b, max_len, h, k) x 2, the next position, and Primer's input window."""
+        """KV cache (b, max_len, h, k) x 2, the next position, and Primer's input window: the
+        last dconv_width - 1 projections q, k, v (b, dconv_width - 1, 3 h k) float32."""
         h, k = self._dims()
         state = {
             "key": jnp.zeros((batch, max_len, h, k), self.dtype),
@@ -171,24 +169,24 @@ class Attention(nn.Module):
             "index": jnp.zeros((), jnp.int32),
         }
         if self.dconv:
-            state["window"] = jnp.zeros((3, batch, self.dconv_width - 1, h, k), self.dtype)
+            state["window"] = jnp.zeros((batch, self.dconv_width - 1, 3 * h * k), jnp.float32)
         return state
 
     def step(self, x_t: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One token x_t (b, d) -> (y_t (b, d), state); cost grows with the cache length."""
-        if not self.causal:
-            raise ValueError("Attention.step: a bidirectional layer has no recurrent form")
+        self.check_causal("step")
         w = self.w
         index = state["index"]
         q, k, v = (y[:, 0] for y in self._project(w, x_t[:, None]))  # (b, h, k) each
         new = dict(state)
         if self.dconv:
-            stacked = jnp.stack([q, k, v])[:, :, None]  # (3, b, 1, h, k)
-            window = jnp.concatenate([state["window"], stacked], axis=2)  # oldest first
-            kern = jnp.stack([w[f"dconv_{n}"] for n in ("query", "key", "value")])
-            kern = kern.astype(self.dtype)  # (3, h, k, width): tap s multiplies x_{t-s}
-            q, k, v = jnp.einsum("cbshk,chks->cbhk", window, jnp.flip(kern, -1))
-            new["window"] = window[:, :, 1:]
+            b, h, k_dim = q.shape
+            channels = jnp.stack([q, k, v], 1).reshape(b, 3 * h * k_dim)  # as in prefill
+            kern = jnp.stack([w[f"dconv_{n}"] for n in ("query", "key", "value")])  # (3,h,k,l)
+            y, new["window"] = ops.causal_conv_step(
+                state["window"], channels, kern.reshape(3 * h * k_dim, -1).astype(self.dtype)
+            )
+            q, k, v = (y.reshape(b, 3, h, k_dim)[:, i] for i in range(3))
         q, k = q[:, None], k[:, None]
         if self.rotary:
             pos = jnp.full((1, 1), index)

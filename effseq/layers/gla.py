@@ -28,12 +28,13 @@ from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
 from effseq.layers.masking import zero_padding
-from effseq.typing import Array, DType
+from effseq.layers.mixer import Mixer
+from effseq.typing import Array
 
 __all__ = ["GLA"]
 
 
-class GLA(nn.Module):
+class GLA(Mixer):
     """Gated linear attention layer (Yang et al. 2023, Sec. 4.4); causal only.
 
     Attributes:
@@ -50,7 +51,6 @@ class GLA(nn.Module):
       param_dtype: storage dtype of the parameters.
     """
 
-    d_model: int
     num_heads: int = 4
     expand_k: float = 0.5
     expand_v: float = 1.0
@@ -58,8 +58,6 @@ class GLA(nn.Module):
     gate_logit_normalizer: float = 16.0
     norm_eps: float = 1e-5
     chunk_size: int | None = None
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
 
     def _head_dim(self, expand: float, name: str) -> int:
         total = int(expand * self.d_model)
@@ -79,6 +77,7 @@ class GLA(nn.Module):
         return self._head_dim(self.expand_v, "expand_v")
 
     def setup(self):
+        self.require_causal()
         d, h, dk, dv, r = self.d_model, self.num_heads, self.head_k, self.head_v, self.gate_low_rank
         lecun = nn.initializers.lecun_normal()
         # Fan-in/out of the (d, h, x) kernels are d and h * x, as for a (d, h * x) Dense.

@@ -36,7 +36,8 @@ from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
 from effseq.layers.masking import zero_padding
-from effseq.typing import Array, DType
+from effseq.layers.mixer import Mixer
+from effseq.typing import Array
 
 __all__ = ["Mamba", "dt_bias_init", "s4d_real_a_log_init"]
 
@@ -74,7 +75,7 @@ def _uniform(scale: float):
     return init
 
 
-class Mamba(nn.Module):
+class Mamba(Mixer):
     """Mamba block (Gu & Dao 2023, Sec. 3.4); see the module docstring for the maths.
 
     Attributes:
@@ -85,7 +86,7 @@ class Mamba(nn.Module):
       dt_rank: rank r of the dt projection; "auto" is ceil(d_model / 16).
       dt_min, dt_max: range of the log-uniform initial step size.
       dt_init_floor: lower clamp of the initial step size.
-      bidirectional: add a backward branch over the reversed sequence (not causal; no ``step``).
+      causal: False adds a backward branch over the reversed sequence (then no ``step``).
       scan_impl: ``impl`` of :func:`effseq.ops.selective_scan` (None: the backend default).
       chunk_size: chunk length of the chunked selective scan (None: sized by
         :func:`effseq.ops.selective_scan.default_chunk_size`).
@@ -93,7 +94,6 @@ class Mamba(nn.Module):
       param_dtype: storage dtype of the parameters.
     """
 
-    d_model: int
     state_size: int = 16
     expand: int = 2
     conv_width: int = 4
@@ -101,11 +101,8 @@ class Mamba(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
-    bidirectional: bool = False
     scan_impl: str | None = None
     chunk_size: int | None = None
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
 
     @property
     def d_inner(self) -> int:
@@ -160,7 +157,7 @@ class Mamba(nn.Module):
             self, "out_proj", lecun, (e, d), (ax.INNER, ax.EMBED), self.param_dtype
         )
         self.fwd = self._branch_params("")
-        if self.bidirectional:
+        if not self.causal:
             self.bwd = self._branch_params("bwd_")
 
     def _ssm_inputs(self, p: dict, x: Array) -> tuple[Array, Array, Array, Array]:
@@ -199,7 +196,7 @@ class Mamba(nn.Module):
         xz = ops.dense(zero_padding(x.astype(cd), mask), self.in_proj.astype(cd))
         x_in, z = jnp.split(xz, 2, axis=-1)
         y, h = self._branch(self.fwd, x_in, mask)
-        if self.bidirectional:
+        if not self.causal:
             flip = None if mask is None else jnp.flip(mask, 1)
             y = y + jnp.flip(self._branch(self.bwd, jnp.flip(x_in, 1), flip)[0], 1)
         return ops.dense(y * jax.nn.silu(z), self.out_proj.astype(cd)), x_in, h
@@ -211,7 +208,7 @@ class Mamba(nn.Module):
     def prefill(self, x: Array, max_len: int) -> tuple[Array, dict]:
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the state ``step`` continues
         from: the last conv_width - 1 conv inputs and the final SSM state)."""
-        self._check_causal()
+        self.check_causal("prefill")
         y, x_in, h = self._forward(x)
         w = self.conv_width - 1
         # Prompts shorter than the conv window leave zeros in front, as init_state does.
@@ -230,27 +227,16 @@ class Mamba(nn.Module):
             ssm=jnp.zeros((batch, e, self.state_size), jnp.float32),
         )
 
-    def _check_causal(self):
-        if self.bidirectional:
-            raise ValueError(
-                "Mamba(bidirectional=True) has no recurrent step: its backward branch reads "
-                "future tokens"
-            )
-
     def step(self, x_t: Array, state: dict) -> tuple[Array, dict]:
         """One token: x_t (b, d) -> (y_t (b, d), state), equal to ``__call__`` at that position."""
-        self._check_causal()
+        self.check_causal("step")
         cd = self.dtype
         p = self.fwd
         xz = x_t.astype(cd) @ self.in_proj.astype(cd)
         x_in, z = jnp.split(xz, 2, axis=-1)
-        # window[:, j] holds the input j - (w - 1) steps back, so kernel tap s (lag s) pairs
-        # with window[:, w - 1 - s]: the flipped kernel, in float32 like ops.causal_conv.
-        window = jnp.concatenate([state["conv"], x_in[:, None].astype(jnp.float32)], axis=1)
-        kernel = jnp.flip(p["conv_kernel"].astype(cd).astype(jnp.float32), -1)
-        conv = jnp.einsum("bwe,ew->be", window, kernel, precision=jax.lax.Precision.HIGHEST)
+        conv, window = ops.causal_conv_step(state["conv"], x_in, p["conv_kernel"].astype(cd))
         x_c = jax.nn.silu(conv.astype(cd) + p["conv_bias"].astype(cd))
         delta, A, B, C = self._ssm_inputs(p, x_c[:, None])
         h, y = ops.selective_scan_step(state["ssm"], x_c, delta[:, 0], A, B[:, 0], C[:, 0], p["D"])
         y_t = (y * jax.nn.silu(z)) @ self.out_proj.astype(cd)
-        return y_t, dict(conv=window[:, 1:], ssm=h)
+        return y_t, dict(conv=window, ssm=h)

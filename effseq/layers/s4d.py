@@ -17,7 +17,9 @@ import numpy as np
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.layers.conv_output import conv_output, output_params
 from effseq.layers.masking import zero_padding
+from effseq.layers.mixer import Mixer
 from effseq.typing import Array, DType
 
 INITS = ("legs", "inv", "lin")
@@ -171,50 +173,11 @@ class S4DKernel(nn.Module):
         return dA, dB, C
 
 
-def output_params(module: nn.Module, d: int, glu: bool) -> tuple[Array, Array, Array]:
-    """Creates the skip D (d,), and the output projection's kernel (d, d or 2d) and bias;
-    shared by the convolution mixers (S4D, SGConv). Call from ``setup``. D is an ordinary
-    weight-decayed parameter at the main learning rate, as in both repositories (a plain
-    ``nn.Parameter`` without ``_optim``).
-
-    Kernel axes (embed, mlp): the input dimension is the mixer's channels, the output the new
-    width (2d before a GLU). D is standard normal as in the S4D code.
-    """
-    pd = module.param_dtype
-    normal = nn.initializers.normal(1.0)
-    D = params.param(module, "D", normal, (d,), (sharding.EMBED,), pd, group="decay")
-    width = 2 * d if glu else d
-    kernel = params.param(
-        module,
-        "out_kernel",
-        nn.initializers.lecun_normal(),
-        (d, width),
-        (sharding.EMBED, sharding.MLP),
-        pd,
-    )
-    bias = params.param(module, "out_bias", nn.initializers.zeros, (width,), (sharding.MLP,), pd)
-    return D, kernel, bias
-
-
-def conv_output(
-    y: Array, x: Array, D: Array, kernel: Array, bias: Array, glu: bool, dtype: DType
-) -> Array:
-    """Proj(GELU(y + D x)): Dense d -> d, or Dense d -> 2d then GLU(a, g) = a * sigmoid(g) (the
-    S4/S4D code's default output layer); y, x (..., d), result in ``dtype``."""
-    # The exact GELU x Phi(x), as the S4D and SGConv code use (torch's nn.GELU()).
-    y = jax.nn.gelu(y + x * D.astype(dtype), approximate=False).astype(dtype)
-    y = ops.dense(y, kernel.astype(dtype)) + bias.astype(dtype)
-    if glu:
-        a, g = jnp.split(y, 2, axis=-1)
-        y = a * jax.nn.sigmoid(g)
-    return y
-
-
-class S4D(nn.Module):
+class S4D(Mixer):
     """S4D mixer: y = Proj(GELU(K * x + D x)), K the SSM convolution kernel of each channel.
 
-    Follows the mixer protocol of :mod:`effseq.layers`. Shapes: x (b, t, d); the SSM has h = d
-    channels of n = ``state_size`` complex modes.
+    Follows the mixer interface (:class:`effseq.layers.Mixer`). Shapes: x (b, t, d); the SSM
+    has h = d channels of n = ``state_size`` complex modes.
 
     Attributes:
       d_model: width d (= number of SSM channels h).
@@ -228,8 +191,8 @@ class S4D(nn.Module):
         default, ``lr: {dt: 0.001, ...}``) or "no_decay" (the main learning rate without weight
         decay, what state-spaces/s4's ListOps config gets with ``lr: {dt: null, ...}``).
       glu: output projection Dense d -> 2d then GLU (the S4D code's default); else Dense d -> d.
-      bidirectional: add a second, independent SSM kernel run backwards in time (non-causal;
-        :func:`effseq.ops.bidirectional_conv`); ``step`` then raises.
+      causal: False adds a second, independent SSM kernel run backwards in time
+        (:func:`effseq.ops.bidirectional_conv`); ``step`` and ``prefill`` then raise.
       conv_impl: ``impl`` of the convolution op (None: the backend's default). ``"direct"`` is
         exactly causal; ``"fft"`` is causal up to float32 roundoff.
       dtype: compute dtype; the SSM kernel and recurrence stay float32.
@@ -240,7 +203,6 @@ class S4D(nn.Module):
     ``out_kernel``/``out_bias``: the output projection.
     """
 
-    d_model: int
     state_size: int = 32
     init_method: str = "legs"
     dt_min: float = 1e-3
@@ -249,10 +211,7 @@ class S4D(nn.Module):
     trainable_B: bool = True
     dt_group: str = "ssm"
     glu: bool = True
-    bidirectional: bool = False
     conv_impl: str | None = None
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
 
     def _kernel_module(self, name: str) -> S4DKernel:
         if self.init_method not in INITS:
@@ -274,7 +233,7 @@ class S4D(nn.Module):
 
     def setup(self):
         self.kernel = self._kernel_module("kernel")
-        if self.bidirectional:
+        if not self.causal:
             self.kernel_bwd = self._kernel_module("kernel_bwd")
         self.D, self.out_kernel, self.out_bias = output_params(self, self.d_model, self.glu)
 
@@ -287,7 +246,7 @@ class S4D(nn.Module):
         x = zero_padding(x.astype(self.dtype), mask)
         t = x.shape[1]
         k = self.kernel.kernel(t)
-        if self.bidirectional:
+        if not self.causal:
             y = ops.bidirectional_conv(x, k, self.kernel_bwd.kernel(t), impl=self.conv_impl)
         else:
             y = ops.causal_conv(x, k, impl=self.conv_impl)
@@ -298,22 +257,15 @@ class S4D(nn.Module):
         del max_len
         return jnp.zeros((batch, self.d_model, self.state_size), jnp.complex64)
 
-    def _check_causal(self):
-        if self.bidirectional:
-            raise ValueError(
-                "S4D: a bidirectional layer sees future tokens and has no recurrent step; "
-                "use bidirectional=False for decoding"
-            )
-
     def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), state after it (b, h, n))."""
         del max_len
-        self._check_causal()
+        self.check_causal("prefill")
         return self(x), self.kernel.final_state(x.astype(self.dtype))
 
     def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
         """One token: x_t (b, d), state (b, h, n) -> (y_t (b, d), state)."""
-        self._check_causal()
+        self.check_causal("step")
         x_t = x_t.astype(self.dtype)
         dA, dB, C = self.kernel.discrete()
         state, y = ops.s4d_step(state, x_t, dA, dB, C)

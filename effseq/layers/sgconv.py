@@ -10,14 +10,14 @@ initialization.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.layers.conv_output import conv_output, output_params
 from effseq.layers.masking import zero_padding
-from effseq.layers.s4d import conv_output, output_params
-from effseq.typing import Array, DType
+from effseq.layers.mixer import Mixer
+from effseq.typing import Array
 
 
 def num_scales(max_len: int, kernel_dim: int) -> int:
@@ -28,10 +28,10 @@ def num_scales(max_len: int, kernel_dim: int) -> int:
     return s
 
 
-class SGConv(nn.Module):
+class SGConv(Mixer):
     """SGConv mixer: y = Proj(GELU(K * x + D x)), K = sgconv_kernel(sub_kernels) / Z.
 
-    Follows the mixer protocol of :mod:`effseq.layers`. Shapes: x (b, t, d); the kernel has
+    Follows the mixer interface (:class:`effseq.layers.Mixer`). Shapes: x (b, t, d); the kernel has
     h = d channels; sub_kernels (s, h, kernel_dim).
 
     The decay convention: the paper (sec. 3.1) weights scale i by alpha**i with a decay
@@ -59,8 +59,8 @@ class SGConv(nn.Module):
       decay: per-scale damping, scale i weighted decay**(-i).
       glu: output projection Dense d -> 2d then GLU (the released code's default); else
         Dense d -> d.
-      bidirectional: add a second, independent kernel over the future (non-causal;
-        :func:`effseq.ops.bidirectional_conv`); ``step`` then raises.
+      causal: False adds a second, independent kernel over the future
+        (:func:`effseq.ops.bidirectional_conv`); ``step`` and ``prefill`` then raise.
       conv_impl: ``impl`` of the convolution op (None: the backend's default). ``"direct"`` is
         exactly causal; ``"fft"`` is causal up to float32 roundoff.
       dtype: compute dtype; the kernel is assembled in float32.
@@ -72,15 +72,10 @@ class SGConv(nn.Module):
     ``kernel_norm_bwd``) (h,).
     """
 
-    d_model: int
-    max_len: int = 1024
     kernel_dim: int = 64
     decay: float = 2.0
     glu: bool = True
-    bidirectional: bool = False
     conv_impl: str | None = None
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
 
     @property
     def num_scales(self) -> int:
@@ -110,7 +105,7 @@ class SGConv(nn.Module):
 
     def setup(self):
         self.sub_kernels, self.kernel_norm = self._sub_kernels("")
-        if self.bidirectional:
+        if not self.causal:
             self.sub_kernels_bwd, self.kernel_norm_bwd = self._sub_kernels("_bwd")
         self.D, self.out_kernel, self.out_bias = output_params(self, self.d_model, self.glu)
 
@@ -128,57 +123,40 @@ class SGConv(nn.Module):
         x = zero_padding(x.astype(self.dtype), mask)
         t = x.shape[1]
         k = self._kernel(self.sub_kernels, self.kernel_norm, t)
-        if self.bidirectional:
+        if not self.causal:
             k_bwd = self._kernel(self.sub_kernels_bwd, self.kernel_norm_bwd, t)
             y = ops.bidirectional_conv(x, k, k_bwd, impl=self.conv_impl)
         else:
             y = ops.causal_conv(x, k, impl=self.conv_impl)
         return self._output(y, x)
 
-    def init_state(self, batch: int, max_len: int) -> tuple[Array, Array]:
-        """(history (b, max_len, d) zeros in ``dtype``, position 0 (int32 scalar)).
+    def init_state(self, batch: int, max_len: int) -> Array:
+        """The last ``max_len - 1`` inputs (b, max_len - 1, d) float32, zeros before the start.
 
-        A global convolution has no finite state: decoding keeps every input so far.
+        A global convolution has no finite state: decoding keeps the inputs its kernel of
+        ``max_len`` taps reaches, and steps it as a (long) :func:`effseq.ops.causal_conv_step`.
         """
-        return jnp.zeros((batch, max_len, self.d_model), self.dtype), jnp.zeros((), jnp.int32)
+        return jnp.zeros((batch, max_len - 1, self.d_model), jnp.float32)
 
-    def _check_causal(self):
-        if self.bidirectional:
-            raise ValueError(
-                "SGConv: a bidirectional layer sees future tokens and has no recurrent step; "
-                "use bidirectional=False for decoding"
-            )
-
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, tuple[Array, Array]]:
-        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, history holding it)."""
-        self._check_causal()
-        b, t, _ = x.shape
+    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
+        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the window holding it)."""
+        self.check_causal("prefill")
+        t = x.shape[1]
         if t > max_len:
             raise ValueError(f"SGConv.prefill: prompt length {t} exceeds max_len={max_len}")
-        history, _ = self.init_state(b, max_len)
-        history = history.at[:, :t].set(x.astype(history.dtype))
-        return self(x), (history, jnp.asarray(t, jnp.int32))
+        w = max_len - 1
+        # Prompts shorter than the window leave zeros in front, as init_state does.
+        padded = jnp.pad(x.astype(self.dtype).astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
+        return self(x), padded[:, padded.shape[1] - w :]
 
-    def step(self, x_t: Array, state: tuple[Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-        """One token: x_t (b, d) -> y_t (b, d); y_t = sum_{s <= pos} K[:, s] x[pos - s].
+    def step(self, x_t: Array, window: Array) -> tuple[Array, Array]:
+        """One token: x_t (b, d) -> y_t (b, d); y_t = sum_{s < max_len} K[:, s] x[pos - s].
 
-        O(max_len d) per token. Positions past the history's length are an error the caller
-        must avoid (JAX drops an out-of-bounds write, so such tokens are lost).
+        O(max_len d) per token; tokens further back than the window (max_len - 1) fall out of
+        it, as they fall outside the kernel's length.
         """
-        self._check_causal()
-        history, pos = state
+        self.check_causal("step")
         x_t = x_t.astype(self.dtype)
-        length = history.shape[1]
-        history = history.at[:, pos].set(x_t.astype(history.dtype))
-        k = self._kernel(self.sub_kernels, self.kernel_norm, length)  # (h, l)
-        lags = jnp.arange(length)
-        src = pos - lags
-        # Lag s reads position pos - s; lags reaching before the start read nothing.
-        past = jnp.where((src >= 0)[None, :, None], history[:, jnp.clip(src, 0)], 0)
-        y = jnp.einsum(
-            "bld,dl->bd",
-            past.astype(jnp.float32),
-            k,
-            precision=jax.lax.Precision.HIGHEST,
-        ).astype(self.dtype)
-        return self._output(y, x_t), (history, pos + 1)
+        k = self._kernel(self.sub_kernels, self.kernel_norm, window.shape[1] + 1)  # (h, l)
+        y, window = ops.causal_conv_step(window, x_t, k)
+        return self._output(y, x_t), window

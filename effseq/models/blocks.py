@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -11,10 +10,8 @@ import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
+from effseq.models.backbone import Backbone
 from effseq.models.registry import make_mixer
-
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("none", "gelu", "glu", "sqrelu")
 
 
 def _norm(kind: str, dtype, param_dtype, name: str) -> nn.Module:
@@ -61,54 +58,30 @@ class MLP(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x -> x + mixer(norm(x)) [-> x + mlp(norm(x))] (pre-norm), or the post-norm order.
+    """x -> x + mixer(norm(x)) [-> x + mlp(norm(x))] (pre-norm), or the post-norm order; the
+    settings come from ``backbone`` (:class:`effseq.models.Backbone`), ``mixer`` names this
+    block's mixer.
 
     Padded positions are zeroed (re-masked) before the mixer, so no mixer, bidirectional ones
     included, ever reads a padded token's value.
     """
 
     mixer: str
-    d_model: int
-    causal: bool = True
-    max_len: int = 1024
-    norm: str = "layernorm"
-    prenorm: bool = True
-    mlp: str = "glu"
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    mixer_options: Mapping[str, Any] | None = None
-    short_conv: int = 0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    backbone: Backbone
 
     def setup(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm={self.norm!r}; choose one of {', '.join(NORMS)}")
-        if self.mlp not in MLPS:
-            raise ValueError(f"unknown mlp={self.mlp!r}; choose one of {', '.join(MLPS)}")
-        self.mix = make_mixer(
-            self.mixer,
-            self.d_model,
-            causal=self.causal,
-            max_len=self.max_len,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            options=self.mixer_options,
-        )
-        self.norm_mix = _norm(self.norm, self.dtype, self.param_dtype, "norm_mix")
-        if self.mlp != "none":
-            self.ffn = MLP(self.d_model, self.mlp, self.mlp_ratio, self.dtype, self.param_dtype)
-            self.norm_mlp = _norm(self.norm, self.dtype, self.param_dtype, "norm_mlp")
-        self.drop = nn.Dropout(self.dropout)
-        if self.short_conv < 0 or self.short_conv == 1:
-            raise ValueError(
-                f"short_conv must be 0 (none) or the number of taps >= 2, got {self.short_conv}"
-            )
-        if self.short_conv:
+        bb = self.backbone
+        dtype, pd = bb.dtype, bb.param_dtype
+        self.mix = make_mixer(self.mixer, bb)
+        self.norm_mix = _norm(bb.norm, dtype, pd, "norm_mix")
+        if bb.mlp != "none":
+            self.ffn = MLP(bb.d_model, bb.mlp, bb.mlp_ratio, dtype, pd)
+            self.norm_mlp = _norm(bb.norm, dtype, pd, "norm_mlp")
+        self.drop = nn.Dropout(bb.dropout)
+        if bb.short_conv:
             # Zoology's (Arora et al. 2023) ShortConvolution: a depthwise causal Conv1d with a
             # bias, initialised as torch initialises Conv1d (uniform in +-1/sqrt(taps)).
-            k = self.short_conv
-            bound = k**-0.5
+            bound = bb.short_conv**-0.5
 
             def uniform(key, shape, dtype):
                 return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -117,35 +90,31 @@ class ResidualBlock(nn.Module):
                 self,
                 "short_conv",
                 uniform,
-                (self.d_model, k),
+                (bb.d_model, bb.short_conv),
                 (sharding.EMBED, sharding.CONV),
-                self.param_dtype,
+                pd,
             )
             self.conv_bias = params.param(
-                self,
-                "short_conv_bias",
-                uniform,
-                (self.d_model,),
-                (sharding.EMBED,),
-                self.param_dtype,
+                self, "short_conv_bias", uniform, (bb.d_model,), (sharding.EMBED,), pd
             )
 
     def _residual(self, x, fn, norm, deterministic):
-        if self.prenorm:
+        if self.backbone.prenorm:
             return x + self.drop(fn(norm(x)), deterministic=deterministic)
         return norm(x + self.drop(fn(x), deterministic=deterministic))
 
     def _mlp(self, x, deterministic):
-        if self.mlp == "none":
+        if self.backbone.mlp == "none":
             return x
         return self._residual(x, self.ffn, self.norm_mlp, deterministic)
 
     def _conv(self, h):
         """The short causal convolution in front of the mixer (identity when off)."""
-        if not self.short_conv:
+        if not self.backbone.short_conv:
             return h
-        y = ops.causal_conv(h, self.conv_kernel.astype(self.dtype), impl="direct")
-        return (y + self.conv_bias.astype(self.dtype)).astype(self.dtype)
+        dtype = self.backbone.dtype
+        y = ops.causal_conv(h, self.conv_kernel.astype(dtype), impl="direct")
+        return (y + self.conv_bias.astype(dtype)).astype(dtype)
 
     def __call__(self, x, mask=None, deterministic: bool = True):
         """x (b, t, d); mask (b, t) bool, True = real token, or None."""
@@ -154,14 +123,15 @@ class ResidualBlock(nn.Module):
         # The mixer masks its own (normalised) input: a norm's bias would refill zeroed padding.
         # A causal convolution of right-padded input never lets padding reach a real token.
         x = self._residual(x, lambda h: self.mix(self._conv(h), mask), self.norm_mix, deterministic)
-        return self._mlp(x, deterministic).astype(self.dtype)
+        return self._mlp(x, deterministic).astype(self.backbone.dtype)
 
     def init_state(self, batch: int, max_len: int):
         """The mixer's decoding state; with a short convolution, (its last inputs, that)."""
         state = self.mix.init_state(batch, max_len)
-        if not self.short_conv:
+        bb = self.backbone
+        if not bb.short_conv:
             return state
-        window = jnp.zeros((batch, self.short_conv - 1, self.d_model), jnp.float32)
+        window = jnp.zeros((batch, bb.short_conv - 1, bb.d_model), jnp.float32)
         return (window, state)
 
     def _with_state(self, x, mix, deterministic=True):
@@ -173,18 +143,18 @@ class ResidualBlock(nn.Module):
             return y
 
         x = self._residual(x, mixed, self.norm_mix, deterministic)
-        return self._mlp(x, deterministic).astype(self.dtype), out["state"]
+        return self._mlp(x, deterministic).astype(self.backbone.dtype), out["state"]
 
     def step(self, x_t, state):
         """One token x_t (b, d) -> (y_t (b, d), state)."""
-        if not self.short_conv:
+        if not self.backbone.short_conv:
             return self._with_state(x_t, lambda h: self.mix.step(h, state))
         window, mix_state = state
+        dtype = self.backbone.dtype
 
         def mix(h):
-            kernel = self.conv_kernel.astype(self.dtype)
-            c, new_window = ops.causal_conv_step(window, h, kernel)
-            c = (c + self.conv_bias.astype(self.dtype)).astype(self.dtype)
+            c, new_window = ops.causal_conv_step(window, h, self.conv_kernel.astype(dtype))
+            c = (c + self.conv_bias.astype(dtype)).astype(dtype)
             y, new_state = self.mix.step(c, mix_state)
             return y, (new_window, new_state)
 
@@ -192,12 +162,12 @@ class ResidualBlock(nn.Module):
 
     def prefill(self, x, max_len: int):
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the mixer's state after it)."""
-        if not self.short_conv:
+        if not self.backbone.short_conv:
             return self._with_state(x, lambda h: self.mix.prefill(h, max_len))
 
         def mix(h):
             y, state = self.mix.prefill(self._conv(h), max_len)
-            w = self.short_conv - 1
+            w = self.backbone.short_conv - 1
             # Prompts shorter than the window leave zeros in front, as init_state does.
             padded = jnp.pad(h.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
             return y, (padded[:, padded.shape[1] - w :], state)

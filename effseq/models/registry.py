@@ -28,12 +28,13 @@ _BUILTIN = frozenset(MIXERS)
 # Mixers with a non-causal (bidirectional) form; GLA is causal only. A set, not a frozenset:
 # register_mixer adds to it in place, so modules that imported it see new mixers.
 BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "attention"}
-# The mixer protocol of effseq.layers: the methods a model calls and the fields make_mixer sets.
+# The mixer interface (effseq.layers.Mixer): the methods a model calls and the fields
+# make_mixer sets.
 _PROTOCOL_METHODS = ("__call__", "init_state", "step", "prefill")
 # name -> the Python file whose code registered it (an experiment file, a plugin), recorded in
 # a workdir so `effseq eval` and `effseq compare` can register the mixer again.
 _SOURCES: dict[str, str] = {}
-_REQUIRED_FIELDS = ("d_model", "dtype", "param_dtype")
+_REQUIRED_FIELDS = ("d_model", "causal", "max_len", "dtype", "param_dtype")
 
 
 def register_mixer(
@@ -41,9 +42,10 @@ def register_mixer(
 ) -> None:
     """Adds mixer ``cls`` under ``name``, so configs and patterns can use it like a built-in.
 
-    ``cls`` must follow the mixer protocol of :mod:`effseq.layers` (fields d_model, dtype,
-    param_dtype; methods __call__, init_state, step, prefill). ``bidirectional`` declares a
-    non-causal form, selected by a ``bidirectional`` field that classifiers set to True.
+    ``cls`` must follow the mixer interface (subclass :class:`effseq.layers.Mixer`: fields
+    d_model, causal, max_len, dtype, param_dtype; methods __call__, init_state, step,
+    prefill). ``bidirectional`` declares that ``causal=False`` gives a non-causal form, which
+    classifiers then use.
     ``replace`` allows re-registering a name that is already taken (e.g. a notebook cell that
     redefines its class), except the built-in mixers.
     """
@@ -60,15 +62,14 @@ def register_mixer(
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"register_mixer: cls must be a flax.linen.Module subclass, got {cls!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
-    required = _REQUIRED_FIELDS + (("bidirectional",) if bidirectional else ())
-    missing = [f for f in required if f not in fields]
+    missing = [f for f in _REQUIRED_FIELDS if f not in fields]
     # Looked up below nn.Module: every class has a __call__ (type's), so getattr would not do.
     own = [k for k in cls.__mro__ if k is not nn.Module and issubclass(k, nn.Module)]
     missing += [m for m in _PROTOCOL_METHODS if not any(callable(vars(k).get(m)) for k in own)]
     if missing:
         raise ValueError(
-            f"register_mixer: {cls.__name__} lacks {', '.join(missing)} of the mixer protocol "
-            "(see effseq.layers)"
+            f"register_mixer: {cls.__name__} lacks {', '.join(missing)} of the mixer interface "
+            "(subclass effseq.layers.Mixer)"
         )
     MIXERS[name] = cls
     caller = sys._getframe(1).f_code.co_filename
@@ -82,10 +83,15 @@ def register_mixer(
         BIDIRECTIONAL.discard(name)
 
 
+def names(mixer: str) -> tuple[str, ...]:
+    """The names of a comma pattern, e.g. "gla, attention" -> ("gla", "attention"), unchecked
+    (:func:`parse_pattern` checks them)."""
+    return tuple(m.strip() for m in mixer.split(","))
+
+
 def sources(mixer: str) -> dict[str, str]:
     """The registering file of each registered (not built-in) mixer in pattern ``mixer``."""
-    names = {m.strip() for m in mixer.split(",")}
-    return {n: _SOURCES[n] for n in sorted(names) if n in _SOURCES}
+    return {n: _SOURCES[n] for n in sorted(set(names(mixer))) if n in _SOURCES}
 
 
 def load_source(path: str | os.PathLike) -> None:
@@ -103,56 +109,57 @@ def parse_pattern(mixer: str, n_layers: int) -> tuple[str, ...]:
 
     Returns the pattern unit; ``n_layers`` must be a multiple of its length.
     """
-    names = tuple(m.strip() for m in mixer.split(","))
-    for name in names:
+    pattern = names(mixer)
+    for name in pattern:
         if name not in MIXERS:
             raise ValueError(f"unknown mixer {name!r} in {mixer!r}; known: {', '.join(MIXERS)}")
-    if n_layers < 1 or n_layers % len(names):
+    if n_layers < 1 or n_layers % len(pattern):
         raise ValueError(
             f"n_layers={n_layers} must be a positive multiple of the pattern length "
-            f"{len(names)} ({mixer!r})"
+            f"{len(pattern)} ({mixer!r})"
         )
-    return names
+    return pattern
 
 
-def make_mixer(
-    name: str,
-    d_model: int,
-    *,
-    causal: bool,
-    max_len: int,
-    dtype,
-    param_dtype,
-    options: Mapping[str, Any] | None = None,
-    **kwargs,
-) -> nn.Module:
-    """Builds mixer ``name`` with the model's width, direction and dtypes plus its own options.
+def make_mixer(name: str, backbone, **kwargs) -> nn.Module:
+    """Builds mixer ``name`` with ``backbone``'s (:class:`effseq.models.Backbone`) width,
+    direction, max_len and dtypes, plus its mixer options.
 
-    ``options`` are layer fields for every mixer of the model, except entries keyed by a mixer
-    name, which hold fields for that mixer only: ``{"state_size": 16, "attention": {"rotary":
-    True}}`` gives every mixer state_size=16 and only the attention layers rotary positions
-    (a hybrid's mixers seldom share all their fields)."""
-    fields: dict[str, Any] = dict(d_model=d_model, dtype=dtype, param_dtype=param_dtype)
-    if name == "attention":
-        fields["causal"] = causal
-    elif name in BIDIRECTIONAL:
-        fields["bidirectional"] = not causal
-    elif not causal:
-        raise ValueError(f"mixer {name!r} is causal only; use it with causal=True")
-    if name == "sgconv":
-        fields["max_len"] = max_len
-    options = dict(options or {})
-    fields.update({k: v for k, v in options.items() if k not in MIXERS})
-    own = options.get(name) or {}
-    fields.update(own)
+    ``backbone.mixer_options`` are layer fields for every mixer of the model, except entries
+    keyed by a mixer name, which hold fields for that mixer only: ``{"state_size": 16,
+    "attention": {"rotary": True}}`` gives every mixer state_size=16 and only the attention
+    layers rotary positions (a hybrid's mixers seldom share all their fields)."""
+    fields: dict[str, Any] = dict(
+        d_model=backbone.d_model,
+        causal=backbone.causal,
+        max_len=backbone.max_len,
+        dtype=backbone.dtype,
+        param_dtype=backbone.param_dtype,
+    )
+    check_fields(name, backbone.mixer_options, kwargs)
+    fields.update(mixer_fields(name, backbone.mixer_options))
+    return MIXERS[name](**fields, **kwargs)
+
+
+def mixer_fields(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Mixer ``name``'s fields from the model's ``mixer_options``: the shared entries, then
+    those under its own name."""
+    fields = {k: v for k, v in options.items() if k not in MIXERS}
+    fields.update(options.get(name) or {})
+    return fields
+
+
+def check_fields(name: str, options: Mapping[str, Any], extra: Mapping[str, Any] = ()) -> None:
+    """ValueError naming ``model.mixer_options[.name]`` when mixer ``name`` lacks a field
+    that ``options`` (mixer options, as in :func:`mixer_fields`) or ``extra`` set."""
     cls = MIXERS[name]
     known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    unknown = sorted(k for k in {**fields, **kwargs} if k not in known)
+    own = options.get(name) or {}
+    unknown = sorted(k for k in {**mixer_fields(name, options), **dict(extra)} if k not in known)
     if unknown:
         where = "model.mixer_options" + (f".{name}" if unknown[0] in own else "")
         raise ValueError(
             f"{where}: {cls.__name__} (mixer {name!r}) has no field "
             f"{', '.join(map(repr, unknown))}; its fields: "
-            f"{', '.join(sorted(known - {'d_model', 'dtype', 'param_dtype'}))}"
+            f"{', '.join(sorted(known - set(_REQUIRED_FIELDS)))}"
         )
-    return cls(**fields, **kwargs)

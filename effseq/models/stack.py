@@ -6,14 +6,11 @@ constants and decoding states carry a leading "layers" axis of n_layers / len(pa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import flax.linen as nn
 
 from effseq import sharding
+from effseq.models.backbone import Backbone
 from effseq.models.blocks import ResidualBlock
-from effseq.models.registry import parse_pattern
 
 # Stacks of at most this many scanned groups are unrolled (see Stack.setup).
 UNROLL_UP_TO = 4
@@ -22,13 +19,12 @@ UNROLL_UP_TO = 4
 class _Group(nn.Module):
     """One repeat of the mixer pattern."""
 
-    pattern: tuple[str, ...]
-    block: Mapping[str, Any]
+    backbone: Backbone
 
     def setup(self):
         self.blocks = [
-            ResidualBlock(mixer=m, **self.block, name=f"{i}_{m}")
-            for i, m in enumerate(self.pattern)
+            ResidualBlock(m, self.backbone, name=f"{i}_{m}")
+            for i, m in enumerate(self.backbone.mixer)
         ]
 
     def __call__(self, x, mask, deterministic):
@@ -54,41 +50,13 @@ class _Group(nn.Module):
         return x, tuple(states)
 
 
-# The model fields every residual block takes from its model, beside the direction.
-BLOCK_FIELDS = (
-    "max_len",
-    "norm",
-    "prenorm",
-    "mlp",
-    "mlp_ratio",
-    "dropout",
-    "mixer_options",
-    "short_conv",
-    "dtype",
-    "param_dtype",
-)
-
-
-def stack_for(model: nn.Module, causal: bool) -> Stack:
-    """The stack of ``model`` (a LanguageModel or SequenceClassifier), its blocks configured
-    from the model's own fields."""
-    block = {name: getattr(model, name) for name in BLOCK_FIELDS}
-    block["causal"] = causal
-    return Stack(model.d_model, model.n_layers, model.mixer, block, model.remat)
-
-
 class Stack(nn.Module):
-    """n_layers residual blocks: x (b, t, d) -> (b, t, d)."""
+    """``backbone.n_layers`` residual blocks: x (b, t, d) -> (b, t, d)."""
 
-    d_model: int
-    n_layers: int
-    mixer: str
-    block: Mapping[str, Any]
-    remat: bool = False
+    backbone: Backbone
 
     def setup(self):
-        pattern = parse_pattern(self.mixer, self.n_layers)
-        length = self.n_layers // len(pattern)
+        length = self.backbone.groups
         scan = dict(
             variable_axes={"params": 0, "constants": 0},
             split_rngs={"params": True, "constants": True, "dropout": True},
@@ -99,7 +67,7 @@ class Stack(nn.Module):
             unroll=length if length <= UNROLL_UP_TO else 1,
             metadata_params={nn.PARTITION_NAME: sharding.LAYERS},
         )
-        target = nn.remat(_Group, static_argnums=(3,)) if self.remat else _Group
+        target = nn.remat(_Group, static_argnums=(3,)) if self.backbone.remat else _Group
         scanned = nn.scan(
             target,
             in_axes=(nn.broadcast, nn.broadcast),
@@ -111,7 +79,7 @@ class Stack(nn.Module):
                 "prefill": dict(in_axes=(nn.broadcast,), **scan),
             },
         )
-        self.groups = scanned(pattern, dict(self.block, d_model=self.d_model), name="layers")
+        self.groups = scanned(self.backbone, name="layers")
 
     def __call__(self, x, mask=None, deterministic: bool = True):
         return self.groups(x, mask, deterministic)[0]

@@ -27,7 +27,8 @@ import optax
 from effseq import data as data_lib
 from effseq import sharding
 from effseq.configs import validate
-from effseq.train import build, checkpoint, optimizer
+from effseq.models import build
+from effseq.train import checkpoint, objectives, optimizer
 from effseq.train import step as step_lib
 from effseq.train import workdir as workdir_lib
 from effseq.train.metrics import MetricsWriter, read_jsonl, truncate_jsonl
@@ -109,11 +110,10 @@ class Setup:
             check_batch(config, self.mesh)
         tc = config.train
         self.objective = tc.objective
-        self.model = build.build_model(config.model, self.info, tc.objective)
-        self.loss_fn = build.make_loss_fn(self.model, self.info, tc.objective, tc.mask_rate)
+        self.model, boxed = build.abstract_model(config, self.info)
+        self.loss_fn = objectives.make_loss_fn(self.model, self.info, tc.objective, tc.mask_rate)
         example = build.example_batch(self.info)
         rng = jax.random.key(config.seed)
-        boxed = jax.eval_shape(functools.partial(build.init_variables, self.model), rng, example)
         self.labels = optimizer.param_labels(boxed["params"], config.optim.decay_vectors)
         steps = config.train.steps
         b = config.train.batch_size

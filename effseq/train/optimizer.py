@@ -228,6 +228,15 @@ def _check_optimizer(optim) -> None:
         raise ValueError(f"optim.momentum must be in [0, 1), got {optim.momentum}")
 
 
+def check(optim, total_steps: int) -> None:
+    """Every check that :func:`make_optimizer` makes of the ``optim.*`` keys, for a run of
+    ``total_steps``; :func:`effseq.configs.base.check_values` runs it before anything is
+    built. ValueError naming the key."""
+    _check_optimizer(optim)
+    for peak in (optim.learning_rate, optim.ssm_learning_rate):
+        _check_schedule(optim, total_steps, peak)
+
+
 def _group(optim, schedule: optax.Schedule, weight_decay: float):
     """One group's optimizer; weight decay is decoupled and scaled by the learning rate, so a
     zero gradient shrinks w by exactly lr * weight_decay * w (Loshchilov & Hutter 2019, AdamW)."""

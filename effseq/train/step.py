@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from effseq.train.build import init_variables
+from effseq.models.build import init_variables
 
 
 @struct.dataclass

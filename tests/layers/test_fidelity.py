@@ -37,7 +37,7 @@ def _touch(module):
     """Reads one attribute set up in ``setup``, so ``init`` creates every parameter of the
     layer (and of its S4D kernel submodules) without running a forward pass."""
     if isinstance(module, S4D):
-        return [module.kernel.log_dt] + ([module.kernel_bwd.log_dt] if module.bidirectional else [])
+        return [module.kernel.log_dt] + ([module.kernel_bwd.log_dt] if not module.causal else [])
     return getattr(module, {SGConv: "D", Mamba: "in_proj", GLA: "wq", Attention: "w"}[type(module)])
 
 

@@ -32,6 +32,13 @@ def test_causal_by_gradient():
     assert np.all(jac[np.tril_indices(11)] > 0)
 
 
+def test_causal_only():
+    # The one check of the mixer interface: GLA has no bidirectional form.
+    module = GLA(d_model=D_MODEL, causal=False)
+    with pytest.raises(ValueError, match="GLA is causal only"):
+        init(module)
+
+
 def test_initialization_and_gate():
     module = GLA(d_model=D_MODEL, num_heads=4)
     variables, x = init(module)

@@ -40,7 +40,7 @@ def test_causal_by_gradient():
 
 
 def test_bidirectional_sees_future_and_step_raises():
-    module = Mamba(d_model=D_MODEL, bidirectional=True)
+    module = Mamba(d_model=D_MODEL, causal=False)
     variables, x = init(module, t=7, b=1)
     jac = _jacobian(module, variables, x)
     assert np.all(jac[np.triu_indices(7, 1)] > 0)
@@ -83,7 +83,7 @@ def test_dt_bias_log_uniform_and_floor():
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_parameter_count(bidirectional):
     d, n, w = 24, 8, 4
-    module = Mamba(d_model=d, state_size=n, conv_width=w, bidirectional=bidirectional)
+    module = Mamba(d_model=d, state_size=n, conv_width=w, causal=not bidirectional)
     variables = abstract_init(module)
     e, r = 2 * d, math.ceil(d / 16)
     branch = e * w + e + e * (r + 2 * n) + r * e + e + e * n + e
@@ -93,7 +93,7 @@ def test_parameter_count(bidirectional):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_axes_and_ssm_tags(bidirectional):
-    module = Mamba(d_model=D_MODEL, bidirectional=bidirectional)
+    module = Mamba(d_model=D_MODEL, causal=not bidirectional)
     variables = abstract_init(module)
     axes = jax.tree.leaves(params.logical_axes(variables), is_leaf=lambda a: isinstance(a, tuple))
     assert axes and all(a is not None and None not in a for a in axes)

@@ -54,7 +54,7 @@ def test_causal_by_gradient():
 
 
 def test_bidirectional_sees_future_and_step_raises():
-    module = S4D(d_model=D_MODEL, state_size=N, bidirectional=True)
+    module = S4D(d_model=D_MODEL, state_size=N, causal=False)
     t = 7
     x, variables = _init(module, t=t, b=1)
     grad = jax.grad(lambda x: module.apply(variables, x)[0, 0].sum())(x)
@@ -137,7 +137,7 @@ def test_unknown_init_method_raises():
 def test_param_count(glu, trainable_B, bidirectional):
     h, n, d = D_MODEL, N, D_MODEL
     module = S4D(
-        d_model=d, state_size=n, glu=glu, trainable_B=trainable_B, bidirectional=bidirectional
+        d_model=d, state_size=n, glu=glu, trainable_B=trainable_B, causal=not bidirectional
     )
     _, variables = _init(module)
     count = sum(x.size for x in jax.tree.leaves(_unboxed(variables)))
@@ -150,7 +150,7 @@ def test_param_count(glu, trainable_B, bidirectional):
 
 
 def test_axes_and_ssm_tags():
-    module = S4D(d_model=D_MODEL, state_size=N, bidirectional=True)
+    module = S4D(d_model=D_MODEL, state_size=N, causal=False)
     _, variables = _init(module)
     axes = params.logical_axes(variables)["params"]
     for path, names in jax.tree_util.tree_leaves_with_path(

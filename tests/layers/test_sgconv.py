@@ -83,7 +83,7 @@ def test_causal_by_gradient():
 
 
 def test_bidirectional_sees_future_and_step_raises():
-    module = _module(bidirectional=True)
+    module = _module(causal=False)
     t = 7
     x, variables = _init(module, t=t, b=1)
     grad = jax.grad(lambda x: module.apply(variables, x)[0, 0].sum())(x)
@@ -95,7 +95,7 @@ def test_bidirectional_sees_future_and_step_raises():
 
 @pytest.mark.parametrize("glu,bidirectional", [(True, False), (False, True)])
 def test_param_count(glu, bidirectional):
-    module = _module(glu=glu, bidirectional=bidirectional)
+    module = _module(glu=glu, causal=not bidirectional)
     _, variables = _init(module)
     count = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(variables)["params"]))
     s, h, d = num_scales(MAX_LEN, KERNEL_DIM), D_MODEL, D_MODEL
@@ -107,7 +107,7 @@ def test_param_count(glu, bidirectional):
 
 
 def test_axes_and_ssm_tags():
-    module = _module(bidirectional=True)
+    module = _module(causal=False)
     _, variables = _init(module)
     for col in ("params", "constants"):
         axes = params.logical_axes(variables)[col]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from effseq.layers.attention import Attention
-from effseq.models import LanguageModel, SequenceClassifier, Stack
+from effseq.models import Backbone, LanguageModel, SequenceClassifier, Stack
 
 RATE = 0.5
 
@@ -24,7 +24,10 @@ def _mixers_output_ones(next_fun, args, kwargs, context):
 
 
 def _stack(n_layers, pattern):
-    block = dict(
+    backbone = Backbone(
+        pattern,
+        d_model=8,
+        n_layers=n_layers,
         causal=True,
         max_len=16,
         norm="layernorm",
@@ -36,7 +39,7 @@ def _stack(n_layers, pattern):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     )
-    return Stack(d_model=8, n_layers=n_layers, mixer=pattern, block=block)
+    return Stack(backbone)
 
 
 def test_every_layer_draws_its_own_mask():
@@ -63,7 +66,8 @@ def test_every_layer_draws_its_own_mask():
 
 @pytest.fixture(scope="module")
 def language_model():
-    model = LanguageModel(vocab_size=13, d_model=16, n_layers=2, mixer="attention", dropout=0.3)
+    backbone = Backbone("attention", 16, 2, max_len=2048, dropout=0.3)  # the old LM default
+    model = LanguageModel(backbone, vocab_size=13)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 13)
     variables = jax.jit(model.init)(jax.random.key(1), tokens)
     apply = jax.jit(model.apply, static_argnames="deterministic")
@@ -101,9 +105,9 @@ def test_training_mode_without_a_dropout_rng_is_an_error(language_model):
 
 
 def test_classifier_dropout_follows_the_rng():
-    model = SequenceClassifier(
-        num_classes=3, vocab_size=11, d_model=8, n_layers=2, mixer="attention", dropout=0.5
-    )
+    # causal=False: the old classifier's auto direction for attention (it has the form).
+    backbone = Backbone("attention", 8, 2, causal=False, max_len=1024, dropout=0.5)
+    model = SequenceClassifier(backbone, num_classes=3, vocab_size=11)
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 11)
     mask = jnp.arange(7)[None] < jnp.array([[7], [4]])
     variables = jax.jit(model.init)(jax.random.key(1), tokens, mask=mask)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from effseq.layers import params
-from effseq.models import MIXERS, LanguageModel, SequenceClassifier
+from effseq.models import MIXERS, Backbone, LanguageModel, SequenceClassifier
 from tests.tolerances import assert_close
 
 V, D, T = 11, 16, 9
@@ -17,17 +17,10 @@ OPTIONS = {"s4d": DIRECT, "sgconv": DIRECT}
 CAUSAL = ["s4d", "sgconv", "mamba", "gla", "attention", "gla,attention"]
 
 
-def _lm(mixer, n_layers=2, options=None, **kw):
+def _lm(mixer, n_layers=2, options=None, tie_embeddings=True, **kw):
     options = options or OPTIONS.get(mixer)
-    return LanguageModel(
-        vocab_size=V,
-        d_model=D,
-        n_layers=n_layers,
-        mixer=mixer,
-        max_len=16,
-        mixer_options=options,
-        **kw,
-    )
+    backbone = Backbone(mixer, D, n_layers, max_len=16, mixer_options=options, **kw)
+    return LanguageModel(backbone, vocab_size=V, tie_embeddings=tie_embeddings)
 
 
 def _tokens(seed=0, t=T):
@@ -95,20 +88,12 @@ def test_logits_do_not_depend_on_later_tokens(mixer):
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling):
     if bidirectional and mixer == "gla":
-        clf = SequenceClassifier(num_classes=3, vocab_size=V, mixer="gla", bidirectional=True)
+        # The direction is the backbone's: a causal-only mixer is refused when it is built.
         with pytest.raises(ValueError, match="mixer 'gla' is causal only"):
-            clf.init(jax.random.key(1), jnp.ones((1, 4), jnp.int32))
+            Backbone("gla", D, 2, causal=False, max_len=12)
         return
-    clf = SequenceClassifier(
-        num_classes=3,
-        vocab_size=V,
-        d_model=D,
-        n_layers=2,
-        mixer=mixer,
-        max_len=12,
-        bidirectional=bidirectional,
-        pooling=pooling,
-    )
+    backbone = Backbone(mixer, D, 2, causal=not bidirectional, max_len=12)
+    clf = SequenceClassifier(backbone, num_classes=3, vocab_size=V, pooling=pooling)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 1, V)
     mask = jnp.arange(12)[None] < jnp.array([[7], [12]])
     variables = clf.init(jax.random.key(1), tokens, mask=mask)
@@ -125,16 +110,10 @@ def test_padding_length_never_changes_the_classifier(mixer, bidirectional):
     # even through a norm's bias, a gate or a step size that runs over it.
     if bidirectional and mixer == "gla":
         pytest.skip("GLA is causal only (checked above)")
-    clf = SequenceClassifier(
-        num_classes=3,
-        vocab_size=V,
-        d_model=D,
-        n_layers=2,
-        mixer=mixer,
-        max_len=16,
-        bidirectional=bidirectional,
-        mixer_options=OPTIONS.get(mixer),
+    backbone = Backbone(
+        mixer, D, 2, causal=not bidirectional, max_len=16, mixer_options=OPTIONS.get(mixer)
     )
+    clf = SequenceClassifier(backbone, num_classes=3, vocab_size=V)
     real = jax.random.randint(jax.random.key(0), (2, 7), 1, V)
 
     def padded(t):
@@ -148,7 +127,9 @@ def test_padding_length_never_changes_the_classifier(mixer, bidirectional):
 
 
 def test_dual_encoder_and_continuous_inputs():
-    clf = SequenceClassifier(num_classes=2, d_model=D, n_layers=2, mixer="s4d", dual=True)
+    # S4D has a bidirectional form, which the old classifier default (auto) picked.
+    backbone = Backbone("s4d", D, 2, causal=False, max_len=1024)
+    clf = SequenceClassifier(backbone, num_classes=2, dual=True)
     x1, x2 = (jax.random.normal(jax.random.key(i), (3, 10)) for i in (0, 1))
     variables = clf.init(jax.random.key(2), x1, inputs2=x2)
     a = clf.apply(variables, x1, inputs2=x2)
@@ -242,9 +223,8 @@ def test_short_conv_decoding_prefill_and_causality(mixer):
 
 
 def test_short_conv_never_reads_padding_and_rejects_one_tap():
-    clf = SequenceClassifier(
-        num_classes=3, vocab_size=V, d_model=D, n_layers=2, mixer="s4d", max_len=12, short_conv=3
-    )
+    backbone = Backbone("s4d", D, 2, causal=False, max_len=12, short_conv=3)
+    clf = SequenceClassifier(backbone, num_classes=3, vocab_size=V)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 1, V)
     mask = jnp.arange(12)[None] < jnp.array([[7], [12]])
     variables = clf.init(jax.random.key(1), tokens, mask=mask)

@@ -28,7 +28,8 @@ from effseq.layers.gla import GLA
 from effseq.layers.mamba import Mamba
 from effseq.layers.s4d import S4D
 from effseq.layers.sgconv import SGConv
-from effseq.models import LanguageModel, SequenceClassifier
+from effseq.models import Backbone, LanguageModel, SequenceClassifier
+from effseq.models.backbone import bidirectional_where_possible
 
 
 def _counts(module, *inputs) -> dict:
@@ -104,7 +105,7 @@ def block_params(d, mixer_params, norm="layernorm", mlp="glu", ratio=4):
     [
         dict(),
         dict(state_size=8, glu=False, trainable_B=False),
-        dict(state_size=4, bidirectional=True),
+        dict(state_size=4, causal=False),
     ],
 )
 def test_s4d(d, options):
@@ -115,7 +116,7 @@ def test_s4d(d, options):
         n,
         glu=options.get("glu", True),
         trainable_B=options.get("trainable_B", True),
-        bidirectional=options.get("bidirectional", False),
+        bidirectional=not options.get("causal", True),
     )
     assert _mixer_counts(module) == {"params": expected}
 
@@ -126,12 +127,12 @@ def test_s4d(d, options):
     [
         dict(max_len=1024),
         dict(max_len=1000, kernel_dim=32, glu=False),
-        dict(max_len=4096, bidirectional=True),
+        dict(max_len=4096, causal=False),
     ],
 )
 def test_sgconv(d, options):
     module = SGConv(d_model=d, **options)
-    bidirectional = options.get("bidirectional", False)
+    bidirectional = not options.get("causal", True)
     expected = sgconv_params(
         d,
         options["max_len"],
@@ -144,16 +145,14 @@ def test_sgconv(d, options):
 
 
 @pytest.mark.parametrize("d", [16, 40, 48])
-@pytest.mark.parametrize(
-    "options", [dict(), dict(state_size=4, expand=3), dict(bidirectional=True)]
-)
+@pytest.mark.parametrize("options", [dict(), dict(state_size=4, expand=3), dict(causal=False)])
 def test_mamba(d, options):
     module = Mamba(d_model=d, **options)
     expected = mamba_params(
         d,
         options.get("state_size", 16),
         options.get("expand", 2),
-        bidirectional=options.get("bidirectional", False),
+        bidirectional=not options.get("causal", True),
     )
     assert _mixer_counts(module) == {"params": expected}
 
@@ -185,7 +184,7 @@ def _tokens(t=8):
 @pytest.mark.parametrize("d, n_layers", [(16, 2), (48, 3)])
 def test_language_model_total(mixer, d, n_layers):
     V, max_len = 37, 512
-    model = LanguageModel(vocab_size=V, d_model=d, n_layers=n_layers, mixer=mixer, max_len=max_len)
+    model = LanguageModel(Backbone(mixer, d, n_layers, max_len=max_len), vocab_size=V)
     mixer_size = MIXER_PARAMS[mixer](d, **({"max_len": max_len} if mixer == "sgconv" else {}))
     expected = V * d + n_layers * block_params(d, mixer_size) + 2 * d  # embed, blocks, norm
     counts = _counts(model, _tokens())
@@ -198,15 +197,8 @@ def test_language_model_hybrid_untied_rmsnorm_sqrelu():
     """GLA with full attention in every fourth layer (8 layers: 6 GLA, 2 attention), an untied
     head, RMSNorm (scale only) and Primer's squared-ReLU MLP (two matrices)."""
     V, d = 50, 32
-    model = LanguageModel(
-        vocab_size=V,
-        d_model=d,
-        n_layers=8,
-        mixer="gla,gla,gla,attention",
-        tie_embeddings=False,
-        norm="rmsnorm",
-        mlp="sqrelu",
-    )
+    backbone = Backbone("gla,gla,gla,attention", d, 8, max_len=2048, norm="rmsnorm", mlp="sqrelu")
+    model = LanguageModel(backbone, vocab_size=V, tie_embeddings=False)
 
     def block(mixer_size):
         return block_params(d, mixer_size, norm="rmsnorm", mlp="sqrelu")
@@ -217,7 +209,9 @@ def test_language_model_hybrid_untied_rmsnorm_sqrelu():
 
 def test_language_model_hybrid_default_block():
     V, d = 50, 32
-    model = LanguageModel(vocab_size=V, d_model=d, n_layers=8, mixer="gla,gla,gla,attention")
+    # The old LanguageModel defaults: max_len 2048, mlp_ratio 4 (block_params' ratio).
+    backbone = Backbone("gla,gla,gla,attention", d, 8, max_len=2048, mlp_ratio=4)
+    model = LanguageModel(backbone, vocab_size=V)
     expected = (
         V * d
         + 6 * block_params(d, gla_params(d))
@@ -240,9 +234,11 @@ def test_language_model_hybrid_default_block():
 )
 def test_sequence_classifier_total(mixer, mixer_size):
     K, V, d, L = 5, 20, 16, 2
-    model = SequenceClassifier(
-        num_classes=K, vocab_size=V, d_model=d, n_layers=L, mixer=mixer, max_len=256
-    )
+    # The classifier's automatic direction: bidirectional where the mixer has the form.
+    causal = not bidirectional_where_possible(mixer)
+    assert causal == (mixer == "gla")
+    backbone = Backbone(mixer, d, L, causal=causal, max_len=256)
+    model = SequenceClassifier(backbone, num_classes=K, vocab_size=V)
     expected = V * d + L * block_params(d, mixer_size(d)) + 2 * d + d * K
     assert _counts(model, _tokens())["params"] == expected
 
@@ -251,9 +247,9 @@ def test_sequence_classifier_pixels_dual_no_mlp():
     """Continuous inputs (c channels, linear encoder c x d), the Retrieval dual encoder's
     hidden layer on [u, v, u*v, u-v] (4d x d), no MLP in the blocks."""
     K, c, d, L = 10, 3, 16, 2
-    model = SequenceClassifier(
-        num_classes=K, input_dim=c, d_model=d, n_layers=L, mixer="mamba", mlp="none", dual=True
-    )
+    # Mamba has a bidirectional form, which the old classifier default (auto) picked.
+    backbone = Backbone("mamba", d, L, causal=False, max_len=1024, mlp="none")
+    model = SequenceClassifier(backbone, num_classes=K, input_dim=c, dual=True)
     x = jax.ShapeDtypeStruct((2, 8, c), jnp.float32)
     shapes = jax.eval_shape(lambda k, a, b: model.init(k, a, inputs2=b), jax.random.key(0), x, x)
     total = sum(a.size for a in jax.tree.leaves(shapes))

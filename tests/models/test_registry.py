@@ -6,15 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effseq.models import MIXERS, LanguageModel, SequenceClassifier, register_mixer, registry
+import effseq.configs
+from effseq.data import TaskInfo
+from effseq.layers import Mixer
+from effseq.models import (
+    MIXERS,
+    Backbone,
+    LanguageModel,
+    SequenceClassifier,
+    build,
+    register_mixer,
+    registry,
+)
 
 
-class Decay(nn.Module):
+class Decay(Mixer):
     """A minimal causal mixer: y_t = sum_s a^(t-s) W x_s, with a per-channel a in (0, 1)."""
-
-    d_model: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         self.w = self.param("w", nn.initializers.lecun_normal(), (self.d_model, self.d_model))
@@ -47,11 +54,11 @@ class Decay(nn.Module):
 
 
 class BiDecay(Decay):
-    bidirectional: bool = False
+    """Decay with a non-causal form (causal=False): a backward pass added."""
 
     def __call__(self, x, mask=None):
         y = super().__call__(x, mask)
-        if self.bidirectional:
+        if not self.causal:
             y = y + jnp.flip(super().__call__(jnp.flip(x, 1), mask), 1)
         return y
 
@@ -70,7 +77,8 @@ def restore_registry():
 def test_registered_mixer_builds_a_language_model_that_decodes(restore_registry):
     register_mixer("decay", Decay)
     assert MIXERS["decay"] is Decay
-    model = LanguageModel(vocab_size=11, d_model=8, n_layers=2, mixer="decay,gla")
+    # The old LanguageModel default max_len=2048, kept explicitly.
+    model = LanguageModel(Backbone("decay,gla", 8, 2, max_len=2048), vocab_size=11)
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 11)
     variables = model.init(jax.random.key(1), tokens)
     logits = model.apply(variables, tokens)
@@ -92,23 +100,22 @@ def test_bidirectional_flag_reaches_classifiers(restore_registry):
 
     def first_token_logits(bidirectional):
         # Pooling the first position: it sees the last token only through a backward pass.
-        model = SequenceClassifier(
-            num_classes=3,
-            vocab_size=11,
-            d_model=8,
-            n_layers=1,
-            mixer="bidecay",
-            bidirectional=bidirectional,
-            pooling="first",
-        )
+        # The direction is resolved from the config's model.bidirectional (the classifier's
+        # old bidirectional field: "auto" was None, "no" False) into backbone.causal.
+        config = effseq.configs.get_config()
+        config.model.update(mixer="bidecay", d_model=8, n_layers=1, mlp_ratio=4, pooling="first")
+        config.model.bidirectional = bidirectional
+        model = build.build_model(config.model, TaskInfo("toy", 11, None, 3, 6))
+        assert isinstance(model, SequenceClassifier)
+        assert model.backbone.causal == (bidirectional == "no")
         variables = model.init(jax.random.key(1), tokens)
         return model.apply(variables, tokens), model.apply(variables, changed)
 
-    # bidirectional=None ("auto") picks the non-causal form because of the registration.
-    before, after = first_token_logits(None)
+    # "auto" picks the non-causal form because of the registration.
+    before, after = first_token_logits("auto")
     assert before.shape == (2, 3)
     assert not np.allclose(before, after)
-    before, after = first_token_logits(False)
+    before, after = first_token_logits("no")
     np.testing.assert_allclose(before, after)
 
 
@@ -124,39 +131,63 @@ def test_replace_and_refusals(restore_registry):
         register_mixer("a,b", Decay)
     with pytest.raises(ValueError, match="flax.linen.Module subclass"):
         register_mixer("plain", object)
-    with pytest.raises(ValueError, match="lacks bidirectional"):
-        register_mixer("nobidi", Decay, bidirectional=True)
 
-    class NoStep(nn.Module):
+    # The direction is the interface's causal field (no `bidirectional` field any more): a
+    # class without the interface's fields is refused, whatever it declares.
+    class OldStyle(nn.Module):
         d_model: int
         dtype: jnp.dtype = jnp.float32
         param_dtype: jnp.dtype = jnp.float32
+        bidirectional: bool = False
 
+        __call__ = Decay.__call__
+        init_state, step, prefill = Decay.init_state, Decay.step, Decay.prefill
+
+    with pytest.raises(ValueError, match="lacks causal, max_len of the mixer interface"):
+        register_mixer("nobidi", OldStyle, bidirectional=True)
+
+    class NoStep(Mixer):
         def __call__(self, x, mask=None):
             return x
 
     with pytest.raises(ValueError, match="lacks init_state, step, prefill"):
         register_mixer("nostep", NoStep)
     assert "nostep" not in MIXERS and "nobidi" not in MIXERS
+    assert "nobidi" not in registry.BIDIRECTIONAL
 
 
 def test_options_keyed_by_a_mixer_name_reach_only_that_mixer():
     options = {"state_size": 8, "attention": {"rotary": True}}
-    kw = dict(causal=True, max_len=16, dtype=jnp.float32, param_dtype=jnp.float32)
-    att = registry.make_mixer("attention", 16, options={"attention": {"rotary": True}}, **kw)
-    gla = registry.make_mixer("gla", 16, options={"attention": {"rotary": True}}, **kw)
-    mamba = registry.make_mixer("mamba", 16, options=options, **kw)
+    rotary = Backbone(
+        "gla,attention", 16, 2, max_len=16, mixer_options={"attention": options["attention"]}
+    )
+    att = registry.make_mixer("attention", rotary)
+    gla = registry.make_mixer("gla", rotary)
+    mamba = registry.make_mixer(
+        "mamba", Backbone("mamba", 16, 1, max_len=16, mixer_options=options)
+    )
     assert att.rotary and not hasattr(gla, "rotary") and mamba.state_size == 8
     # In a hybrid LM the attention layers get rotary positions: moving a token changes them.
-    model = LanguageModel(
-        vocab_size=11,
-        d_model=16,
-        n_layers=2,
-        mixer="gla,attention",
-        max_len=16,
-        mixer_options={"attention": {"rotary": True}},
-    )
-    plain = model.clone(mixer_options=None)
+    model = LanguageModel(rotary, vocab_size=11)
+    plain = model.clone(backbone=rotary.replace(mixer_options=None))
     tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
     variables = model.init(jax.random.key(0), tokens)
     assert not np.allclose(model.apply(variables, tokens), plain.apply(variables, tokens))
+
+
+def test_config_checks_name_their_key():
+    """Config values are checked before anything is built, each error naming its key."""
+    config = effseq.configs.get_config()
+    assert config.model.mixer == "gla"  # causal only
+    with pytest.raises(ValueError, match="'model.bidirectional'.*'gla' is causal only"):
+        effseq.configs.override(config, ["model.bidirectional=yes"])
+    with pytest.raises(
+        ValueError, match=r"model\.mixer_options: GLA .mixer 'gla'. has no field 'no_such_field'"
+    ):
+        effseq.configs.override(
+            effseq.configs.get_config(), ["model.mixer_options.no_such_field=3"]
+        )
+    with pytest.raises(ValueError, match=r"model\.mixer_options\.gla: GLA .* 'rotary'"):
+        effseq.configs.override(
+            effseq.configs.get_config(), ["model.mixer_options.gla={'rotary': True}"]
+        )

@@ -9,7 +9,6 @@ import pytest
 from effseq.compare import run_compare
 from effseq.configs import load_config, override
 from effseq.data.generators import generate_listops
-from effseq.train import build
 from effseq.train.checkpoint import Checkpoints
 from effseq.train.loop import Setup, train_and_evaluate
 from effseq.train.metrics import read_jsonl
@@ -62,10 +61,13 @@ def test_pretrain_then_finetune(tmp_path, data_dir, mixer):
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
     model = Setup(pre, devices=one).model
     assert model.denoise_outputs == 16  # ListOps' vocabulary
-    assert build.is_causal(model) == (mixer == "gla")
+    assert model.backbone.causal == (mixer == "gla")
 
-    tuned = _config(mixer, data_dir, **{"train.init_from": str(tmp_path / "pre"), "train.steps": 0})
-    with pytest.raises(ValueError):  # zero steps is not a run
+    # Zero steps is not a run: the config check (before anything is built) names the key.
+    with pytest.raises(ValueError, match="config key 'train.steps' must be >= 1"):
+        tuned = _config(
+            mixer, data_dir, **{"train.init_from": str(tmp_path / "pre"), "train.steps": 0}
+        )
         train_and_evaluate(tuned, tmp_path / "bad", devices=one)
     tuned = _config(
         mixer,

@@ -105,7 +105,9 @@ def mixer_options(mixer: str, table: dict[str, dict]) -> dict:
     """The mixer hyper-parameters for ``mixer`` (one name or a comma pattern) from ``table``
     (mixer name -> layer field -> value). A pattern gets only the fields every mixer in it has
     with the same value, since ``model.mixer_options`` goes to every layer of the stack."""
-    names = [m.strip() for m in mixer.split(",")]
+    from effseq.models import registry  # here: listing the experiments needs no flax
+
+    names = registry.names(mixer)
     for name in names:
         if name not in table:
             raise ValueError(f"unknown mixer {name!r} in {mixer!r}; known: {', '.join(table)}")
