@@ -29,15 +29,18 @@ def _tokens(seed=0, t=T):
 
 def _decoded(model, variables, tokens, prompt=0):
     """Logits (b, t, V) from decoding token by token, after prefilling ``prompt`` tokens in
-    parallel when ``prompt`` > 0, into a cache of 16 positions."""
+    parallel when ``prompt`` > 0, into a cache of 16 positions. Each form is jitted once (one
+    compile per form, not op-by-op dispatch per token): the values are the same."""
     if prompt:
-        first, cache = model.apply(variables, tokens[:, :prompt], 16, method="prefill")
+        prefill = jax.jit(lambda v, x: model.apply(v, x, 16, method="prefill"))
+        first, cache = prefill(variables, tokens[:, :prompt])
         steps = [first]
     else:
         cache = model.apply(variables, tokens.shape[0], 16, method="init_cache")
         steps = []
+    step = jax.jit(lambda v, x, c: model.apply(v, x, c, method="decode_step"))
     for i in range(prompt, tokens.shape[1]):
-        out, cache = model.apply(variables, tokens[:, i], cache, method="decode_step")
+        out, cache = step(variables, tokens[:, i], cache)
         steps.append(out[:, None])
     return jnp.concatenate(steps, axis=1)
 
