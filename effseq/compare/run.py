@@ -23,7 +23,7 @@ import jax
 
 from effseq.compare.report import still_improving
 from effseq.configs import load_config, override
-from effseq.configs.base import experiment_module
+from effseq.configs.base import experiment_module, split_assignment
 from effseq.data import MissingDataError, load_task, task_info
 from effseq.experiments.lra.published import PUBLISHED
 from effseq.models import MIXERS, build, registry
@@ -366,7 +366,7 @@ def _plan(
             config = override(base["config"].copy_and_resolve_references(), lrs)
             for seed in range(seeds):
                 c = override(config.copy_and_resolve_references(), [f"seed={seed}"])
-                tags = [x.split("=")[1] for x in lrs]
+                tags = [split_assignment(x)[1] for x in lrs]
                 plan.append(
                     {
                         **base,

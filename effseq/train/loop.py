@@ -27,6 +27,7 @@ import optax
 from effseq import data as data_lib
 from effseq import sharding
 from effseq.configs import validate
+from effseq.configs.base import split_assignment
 from effseq.models import build
 from effseq.train import checkpoint, objectives, optimizer
 from effseq.train import step as step_lib
@@ -364,7 +365,7 @@ def _train(config, workdir: pathlib.Path, devices, lead: bool) -> dict:
     tc = config.train
     log = Log(workdir, lead)
     if lead:
-        workdir_lib.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
+        workdir_lib.write_config(workdir, config)
         workdir_lib.record_mixers(workdir, config)
     if changed:
         log(f"config keys changed since the run started: {', '.join(changed)}")
@@ -717,7 +718,7 @@ def evaluate_workdir(
     model than the one saved."""
     workdir = pathlib.Path(workdir)
     for item in overrides:
-        key = item.split("=", 1)[0]
+        key, _ = split_assignment(item)
         if not (key.startswith("mesh.") or key == "task.data_dir"):
             raise ValueError(
                 f"effseq eval: --config.{key} cannot change: only mesh.* and task.data_dir "

@@ -179,6 +179,12 @@ def load_recorded_mixers(workdir: pathlib.Path) -> list[str]:
     return list(sources)
 
 
+def write_config(workdir: pathlib.Path, config) -> None:
+    """Writes ``config`` (a ConfigDict) as the workdir's config.json, atomically; the one
+    writer of the file that :func:`read_config` reads."""
+    write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
+
+
 def read_config(workdir: pathlib.Path) -> dict | None:
     """The flat config a workdir's run was started with, or None when it has none yet."""
     from effseq.configs.base import FREE_SECTIONS
