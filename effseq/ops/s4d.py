@@ -131,7 +131,7 @@ def s4d_kernel_reference(
     """Slow reference for :func:`s4d_kernel`: the direct Vandermonde product.
 
     Forms the whole (h, n, length) table dA**l = exp(l log dA). This is also the baseline
-    that benchmarks/ops.py times against.
+    that effseq/benchmarks/ops.py times against.
     """
     dA, dB = s4d_discretize(log_dt, A, B, discretization)
     W = C.astype(jnp.complex64) * dB
