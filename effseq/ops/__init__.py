@@ -32,6 +32,7 @@ from effseq.ops.selective_scan import (
     selective_scan_step,
 )
 from effseq.ops.sgconv import sgconv_kernel, sgconv_kernel_reference, sgconv_length
+from effseq.ops.ssd import ssd, ssd_reference, ssd_step
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -63,4 +64,7 @@ __all__ = [
     "sgconv_kernel",
     "sgconv_kernel_reference",
     "sgconv_length",
+    "ssd",
+    "ssd_reference",
+    "ssd_step",
 ]

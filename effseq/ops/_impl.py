@@ -17,6 +17,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "selective_scan": ("chunked", "associative"),
     "gated_linear_attention": ("chunked", "recurrent"),
     "attention": ("xla", "blockwise"),
+    "ssd": ("chunked", "recurrent"),
 }
 
 # The default per backend, for every op. On CPU a sequential loop beats a log-depth tree
@@ -31,6 +32,7 @@ _DEFAULTS: dict[str, dict[str, str]] = {
         "selective_scan": "chunked",
         "gated_linear_attention": "chunked",
         "attention": "xla",
+        "ssd": "chunked",
     },
 }
 _DEFAULTS["gpu"] = _DEFAULTS["tpu"] = {**_DEFAULTS["cpu"], "linear_scan": "associative"}
