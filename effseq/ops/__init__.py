@@ -7,6 +7,11 @@ decoding. Layout is batch first, then time; see :mod:`effseq.typing` for the sha
 
 from effseq.ops._impl import IMPLEMENTATIONS, resolve_impl
 from effseq.ops.attention import attention, attention_reference
+from effseq.ops.delta_rule import (
+    gated_delta_rule,
+    gated_delta_rule_reference,
+    gated_delta_rule_step,
+)
 from effseq.ops.dense import dense, dense_reference
 from effseq.ops.fftconv import (
     bidirectional_conv,
@@ -45,6 +50,9 @@ __all__ = [
     "causal_conv_step",
     "dense",
     "dense_reference",
+    "gated_delta_rule",
+    "gated_delta_rule_reference",
+    "gated_delta_rule_step",
     "gated_linear_attention",
     "gated_linear_attention_reference",
     "gla_step",

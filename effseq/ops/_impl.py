@@ -16,6 +16,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "linear_scan": ("sequential", "associative"),
     "selective_scan": ("chunked", "associative"),
     "gated_linear_attention": ("chunked", "recurrent"),
+    "gated_delta_rule": ("chunked", "recurrent"),
     "attention": ("xla", "blockwise"),
     "ssd": ("chunked", "recurrent"),
 }
@@ -31,6 +32,7 @@ _DEFAULTS: dict[str, dict[str, str]] = {
         "linear_scan": "sequential",
         "selective_scan": "chunked",
         "gated_linear_attention": "chunked",
+        "gated_delta_rule": "chunked",
         "attention": "xla",
         "ssd": "chunked",
     },
