@@ -231,7 +231,7 @@ def check_values(config: ConfigDict) -> None:
         pattern = registry.parse_pattern(model.mixer, model.n_layers)
     except ValueError as e:
         raise ValueError(f"config key 'model.mixer': {e}") from None
-    causal_only = [m for m in pattern if m not in registry.BIDIRECTIONAL]
+    causal_only = registry.causal_only(pattern)
     if model.bidirectional == "yes" and causal_only:
         raise ValueError(
             f"config key 'model.bidirectional': 'yes' needs every mixer to have a bidirectional "

@@ -89,7 +89,7 @@ class Backbone:
                 f"got {self.short_conv}"
             )
         if not self.causal:
-            causal_only = [m for m in self.mixer if m not in registry.BIDIRECTIONAL]
+            causal_only = registry.causal_only(self.mixer)
             if causal_only:
                 raise ValueError(
                     f"mixer {causal_only[0]!r} is causal only; a bidirectional (causal=False) "
@@ -97,16 +97,12 @@ class Backbone:
                 )
 
     @property
-    def pattern(self) -> str:
-        """The mixer pattern as its comma string, e.g. "gla,attention"."""
-        return ",".join(self.mixer)
-
-    @property
     def groups(self) -> int:
         """Repeats of the pattern over the depth (the scanned layer axis)."""
         return self.n_layers // len(self.mixer)
 
     def replace(self, **changes) -> Backbone:
+        """A copy with ``changes`` applied (and checked again)."""
         return dataclasses.replace(self, **changes)
 
 
@@ -114,9 +110,3 @@ def _names(mixer: Sequence[str]) -> list[str]:
     if not all(isinstance(m, str) for m in mixer):
         raise ValueError(f"Backbone: mixer must be a name or a sequence of names, got {mixer!r}")
     return list(mixer)
-
-
-def bidirectional_where_possible(mixer: str | Sequence[str]) -> bool:
-    """Whether every mixer of the pattern has a bidirectional (causal=False) form."""
-    names = registry.names(mixer) if isinstance(mixer, str) else mixer
-    return all(m in registry.BIDIRECTIONAL for m in names)

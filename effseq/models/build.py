@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.data import TaskInfo
-from effseq.models.backbone import Backbone, bidirectional_where_possible
+from effseq.models import registry
+from effseq.models.backbone import Backbone
 from effseq.models.classifier import SequenceClassifier
 from effseq.models.language_model import LanguageModel
 
@@ -29,7 +30,7 @@ def backbone(model_cfg, info: TaskInfo, *, causal: bool | None = None) -> Backbo
     if causal is None:
         choice = model_cfg.bidirectional
         causal = choice == "no" or (
-            choice == "auto" and not bidirectional_where_possible(model_cfg.mixer)
+            choice == "auto" and bool(registry.causal_only(registry.names(model_cfg.mixer)))
         )
     return Backbone(
         mixer=model_cfg.mixer,

@@ -89,6 +89,11 @@ def names(mixer: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in mixer.split(","))
 
 
+def causal_only(pattern) -> tuple[str, ...]:
+    """The mixers of ``pattern`` (a sequence of names) that have no bidirectional form."""
+    return tuple(m for m in pattern if m not in BIDIRECTIONAL)
+
+
 def sources(mixer: str) -> dict[str, str]:
     """The registering file of each registered (not built-in) mixer in pattern ``mixer``."""
     return {n: _SOURCES[n] for n in sorted(set(names(mixer))) if n in _SOURCES}

@@ -49,11 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.ops import _checks
+from effseq.ops._chunking import default_scale, from_chunks, segmented_scan, to_chunks
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
-
-# Tokens per rematerialised segment of the recurrent form (as in ops/gla.py).
-_RECURRENT_SEGMENT = 64
 
 
 def _check_unit_interval(op: str, name: str, x) -> None:
@@ -111,10 +109,6 @@ def _validate(op: str, q, k, v, log_g, beta, h0) -> None:
     _checks.check_dims(op, dims)
     _checks.check_nonpositive(op, "log_g", log_g)
     _check_unit_interval(op, "beta", beta)
-
-
-def _default_scale(scale, dk: int):
-    return dk**-0.5 if scale is None else scale
 
 
 def _step(S, q_t, k_t, v_t, g_t, beta_t):
@@ -188,7 +182,7 @@ def gated_delta_rule_step(
     g_t = log_g_t if log_g_t.ndim == 3 else log_g_t[..., None]
     S, o_t = _step(
         S.astype(f32),
-        q_t.astype(f32) * _default_scale(scale, q_t.shape[-1]),
+        q_t.astype(f32) * default_scale(scale, q_t.shape[-1]),
         k_t.astype(f32),
         v_t.astype(f32),
         g_t.astype(f32),
@@ -242,7 +236,7 @@ def gated_delta_rule(
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
     args = (
-        q.astype(f32) * _default_scale(scale, dk),
+        q.astype(f32) * default_scale(scale, dk),
         k.astype(f32),
         v.astype(f32),
         _gates_per_channel(log_g).astype(f32),
@@ -256,42 +250,10 @@ def gated_delta_rule(
     return o.astype(q.dtype), S
 
 
-def _to_chunks(x: Array, n: int, c: int) -> Array:
-    """(b, t, h, ...) -> (n, b, h, c, ...), zero-padding t up to n * c.
-
-    Zero padding is an identity step: log_g = 0 is no decay, and beta = 0 with k = 0 is no
-    update, so padded steps only produce outputs that are dropped.
-    """
-    b, t, h = x.shape[:3]
-    x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(b, n, c, h, *x.shape[3:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))
-
-
-def _from_chunks(o: Array, t: int) -> Array:
-    """(n, b, h, c, v) -> (b, t, h, v), dropping the padding."""
-    n, b, h, c, dv = o.shape
-    return jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(b, n * c, h, dv)[:, :t]
-
-
 def _recurrent(q, k, v, g, beta, h0):
-    """The step form scanned token by token; float32 inputs, ``q`` already scaled.
-
-    The scan runs over segments whose inner token loop is rematerialised, so the backward pass
-    keeps one state per segment instead of one per token (as in ops/gla.py).
-    """
-    t = q.shape[1]
-    segment = min(_RECURRENT_SEGMENT, t)
-    n = -(-t // segment)
-    # (n, b, h, c, ...) -> (n, c, b, h, ...): token-major inside each segment.
-    xs = tuple(jnp.moveaxis(_to_chunks(x, n, segment), 3, 1) for x in (q, k, v, g, beta))
-
-    @jax.checkpoint
-    def run_segment(S, xs_seg):
-        return jax.lax.scan(lambda S, x: _step(S, *x), S, xs_seg)
-
-    S, o = jax.lax.scan(run_segment, h0, xs)
-    return _from_chunks(jnp.moveaxis(o, 1, 3), t), S
+    """The step form scanned token by token (segmented and rematerialised,
+    :func:`effseq.ops._chunking.segmented_scan`); float32 inputs, ``q`` already scaled."""
+    return segmented_scan(lambda S, x: _step(S, *x), h0, (q, k, v, g, beta))
 
 
 def _cumulative_log_gates(g: Array) -> tuple[Array, Array]:
@@ -385,7 +347,7 @@ def _chunked(q, k, v, g, beta, h0, *, chunk_size: int):
     t = q.shape[1]
     c = min(chunk_size, t)
     n = -(-t // c)
-    chunks = tuple(_to_chunks(x, n, c) for x in (q, k, v, g, beta))
+    chunks = tuple(to_chunks(x, n, c) for x in (q, k, v, g, beta))
     W, U0, Qg, P, Kend, decay = _chunk_terms(*chunks)
 
     def chunk_step(S, xs):
@@ -396,7 +358,7 @@ def _chunked(q, k, v, g, beta, h0, *, chunk_size: int):
         return S, o
 
     S, o = jax.lax.scan(chunk_step, h0, (W, U0, Qg, P, Kend, decay))
-    return _from_chunks(o, t), S
+    return from_chunks(o, t), S
 
 
 def gated_delta_rule_reference(
@@ -420,7 +382,7 @@ def gated_delta_rule_reference(
     _validate(op, q, k, v, log_g, beta, h0)
     f32 = jnp.float32
     b, _, h, dk = q.shape
-    scale = _default_scale(scale, dk)
+    scale = default_scale(scale, dk)
     S = jnp.zeros((b, h, dk, v.shape[-1]), f32) if h0 is None else h0.astype(f32)
 
     def body(S, x):

@@ -43,14 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.ops import _checks
+from effseq.ops._chunking import segmented_scan
 from effseq.ops._impl import resolve_impl
 from effseq.ops.scan import linear_scan_time_major
 from effseq.typing import Array
 
 __all__ = ["ssd", "ssd_reference", "ssd_step"]
-
-# Tokens per rematerialised segment of the recurrent form (as in the GLA op's recurrent form).
-_RECURRENT_SEGMENT = 64
 
 
 def _check_sign(op: str, name: str, x, *, negative: bool) -> None:
@@ -233,30 +231,9 @@ def ssd(
 
 
 def _recurrent(x, dt, A, B, C, D, h0):
-    """The step form scanned token by token; float32 inputs.
-
-    The scan runs over segments whose inner token loop is rematerialised, so the backward pass
-    keeps one (p, n) state per segment instead of one per token.
-    """
-    t = x.shape[1]
-    segment = min(_RECURRENT_SEGMENT, t)
-    n_seg = -(-t // segment)
-    pad = n_seg * segment - t
-
-    def segments(z):  # (b, t, ...) -> (n_seg, segment, b, ...); zero padding is dt = 0
-        z = jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2))
-        z = jnp.moveaxis(z, 1, 0)
-        return z.reshape(n_seg, segment, *z.shape[1:])
-
-    xs = tuple(segments(z) for z in (x, dt, B, C))
-
-    @jax.checkpoint
-    def run_segment(H, xs_seg):
-        return jax.lax.scan(lambda H, z: _step(H, z[0], z[1], A, z[2], z[3], D), H, xs_seg)
-
-    H, y = jax.lax.scan(run_segment, h0, xs)
-    y = y.reshape(n_seg * segment, *y.shape[2:])[:t]
-    return jnp.moveaxis(y, 0, 1), H
+    """The step form scanned token by token (segmented and rematerialised,
+    :func:`effseq.ops._chunking.segmented_scan`; padding is dt = 0); float32 inputs."""
+    return segmented_scan(lambda H, z: _step(H, z[0], z[1], A, z[2], z[3], D), h0, (x, dt, B, C))
 
 
 def _segsum(a: Array) -> Array:

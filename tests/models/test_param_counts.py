@@ -28,8 +28,7 @@ from effseq.layers.gla import GLA
 from effseq.layers.mamba import Mamba
 from effseq.layers.s4d import S4D
 from effseq.layers.sgconv import SGConv
-from effseq.models import Backbone, LanguageModel, SequenceClassifier
-from effseq.models.backbone import bidirectional_where_possible
+from effseq.models import Backbone, LanguageModel, SequenceClassifier, registry
 
 
 def _counts(module, *inputs) -> dict:
@@ -235,7 +234,7 @@ def test_language_model_hybrid_default_block():
 def test_sequence_classifier_total(mixer, mixer_size):
     K, V, d, L = 5, 20, 16, 2
     # The classifier's automatic direction: bidirectional where the mixer has the form.
-    causal = not bidirectional_where_possible(mixer)
+    causal = bool(registry.causal_only(registry.names(mixer)))
     assert causal == (mixer == "gla")
     backbone = Backbone(mixer, d, L, causal=causal, max_len=256)
     model = SequenceClassifier(backbone, num_classes=K, vocab_size=V)

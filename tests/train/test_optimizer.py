@@ -12,8 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 
 from effseq import sharding
 from effseq.layers import params as params_lib
-from effseq.models import Backbone, SequenceClassifier
-from effseq.models.backbone import bidirectional_where_possible
+from effseq.models import Backbone, SequenceClassifier, registry
 from effseq.train import optimizer as opt_lib
 
 # The `optim` section with the base config's defaults (the lead's base config owns them).
@@ -157,7 +156,7 @@ def test_learning_rates_report_both_groups_and_trace_under_jit():
 @functools.cache
 def _boxed(mixer):
     # The old classifier defaults: auto direction, max_len 1024.
-    causal = not bidirectional_where_possible(mixer)
+    causal = bool(registry.causal_only(registry.names(mixer)))
     backbone = Backbone(mixer, 16, 2, causal=causal, max_len=1024)
     model = SequenceClassifier(backbone, num_classes=3, vocab_size=11)
     return jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 5), jnp.int32))["params"]
