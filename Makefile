@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow lint format bench bench-ops bench-models bench-small clean
+.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP) lint
 ## test-slow: only the tests marked slow
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## test-parity: converters against the official PyTorch modules (needs torch and the official
+## sources: tests/convert/official.py says how; skips what is missing)
+test-parity: $(STAMP)
+	$(BIN)/python -m pytest -q -m parity tests/convert
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

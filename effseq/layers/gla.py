@@ -7,14 +7,17 @@ value width v = expand_v * d / h, for x (b, t, d):
     q, k, v = x W_Q, x W_K, x W_V                         (b, t, h, k), (b, t, h, k), (b, t, h, v)
     log_g = logsigmoid(x W_a1 W_a2 + b_a) / tau            (b, t, h, k), low rank 16, tau = 16
     o = GLA(q, k, v, log_g)                                S_t = diag(g_t) S_{t-1} + k_t^T v_t
-    o = LayerNorm_head(o)                                  over each head's v channels
+    o = LayerNorm_head(o)                                  per head's v channels; norm="layer"
+      or RMSNorm_head(o)                                   fla-org's choice, norm="rms"
     r = Swish(x W_r + b_r)                                 (b, t, h, v)
     y = (r * o) W_O                                        (b, t, d)
 
 The gate alpha_t = sigmoid(.)^(1/tau) keeps g close to 1 at initialization (the paper's
 "gate logit normalizer"); queries are scaled by k^-1/2. The per-head normalization is the
-paper's LayerNorm (the fla-org code uses RMSNorm instead), with one scale and bias of width v
-shared by the heads, as fla-org's group norm does. Projections use Flax's default LeCun-normal
+paper's LayerNorm by default, with one scale and bias of width v shared by the heads, as
+fla-org's group norm does; ``norm="rms"`` gives fla-org's ``GatedLinearAttention`` instead (an
+RMSNorm with one scale of width v and no bias), which :func:`effseq.convert.mixer_params`
+needs to reproduce its checkpoints. Projections use Flax's default LeCun-normal
 init; biases start at zero and the norm at scale 1, bias 0.
 """
 
@@ -31,7 +34,10 @@ from effseq.layers.masking import zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
 
-__all__ = ["GLA"]
+__all__ = ["GLA", "NORMS"]
+
+# The per-head output norms: the paper's LayerNorm, fla-org's RMSNorm.
+NORMS = ("layer", "rms")
 
 
 class GLA(Mixer):
@@ -44,7 +50,9 @@ class GLA(Mixer):
       expand_v: total value width = expand_v * d_model (split over the heads).
       gate_low_rank: rank of the forget-gate projection.
       gate_logit_normalizer: tau, the divisor of logsigmoid in the log gate.
-      norm_eps: epsilon of the per-head LayerNorm.
+      norm: "layer" (the paper's per-head LayerNorm, scale and bias) or "rms" (fla-org's
+        per-head RMSNorm, scale only).
+      norm_eps: epsilon of the per-head norm.
       chunk_size: chunk length of :func:`effseq.ops.gated_linear_attention` (None: its
         backend default).
       dtype: compute dtype; the recurrence accumulates in float32.
@@ -56,6 +64,7 @@ class GLA(Mixer):
     expand_v: float = 1.0
     gate_low_rank: int = 16
     gate_logit_normalizer: float = 16.0
+    norm: str = "layer"
     norm_eps: float = 1e-5
     chunk_size: int | None = None
 
@@ -94,8 +103,11 @@ class GLA(Mixer):
         self.gate_down = p("gate_down", lecun, (d, r), (ax.EMBED, ax.LOW_RANK))
         self.gate_up = p("gate_up", lecun_heads, (r, h, dk), (ax.LOW_RANK, *heads))
         self.gate_bias = p("gate_bias", zeros, (h, dk), heads)
+        if self.norm not in NORMS:
+            raise ValueError(f"GLA: norm must be one of {NORMS}, got {self.norm!r}")
         self.norm_scale = p("norm_scale", ones, (dv,), (ax.HEAD_DIM,))
-        self.norm_bias = p("norm_bias", zeros, (dv,), (ax.HEAD_DIM,))
+        if self.norm == "layer":
+            self.norm_bias = p("norm_bias", zeros, (dv,), (ax.HEAD_DIM,))
         self.wr = p("wr", lecun_heads, (d, h, dv), (ax.EMBED, *heads))
         self.br = p("br", zeros, (h, dv), heads)
         self.wo = p(
@@ -126,13 +138,15 @@ class GLA(Mixer):
         )
 
     def _output(self, x: Array, o: Array) -> Array:
-        """Per-head LayerNorm of o (..., h, v), then the swish gate from x (..., d), then W_O."""
+        """Per-head norm of o (..., h, v), then the swish gate from x (..., d), then W_O."""
         cd = self.dtype
         o32 = o.astype(jnp.float32)
-        mean = jnp.mean(o32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(o32 - mean), axis=-1, keepdims=True)
-        o = ((o32 - mean) * jax.lax.rsqrt(var + self.norm_eps)).astype(cd)
-        o = o * self.norm_scale.astype(cd) + self.norm_bias.astype(cd)
+        if self.norm == "layer":
+            o32 = o32 - jnp.mean(o32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(o32), axis=-1, keepdims=True)
+        o = (o32 * jax.lax.rsqrt(var + self.norm_eps)).astype(cd) * self.norm_scale.astype(cd)
+        if self.norm == "layer":
+            o = o + self.norm_bias.astype(cd)
         r = jax.nn.silu(self._proj(x.astype(cd), self.wr) + self.br.astype(cd))
         return ops.dense(r * o, self.wo.astype(cd), 2)
 

@@ -12,8 +12,12 @@ from typing import Any
 import flax.linen as nn
 
 from effseq.layers.attention import Attention
+from effseq.layers.based import Based
+from effseq.layers.gdn import GatedDeltaNet
 from effseq.layers.gla import GLA
 from effseq.layers.mamba import Mamba
+from effseq.layers.mamba2 import Mamba2
+from effseq.layers.rglru import RGLRU
 from effseq.layers.s4d import S4D
 from effseq.layers.sgconv import SGConv
 
@@ -23,11 +27,15 @@ MIXERS: dict[str, type[nn.Module]] = {
     "mamba": Mamba,
     "gla": GLA,
     "attention": Attention,
+    "mamba2": Mamba2,
+    "gdn": GatedDeltaNet,
+    "rglru": RGLRU,
+    "based": Based,
 }
 _BUILTIN = frozenset(MIXERS)
-# Mixers with a non-causal (bidirectional) form; GLA is causal only. A set, not a frozenset:
+# Mixers with a non-causal (bidirectional) form; GLA, GDN, RG-LRU and Based are causal only. A set, not a frozenset:
 # register_mixer adds to it in place, so modules that imported it see new mixers.
-BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "attention"}
+BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "mamba2", "attention"}
 # The mixer interface (effseq.layers.Mixer): the methods a model calls and the fields
 # make_mixer sets.
 _PROTOCOL_METHODS = ("__call__", "init_state", "step", "prefill")
