@@ -138,7 +138,13 @@ def parser() -> argparse.ArgumentParser:
         description="Extra --config.KEY=VALUE arguments override every run's config.",
     )
     c.add_argument("--suite", default="default", help="default | lra | mqar")
-    c.add_argument("--mixers", nargs="+", default=["s4d", "sgconv", "mamba", "gla", "attention"])
+    c.add_argument(
+        "--mixers",
+        nargs="+",
+        default=["s4d", "sgconv", "mamba", "gla", "attention"],
+        help="mixers or patterns to compare (default: the five of `make run`); 'all': every "
+        "registered mixer",
+    )
     c.add_argument("--preset", default="cpu", help="cpu | full (LRA experiments)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per (task, mixer); default 3")
     c.add_argument("--data_dir", default=None, help="default: $EFFSEQ_DATA_DIR, else OUT/data")

@@ -12,7 +12,15 @@ from effseq.models import Backbone, LanguageModel
 from tests.tolerances import assert_close
 
 V, D, B, T = 64, 32, 8, 8
-MIXERS = ["gla", "s4d", "mamba", "attention", "sgconv"]
+MIXERS = ["gla", "s4d", "mamba", "attention", "sgconv", "mamba2", "gdn", "rglru", "based"]
+# Heads that the tensor axis (2) divides at D = 32, small states.
+OPTIONS = {
+    "mamba2": {"head_dim": 16, "state_size": 16},
+    "gdn": {"num_heads": 4},
+    "rglru": {"num_heads": 4},
+    "based": {"num_heads": 4, "feature_dim": 8},
+}
+NEWER = "mamba2,gdn,rglru,based"
 # (preset, (data, fsdp, tensor)) pairs the trainer will use on 8 devices.
 LAYOUTS = [
     ("dp", (8, 1, 1)),
@@ -24,7 +32,10 @@ LAYOUTS = [
 
 def _lm(mixer, options=None):
     # max_len 2048: the old LanguageModel default (SGConv's kernel scales depend on it).
-    backbone = Backbone(mixer, D, 2, max_len=2048, mixer_options=options)
+    names = [m.strip() for m in mixer.split(",")]
+    if options is None and any(n in OPTIONS for n in names):
+        options = {n: OPTIONS[n] for n in names if n in OPTIONS}
+    backbone = Backbone(mixer, D, max(2, len(names)), max_len=2048, mixer_options=options)
     return LanguageModel(backbone, vocab_size=V)
 
 
@@ -266,6 +277,7 @@ def _check_sharded_model(mixer, preset, shape):
         ("mamba", "fsdp", (1, 8, 1)),
         ("s4d", "fsdp", (2, 4, 1)),
         ("gla", "fsdp_tp", (2, 2, 2)),
+        (NEWER, "fsdp_tp", (2, 2, 2)),
     ],
 )
 def test_jitted_init_lands_in_the_shardings(mixer, preset, shape):

@@ -54,7 +54,8 @@ class Entry:
 
 
 SUITES: dict[str, tuple[Entry, ...]] = {
-    # `make run`: generated CPU-sized ListOps and MQAR, all five mixers, minutes on a CPU.
+    # `make run`: generated CPU-sized ListOps and MQAR, the five DEFAULT_MIXERS, minutes on a
+    # CPU (`--mixers all` adds the others).
     "default": (
         Entry("lra/listops", generate="listops"),
         Entry("mqar", arg="{mixer}"),
@@ -251,7 +252,7 @@ def run_compare(
     again. ``results.json`` keeps the finished runs of earlier compares into ``out`` that
     this one does not plan. ``imports`` are Python files to run first (e.g. an experiment
     file that registers a mixer); the mixers that runs under ``out`` were trained with are
-    registered from their workdirs.
+    registered from their workdirs. ``mixers`` may name "all": every registered mixer.
     """
     from effseq.compare.report import write_report
     from effseq.train.loop import train_and_evaluate
@@ -273,6 +274,8 @@ def run_compare(
         registry.load_source(path)
     for workdir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
         workdir_lib.load_recorded_mixers(workdir)
+    if "all" in mixers:  # after the imports: "all" includes the mixers they registered
+        mixers = tuple(dict.fromkeys(m for m in (*MIXERS, *mixers) if m != "all"))
     data_root = pathlib.Path(data_dir or os.environ.get("EFFSEQ_DATA_DIR", "") or out / "data")
     plan = _plan(
         suite, mixers, preset, seeds, overrides, data_root, log, widths, match, lr_grid, ssm_lr_grid

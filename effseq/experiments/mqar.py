@@ -28,8 +28,16 @@ accuracy against state size (the recall-memory trade-off of Arora et al. 2024).
 from effseq.configs import get_config as base_config
 
 # Layer fields per mixer (model.mixer_options entries keyed by mixer name apply to that mixer
-# only, also inside a hybrid pattern): positions for attention (rotary).
-MIXERS = {"attention": dict(rotary=True)}
+# only, also inside a hybrid pattern): positions for attention (rotary); heads that divide
+# every width of the sweep (16-128) for Mamba-2 (16 wide, state 64), GDN, RG-LRU and Based
+# (4 heads; Based's feature width 16, its paper's).
+MIXERS = {
+    "attention": dict(rotary=True),
+    "mamba2": dict(head_dim=16, state_size=64),
+    "gdn": dict(num_heads=4),
+    "rglru": dict(num_heads=4),
+    "based": dict(num_heads=4, feature_dim=16),
+}
 
 # Peak learning rate and SSM learning rate per mixer, from the sweep below; other mixers and
 # patterns: DEFAULT_LR with the base config's SSM rate.

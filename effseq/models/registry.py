@@ -33,8 +33,9 @@ MIXERS: dict[str, type[nn.Module]] = {
     "based": Based,
 }
 _BUILTIN = frozenset(MIXERS)
-# Mixers with a non-causal (bidirectional) form; GLA, GDN, RG-LRU and Based are causal only. A set, not a frozenset:
-# register_mixer adds to it in place, so modules that imported it see new mixers.
+# Mixers with a non-causal (bidirectional) form; GLA, GDN, RG-LRU and Based are causal only.
+# A set, not a frozenset: register_mixer adds to it in place, so modules that imported it see
+# new mixers.
 BIDIRECTIONAL = {"s4d", "sgconv", "mamba", "mamba2", "attention"}
 # The mixer interface (effseq.layers.Mixer): the methods a model calls and the fields
 # make_mixer sets.

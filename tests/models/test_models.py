@@ -7,18 +7,37 @@ import numpy as np
 import pytest
 
 from effseq.layers import params
-from effseq.models import MIXERS, Backbone, LanguageModel, SequenceClassifier
+from effseq.models import MIXERS, Backbone, LanguageModel, SequenceClassifier, registry
 from tests.tolerances import assert_close
 
 V, D, T = 11, 16, 9
 # Exactly causal convolutions, so causality can be checked as exact equality.
 DIRECT = {"conv_impl": "direct"}
-OPTIONS = {"s4d": DIRECT, "sgconv": DIRECT}
-CAUSAL = ["s4d", "sgconv", "mamba", "gla", "attention", "gla,attention"]
+# Heads that divide D = 16, and small states (the defaults are sized for d_model >= 64).
+OPTIONS = {
+    "s4d": DIRECT,
+    "sgconv": DIRECT,
+    "mamba2": {"head_dim": 8, "state_size": 8},
+    "gdn": {"num_heads": 2},
+    "based": {"num_heads": 2, "feature_dim": 4},
+}
+# The four newer mixers in one hybrid: their decoding states go through the stack's cache.
+NEWER = "mamba2,gdn,rglru,based"
+CAUSAL = ["s4d", "sgconv", "mamba", "gla", "attention", "gla,attention", NEWER]
+BIDIRECTIONAL = sorted(registry.BIDIRECTIONAL)
 
 
-def _lm(mixer, n_layers=2, options=None, tie_embeddings=True, **kw):
-    options = options or OPTIONS.get(mixer)
+def _options(mixer):
+    """OPTIONS for every mixer of a pattern, keyed by name (each reaches its mixer only)."""
+    names = registry.names(mixer)
+    if len(names) == 1:
+        return OPTIONS.get(mixer)
+    return {n: OPTIONS[n] for n in names if n in OPTIONS} or None
+
+
+def _lm(mixer, n_layers=None, options=None, tie_embeddings=True, **kw):
+    options = options or _options(mixer)
+    n_layers = n_layers or max(2, len(registry.names(mixer)))
     backbone = Backbone(mixer, D, n_layers, max_len=16, mixer_options=options, **kw)
     return LanguageModel(backbone, vocab_size=V, tie_embeddings=tie_embeddings)
 
@@ -90,12 +109,14 @@ def test_logits_do_not_depend_on_later_tokens(mixer):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling):
-    if bidirectional and mixer == "gla":
+    if bidirectional and mixer not in BIDIRECTIONAL:
         # The direction is the backbone's: a causal-only mixer is refused when it is built.
-        with pytest.raises(ValueError, match="mixer 'gla' is causal only"):
-            Backbone("gla", D, 2, causal=False, max_len=12)
+        with pytest.raises(ValueError, match=f"mixer '{mixer}' is causal only"):
+            Backbone(mixer, D, 2, causal=False, max_len=12)
         return
-    backbone = Backbone(mixer, D, 2, causal=not bidirectional, max_len=12)
+    backbone = Backbone(
+        mixer, D, 2, causal=not bidirectional, max_len=12, mixer_options=OPTIONS.get(mixer)
+    )
     clf = SequenceClassifier(backbone, num_classes=3, vocab_size=V, pooling=pooling)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 1, V)
     mask = jnp.arange(12)[None] < jnp.array([[7], [12]])
@@ -112,8 +133,8 @@ def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling
 def test_padding_length_never_changes_the_classifier(mixer, bidirectional):
     # The same 7 real tokens right-padded to 9 and to 16: no mixer may read the padding, not
     # even through a norm's bias, a gate or a step size that runs over it.
-    if bidirectional and mixer == "gla":
-        pytest.skip("GLA is causal only (checked above)")
+    if bidirectional and mixer not in BIDIRECTIONAL:
+        pytest.skip(f"{mixer} is causal only (checked above)")
     backbone = Backbone(
         mixer, D, 2, causal=not bidirectional, max_len=16, mixer_options=OPTIONS.get(mixer)
     )
@@ -163,11 +184,12 @@ def test_every_parameter_has_axes_and_groups_follow_the_mixer(mixer):
     # The scanned stack adds the layer axis in front of every stacked parameter.
     assert all(a[0] == "layers" for a in leaves(params.logical_axes(variables["params"]["stack"])))
     # Each recipe's groups: S4D's A, B (and log_dt) and SGConv's kernels train at the SSM
-    # learning rate; Mamba's A_log, D and dt_bias at the base rate without weight decay.
+    # learning rate; Mamba's and Mamba-2's A_log, D and dt_bias, GDN's A_log and dt_bias and
+    # the RG-LRU's gates and a_param at the base rate without weight decay.
     named = {g for g in jax.tree.leaves(params.groups(variables)) if g is not None}
     tagged = any(jax.tree.leaves(params.ssm_mask(variables)))
     assert tagged == (mixer in ("s4d", "sgconv"))
-    assert ("no_decay" in named) == (mixer == "mamba")
+    assert ("no_decay" in named) == (mixer in ("mamba", "mamba2", "gdn", "rglru"))
 
 
 def test_compile_time_is_flat_in_depth():

@@ -1,6 +1,7 @@
 """LRA ListOps (Tay et al. 2021): the value (0-9) of a nested MIN/MAX/MED/SUM-MOD expression.
 
-Run (MIXER: s4d | sgconv | mamba | gla | attention, or a pattern such as gla,attention;
+Run (MIXER: any registered mixer, e.g. s4d | sgconv | mamba | gla | attention | mamba2 | gdn |
+rglru | based, or a pattern such as gla,attention;
 PRESET: cpu (default) | full):
 
     effseq train --config lra/listops:s4d:full --workdir /tmp/listops
@@ -48,6 +49,12 @@ MIXERS = {
     "mamba": dict(state_size=16, expand=2),
     "gla": dict(num_heads=4),
     "attention": dict(num_heads=4, rotary=True),
+    # Mamba-2: heads of 16 (the official 64 leaves 2 heads at width 64), state 64; GDN,
+    # RG-LRU, Based: 4 heads like GLA and attention, Based's feature width 16 (its paper's).
+    "mamba2": dict(head_dim=16, state_size=64),
+    "gdn": dict(num_heads=4),
+    "rglru": dict(num_heads=4),
+    "based": dict(num_heads=4, feature_dim=16),
 }
 
 RECIPES = {
