@@ -3,10 +3,13 @@
     python -m effseq.benchmarks.ops          # the goal sizes only (`make bench-ops`), minutes
     python -m effseq.benchmarks.ops --full   # every op at t = 1k..16k (`make bench`), longer
 
-Every mixer runs at width 256 (4 heads x 64 for GLA and attention), batch 2, float32.
-Baselines implemented here or beside each op: the direct Vandermonde product
+Every mixer runs at width 256 (4 heads x 64 for GLA, SSD, the gated delta rule, Based and
+attention), batch 2, float32. The RG-LRU and Based layers have no op of their own: their rows
+time the op calls their layers make (``linear_scan``; ``gated_linear_attention`` on Taylor
+features). Baselines implemented here or beside each op: the direct Vandermonde product
 (``s4d_kernel_reference``), a plain per-step ``lax.scan`` (``selective_scan_reference``,
-``gated_linear_attention_reference``) and XLA softmax attention (``impl="xla"``).
+``gated_linear_attention_reference``, ``gated_delta_rule_reference``) and XLA softmax attention
+(``impl="xla"``).
 ``--full`` writes ``benchmarks/results/ops.json`` (with provenance) and ``ops.md``, the figures
 the README shows (paths relative to the working directory: run it from the checkout root, or
 pass ``--out``); the quick run writes ``results/ops/ops_quick.{json,md}`` (not tracked).
@@ -117,6 +120,69 @@ def case_gla_recurrent(t):
     return (lambda *a: ops.gated_linear_attention(*a, impl="recurrent")[0]), args
 
 
+def _ssd_inputs(t, key, n=HEAD_DIM):
+    # State per head p x n = 64 x 64, GLA's dk x dv: the equal-state-size comparison.
+    k = jax.random.split(key, 5)
+    x = _normal(k[0], (BATCH, t, HEADS, HEAD_DIM))
+    dt = jax.nn.softplus(_normal(k[1], (BATCH, t, HEADS)) - 4.0)
+    A = -jax.random.uniform(k[2], (HEADS,), minval=1.0, maxval=16.0)
+    B, C = _normal(k[3], (BATCH, t, 1, n)), _normal(k[4], (BATCH, t, 1, n))
+    return x, dt, A, B, C, jnp.ones((HEADS,))
+
+
+def case_ssd(t):
+    return (lambda *a: ops.ssd(*a)[0]), _ssd_inputs(t, jax.random.key(6))
+
+
+def _delta_inputs(t, key, per_channel=False):
+    k = jax.random.split(key, 5)
+    shape = (BATCH, t, HEADS, HEAD_DIM)
+
+    def unit(z):  # the layer L2-normalises keys and queries
+        return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+    gate_shape = shape if per_channel else shape[:3]
+    log_g = jax.nn.log_sigmoid(_normal(k[3], gate_shape) + 3.0)
+    beta = jax.nn.sigmoid(_normal(k[4], shape[:3]))
+    return unit(_normal(k[0], shape)), unit(_normal(k[1], shape)), _normal(k[2], shape), log_g, beta
+
+
+def case_delta_rule(t, per_channel=False, impl=None):
+    args = _delta_inputs(t, jax.random.key(7), per_channel)
+    return (lambda *a: ops.gated_delta_rule(*a, impl=impl)[0]), args
+
+
+def case_delta_rule_baseline(t):
+    args = _delta_inputs(t, jax.random.key(7))
+    return (lambda *a: ops.gated_delta_rule_reference(*a)[0]), args
+
+
+def case_rglru(t):
+    # The RG-LRU layer's recurrence: a diagonal linear scan over width 256 (no op of its own).
+    k = jax.random.split(jax.random.key(8), 2)
+    log_a = -8.0 * jax.nn.softplus(_normal(k[0], (BATCH, t, WIDTH)) - 4.0) * 0.5
+    b = _normal(k[1], (BATCH, t, WIDTH))
+    return (lambda log_a, b: ops.linear_scan(jnp.exp(log_a), b)[0]), (log_a, b)
+
+
+def case_based(t, f=16):
+    # The Based layer's attention: causal linear attention on Taylor features (1 + f + f^2 =
+    # 273 per head at f = 16), values with the normaliser's column of ones appended.
+    from effseq.layers.based import taylor_features
+
+    k = jax.random.split(jax.random.key(9), 3)
+    q, kk = _normal(k[0], (BATCH, t, HEADS, f)), _normal(k[1], (BATCH, t, HEADS, f))
+    v = _normal(k[2], (BATCH, t, HEADS, HEAD_DIM))
+
+    def fn(q, kk, v):
+        fq, fk = taylor_features(q), taylor_features(kk)
+        v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1))], -1)
+        o, _ = ops.gated_linear_attention(fq, fk, v1, jnp.zeros_like(fk), scale=1.0)
+        return o[..., :-1] / (o[..., -1:] + 1e-6)
+
+    return fn, (q, kk, v)
+
+
 def case_attention(t):
     k = jax.random.split(jax.random.key(4), 3)
     shape = (BATCH, t, HEADS, HEAD_DIM)
@@ -140,9 +206,25 @@ CASES: dict[str, tuple[Callable, str]] = {
     "sgconv": (case_sgconv, "SGConv kernel (d=64) + FFT conv, h=256"),
     "selective_scan": (case_selective_scan, "selective_scan chunked, d=256, n=16"),
     "gla": (case_gla, "GLA chunked, 4 heads x 64"),
+    "ssd": (case_ssd, "SSD chunked (Mamba-2), 4 heads x 64, n=64"),
+    "gated_delta_rule": (case_delta_rule, "gated delta rule chunked (GDN), 4 heads x 64"),
+    "rglru": (case_rglru, "RG-LRU's linear_scan, d=256"),
+    "based": (case_based, "Based: GLA op on Taylor features (f=16), 4 heads x 64"),
     "attention": (case_attention, "causal softmax attention (XLA), 4 heads x 64"),
     "gla/lax.scan": (case_gla_baseline, "baseline: GLA step-by-step lax.scan, plain autodiff"),
     "gla/recurrent": (case_gla_recurrent, "GLA impl='recurrent': steps, remat per segment"),
+    "gated_delta_rule/lax.scan": (
+        case_delta_rule_baseline,
+        "baseline: gated delta rule step-by-step lax.scan, plain autodiff",
+    ),
+    "gated_delta_rule/recurrent": (
+        lambda t: case_delta_rule(t, impl="recurrent"),
+        "gated delta rule impl='recurrent': steps, remat per segment",
+    ),
+    "gated_delta_rule/kda": (
+        lambda t: case_delta_rule(t, per_channel=True),
+        "gated delta rule chunked, one gate per key channel (KDA)",
+    ),
     "selective_scan/d512": (
         lambda t: case_selective_scan(t, d=512),
         "selective_scan chunked, d=512, n=16",
@@ -154,12 +236,26 @@ CASES: dict[str, tuple[Callable, str]] = {
     "s4d_kernel": (case_s4d_kernel, "s4d_kernel (split Vandermonde), h=256, n=32"),
     "s4d_kernel/vandermonde": (case_s4d_kernel_vandermonde, "baseline: direct Vandermonde"),
 }
-MIXERS = ["s4d", "sgconv", "selective_scan", "gla", "attention"]
+MIXERS = [
+    "s4d",
+    "sgconv",
+    "selective_scan",
+    "gla",
+    "ssd",
+    "gated_delta_rule",
+    "rglru",
+    "based",
+    "attention",
+]
 
 # What the quick run measures: exactly the sizes the goals are stated at.
 QUICK_PLAN = (
     [(name, t, mode) for name in MIXERS for t in (2048, 4096, 8192) for mode in ("fwd", "fwd_bwd")]
     + [(n, 4096, "fwd_bwd") for n in ("gla/lax.scan", "gla/recurrent")]
+    + [
+        (n, 4096, "fwd_bwd")
+        for n in ("gated_delta_rule/lax.scan", "gated_delta_rule/recurrent", "gated_delta_rule/kda")
+    ]
     + [(n, 4096, "fwd_bwd") for n in ("selective_scan/d512", "selective_scan/d512/lax.scan")]
     + [(n, 16384, "fwd") for n in ("s4d_kernel", "s4d_kernel/vandermonde")]
 )
@@ -236,7 +332,41 @@ def goals(records) -> list[dict]:
         ("gla/recurrent", 4096, "fwd_bwd"),
         ("gla", 4096, "fwd_bwd"),
     )
-    for name, target in (("s4d", 10.0), ("sgconv", 10.0), ("gla", 10.0), ("selective_scan", 5.0)):
+    ratio(
+        "gated_delta_rule b=2 t=4096 h=4 dk=dv=64 fwd+bwd: speed-up over its step-by-step lax.scan",
+        3.0,
+        ("gated_delta_rule/lax.scan", 4096, "fwd_bwd"),
+        ("gated_delta_rule", 4096, "fwd_bwd"),
+    )
+    ratio(
+        "gated_delta_rule same size: speed-up over impl='recurrent' (for reference)",
+        None,
+        ("gated_delta_rule/recurrent", 4096, "fwd_bwd"),
+        ("gated_delta_rule", 4096, "fwd_bwd"),
+    )
+    ratio(
+        "gated_delta_rule same size: per-channel (KDA) gates' time / per-head (for reference)",
+        None,
+        ("gated_delta_rule/kda", 4096, "fwd_bwd"),
+        ("gated_delta_rule", 4096, "fwd_bwd"),
+    )
+    ratio(
+        "ssd t=4096 fwd+bwd, state 64 x 64 per head: speed-up over GLA at equal state size",
+        1.0,
+        ("gla", 4096, "fwd_bwd"),
+        ("ssd", 4096, "fwd_bwd"),
+    )
+    speedups = (
+        ("s4d", 10.0),
+        ("sgconv", 10.0),
+        ("gla", 10.0),
+        ("selective_scan", 5.0),
+        ("ssd", 10.0),
+        ("gated_delta_rule", 5.0),
+        ("rglru", None),
+        ("based", None),
+    )
+    for name, target in speedups:
         ratio(
             f"{name} t=4096 fwd+bwd: speed-up over causal softmax attention",
             target,
