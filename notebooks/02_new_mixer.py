@@ -17,14 +17,15 @@
 # # 02 · A new mixer, from ops to training
 #
 # Prototyping loop: write a mixer from `effseq.ops`, check that its parallel form equals its
-# recurrent step, register it by name, and train it against GLA on multi-query associative
-# recall (MQAR; Arora et al. 2023) through the ordinary trainer.
+# recurrent step, register it by name, and train it against the package's own version of the
+# same idea on multi-query associative recall (MQAR; Arora et al. 2023) through the ordinary
+# trainer.
 #
 # A mixer is three pieces, and this notebook writes each: its maths as pure JAX functions (in
 # the package, one file in `effseq/ops/`; here the existing `ops.linear_scan` does the work),
 # one layer class that subclasses `effseq.layers.Mixer`, and one `register_mixer` line.
 #
-# The mixer is the **RG-LRU**, the real-gated linear recurrent unit of Griffin (De et al.
+# The mixer is a small **RG-LRU**, the real-gated linear recurrent unit of Griffin (De et al.
 # 2024, "Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient Language
 # Models", Sec. 2.4). Per channel, with learned Lambda and input-dependent gates:
 #
@@ -33,8 +34,12 @@
 #     h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
 #
 # The recurrence is a diagonal linear scan, which `effseq.ops.linear_scan` runs in parallel.
-# Around it, a simplified form of Griffin's recurrent block (no short convolution, no biases):
-# y = (h * GELU(x W_g)) W_o.
+# Around it, a simplified form of Griffin's recurrent block (no short convolution, no biases,
+# dense gates, the first token scaled like the others): y = (h * GELU(x W_g)) W_o. effseq
+# ships the full block as the built-in mixer `"rglru"` (`effseq.layers.rglru.RGLRU`,
+# recurrentgemma's `RecurrentBlock`, loadable from its weights with
+# `effseq.convert.mixer_params`); the prototype here is registered as `"mini_rglru"` and
+# trained beside it.
 #
 # Default sizes train each model for 400 steps: under a minute in all on a 2-core CPU.
 
@@ -55,6 +60,7 @@ from effseq import sharding as ax
 from effseq.configs import load_config, override
 from effseq.layers import Mixer, params
 from effseq.layers.masking import zero_padding
+from effseq.layers.rglru import RGLRU
 from effseq.models import MIXERS, register_mixer
 from effseq.train.loop import train_and_evaluate
 
@@ -78,11 +84,11 @@ STEPS = int(os.environ.get("EFFSEQ_NB_STEPS", "400"))
 def _lambda_init(key, shape, dtype):
     """Lambda with a^c = sigmoid(Lambda)^c uniform in [0.9, 0.999], as Griffin initializes it."""
     a_c = jax.random.uniform(key, shape, jnp.float32, 0.9, 0.999)
-    a = a_c ** (1 / RGLRU.c)
+    a = a_c ** (1 / MiniRGLRU.c)
     return jnp.log(a / (1 - a)).astype(dtype)
 
 
-class RGLRU(Mixer):
+class MiniRGLRU(Mixer):
     """Real-gated linear recurrent unit with a GELU output gate: x (b, t, d) -> (b, t, d)."""
 
     c = 8.0  # a class constant, not a field: the paper fixes it
@@ -143,23 +149,23 @@ class RGLRU(Mixer):
 # Padding (mask False) on the right must not change the real positions.
 
 # %%
-layer = RGLRU(d_model=16)
+layer = MiniRGLRU(d_model=16)
 x = jax.random.normal(jax.random.key(0), (2, 37, 16))
 variables = layer.init(jax.random.key(1), x)
 y_parallel = layer.apply(variables, x)
 
 
 def step(state, x_t):
-    y_t, state = layer.apply(variables, x_t, state, method=RGLRU.step)
+    y_t, state = layer.apply(variables, x_t, state, method=MiniRGLRU.step)
     return state, y_t
 
 
-state0 = layer.apply(variables, 2, 37, method=RGLRU.init_state)
+state0 = layer.apply(variables, 2, 37, method=MiniRGLRU.init_state)
 _, y_steps = jax.lax.scan(step, state0, jnp.swapaxes(x, 0, 1))
 y_steps = jnp.swapaxes(y_steps, 0, 1)
 np.testing.assert_allclose(y_parallel, y_steps, rtol=1e-5, atol=1e-5)
 
-y_prompt, state = layer.apply(variables, x[:, :20], 37, method=RGLRU.prefill)
+y_prompt, state = layer.apply(variables, x[:, :20], 37, method=MiniRGLRU.prefill)
 _, y_rest = jax.lax.scan(step, state, jnp.swapaxes(x[:, 20:], 0, 1))
 np.testing.assert_allclose(y_parallel[:, 20:], jnp.swapaxes(y_rest, 0, 1), rtol=1e-5, atol=1e-5)
 
@@ -174,16 +180,21 @@ print(float(jnp.max(jnp.abs(y_parallel - y_steps))))
 # ## Register it
 #
 # After `register_mixer`, the name works wherever a built-in does: `model.mixer` in a config,
-# hybrid patterns like `"rglru,attention"`, `effseq compare --mixers`. The RG-LRU is causal
+# hybrid patterns like `"mini_rglru,attention"`, `effseq compare --mixers`. It is causal
 # only, so it is registered without a bidirectional form. `replace=True` lets this cell run
-# again after the class above is edited.
+# again after the class above is edited (built-in names such as `"rglru"` cannot be
+# replaced).
 
 # %%
-register_mixer("rglru", RGLRU, replace=True)
+register_mixer("mini_rglru", MiniRGLRU, replace=True)
 print(sorted(MIXERS))
+full = RGLRU(d_model=16, num_heads=4)
+n_full = sum(v.size for v in jax.tree.leaves(full.init(jax.random.key(1), x)))
+n_mini = sum(v.size for v in jax.tree.leaves(variables))
+print(f"parameters at d_model=16: prototype {n_mini:,d}, built-in rglru block {n_full:,d}")
 
 # %% [markdown]
-# ## Train on MQAR beside GLA
+# ## Train on MQAR beside the built-in RG-LRU
 #
 # The built-in MQAR experiment (`--config mqar`, `effseq/experiments/mqar.py`), shrunk to
 # notebook size: width 32, 4 key-value pairs in sequences of 32 tokens, 400 steps
@@ -195,7 +206,7 @@ print(sorted(MIXERS))
 # %%
 workdir = pathlib.Path(tempfile.mkdtemp(prefix="effseq-nb02-"))
 summaries, curves = {}, {}
-for mixer in ("rglru", "gla"):
+for mixer in ("mini_rglru", "rglru"):
     config = load_config(f"mqar:{mixer}:32")
     config = override(
         config,
@@ -219,7 +230,7 @@ for mixer in ("rglru", "gla"):
 
 for mixer, s in summaries.items():
     print(
-        f"{mixer:6s} params {s['params']:7,d}  val {s['val_accuracy']:.3f}  "
+        f"{mixer:10s} params {s['params']:7,d}  val {s['val_accuracy']:.3f}  "
         f"test {s['test_accuracy']:.3f}  {s['wall_s']:.0f} s"
     )
 
@@ -237,9 +248,10 @@ for a in (ax_loss, ax_acc):
 fig.tight_layout()
 
 # %% [markdown]
-# Both recurrent models hold the context in a fixed state of d floats per channel and layer,
-# which bounds how many key-value pairs they can recall; attention, whose KV cache grows with
-# the context, is the usual upper reference (add `"attention"` to the loop above). To sweep
-# widths in this kernel, where the mixer is registered, call
-# `effseq.compare.run_compare("mqar", mixers=("rglru", "gla"), out=...)`; `03_compare` reads
-# its results.
+# Both recurrent models hold the context in a fixed state of one float per channel and
+# layer, which bounds how many key-value pairs they can recall; attention, whose KV cache
+# grows with the context, is the usual upper reference (add `"attention"` to the loop above).
+# The printed accuracies are one seed at notebook size: they say whether each model learns,
+# not which one is better. To sweep widths in this kernel, where the prototype is
+# registered, call `effseq.compare.run_compare("mqar", mixers=("mini_rglru", "rglru"),
+# out=...)`; `03_compare` reads its results.
