@@ -25,6 +25,13 @@
 # * **Mamba's selective scan** (Gu & Dao 2023) decays its state by exp(delta_t A), where
 #   delta_t depends on the input: the model chooses when to forget.
 # * **GLA** (Yang et al. 2023) decays each key channel by a data-dependent gate g_t in (0, 1].
+# * **Mamba-2's SSD** (Dao & Gu 2024) has one decay per head: its whole sequence map is a
+#   causal "attention" masked by a 1-semiseparable matrix.
+# * **The gated delta rule** (Gated DeltaNet, Yang et al. 2025) overwrites what its state holds
+#   for a key instead of adding to it.
+# * **The RG-LRU** (Griffin, De et al. 2024) and **Based** (Arora et al. 2024) appear through
+#   the identities their layers rely on: decays kept in [0.9, 0.999]^(8 r) by construction, and
+#   a Taylor feature map whose inner product approximates exp(q . k).
 #
 # This notebook builds each kernel or decay with `effseq.ops` and the layers' own
 # initializers, plots it, and checks the identities the layers rely on (the convolution equals
@@ -38,6 +45,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from effseq import ops
+from effseq.layers.based import taylor_features
 from effseq.layers.gla import GLA
 from effseq.layers.mamba import s4d_real_a_log_init
 from effseq.layers.s4d import INITS, S4DKernel, init_imag
@@ -211,3 +219,93 @@ o_ref, s_ref = ops.gated_linear_attention_reference(q, k, v, log_g)
 np.testing.assert_allclose(o_fast, o_ref, rtol=1e-4, atol=1e-4)
 np.testing.assert_allclose(s_fast, s_ref, rtol=1e-4, atol=1e-4)
 print("GLA chunked == reference; max |o| difference:", float(jnp.max(jnp.abs(o_fast - o_ref))))
+
+# %% [markdown]
+# ## Mamba-2's SSD: a masked attention
+#
+# With one scalar decay per head, SSD's output is y = (L o C B^T)(dt x) + D x, where
+# L[t, s] = exp(A (dt_{s+1} + ... + dt_t)) for s <= t: the 1-semiseparable mask of the
+# state space duality. Below, the mask for A = -1 with step sizes around 0.1, a burst of large
+# steps at t = 40 (which cuts every earlier position off), and the check that the chunked op
+# equals both that quadratic form and its step-by-step reference.
+
+# %%
+T_SSD, P, N = 96, 4, 8
+kx, kb, kc = jax.random.split(jax.random.key(5), 3)
+x_ssd = jax.random.normal(kx, (1, T_SSD, 1, P))
+B_ssd, C_ssd = (jax.random.normal(k_, (1, T_SSD, 1, N)) for k_ in (kb, kc))
+dt = jnp.full((1, T_SSD, 1), 0.1).at[0, 40:43].set(5.0)
+A_ssd = jnp.array([-1.0])
+y_chunked, _ = ops.ssd(x_ssd, dt, A_ssd, B_ssd, C_ssd, chunk_size=16)
+y_ref, _ = ops.ssd_reference(x_ssd, dt, A_ssd, B_ssd, C_ssd)
+
+cum = np.cumsum(np.asarray(dt[0, :, 0]))
+L = np.tril(np.exp(float(A_ssd[0]) * (cum[:, None] - cum[None, :])))
+scores = np.asarray(C_ssd[0, :, 0]) @ np.asarray(B_ssd[0, :, 0]).T
+y_quadratic = (L * scores) @ (np.asarray(dt[0, :, 0])[:, None] * np.asarray(x_ssd[0, :, 0]))
+np.testing.assert_allclose(y_chunked[0, :, 0], y_quadratic, rtol=1e-4, atol=1e-4)
+np.testing.assert_allclose(y_chunked, y_ref, rtol=1e-4, atol=1e-4)
+print("SSD chunked == quadratic (masked attention) form == reference")
+
+fig, ax = plt.subplots(figsize=(4.5, 4))
+ax.imshow(L, cmap="viridis")
+ax.set(title="SSD mask L[t, s] (A = -1)", xlabel="s (source)", ylabel="t (target)")
+
+# %% [markdown]
+# ## The gated delta rule overwrites
+#
+# Linear attention adds k^T v to its state, so writing the same key twice recalls the sum of
+# the two values. The delta rule first reads what the state holds for k and writes
+# beta (v - k S): with beta = 1 and a unit key, reading k afterwards returns the latest value
+# exactly. Below, one key written with ten different values in turn: GLA's recall (gates 1)
+# drifts with every write, the delta rule's equals the last value. The chunked op is checked
+# against its reference on the same input.
+
+# %%
+T_DR, KD, VD = 10, 16, 4
+key_vec = jax.random.normal(jax.random.key(6), (KD,))
+key_vec = key_vec / jnp.linalg.norm(key_vec)
+k_dr = jnp.broadcast_to(key_vec, (1, T_DR, 1, KD))
+v_dr = jax.random.normal(jax.random.key(7), (1, T_DR, 1, VD))
+q_dr = k_dr * jnp.sqrt(KD)  # undo the default query scale k^-1/2: read exactly S^T k
+zeros = jnp.zeros((1, T_DR, 1))
+o_delta, _ = ops.gated_delta_rule(q_dr, k_dr, v_dr, zeros, jnp.ones((1, T_DR, 1)), chunk_size=4)
+o_delta_ref, _ = ops.gated_delta_rule_reference(q_dr, k_dr, v_dr, zeros, jnp.ones((1, T_DR, 1)))
+o_linear, _ = ops.gated_linear_attention(q_dr, k_dr, v_dr, jnp.zeros_like(k_dr))
+np.testing.assert_allclose(o_delta, o_delta_ref, rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(o_delta[0, :, 0], v_dr[0, :, 0], rtol=1e-5, atol=1e-5)
+err_delta = np.linalg.norm(np.asarray(o_delta - v_dr)[0, :, 0], axis=-1)
+err_linear = np.linalg.norm(np.asarray(o_linear - v_dr)[0, :, 0], axis=-1)
+print("recall error |read - latest value| per write:")
+print("  delta rule:       ", np.round(err_delta, 6))
+print("  linear attention: ", np.round(err_linear, 2))
+
+# %% [markdown]
+# ## RG-LRU decays and Based's feature map
+#
+# The RG-LRU computes log a_t = -8 r_t softplus(Lambda) with a recurrence gate r_t in (0, 1),
+# so each step's decay a_t lies between 1 (r_t = 0: the state is kept as it is) and a^8, where
+# a = exp(-softplus(Lambda)) starts in [0.9, 0.999]: at r_t = 1 the slowest channels still
+# keep 0.999^8 = 0.992 per step, a memory of about 125 steps (1 / -log 0.992).
+# Based replaces exp(q . k / sqrt(f)) by its second-order Taylor polynomial through a feature
+# map phi with phi(q) . phi(k) = 1 + s + s^2 / 2; it is positive everywhere (so the normaliser
+# never vanishes) and close to exp(s) for |s| < 1.
+
+# %%
+a0 = np.array([0.9, 0.99, 0.999])
+r = np.linspace(0, 1, 5)
+print("per-step decay a^(8 r) for a in", a0)
+for r_i in r:
+    print(f"  r = {r_i:.2f}: {np.round(a0 ** (8 * r_i), 4)}")
+
+f = 16
+qk = jax.random.normal(jax.random.key(8), (2, 200, f)) * jnp.linspace(0, 1.5, 200)[None, :, None]
+s_dot = jnp.sum(qk[0] * qk[1], -1) / jnp.sqrt(f)
+taylor = jnp.sum(taylor_features(qk[0]) * taylor_features(qk[1]), -1)
+np.testing.assert_allclose(taylor, 1 + s_dot + s_dot**2 / 2, rtol=1e-5, atol=1e-5)
+order = np.argsort(np.asarray(s_dot))
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(np.asarray(s_dot)[order], np.exp(np.asarray(s_dot))[order], label="exp(s)")
+ax.plot(np.asarray(s_dot)[order], np.asarray(taylor)[order], "--", label="phi(q) . phi(k)")
+ax.set(title="Based: Taylor map vs exp", xlabel="s = q . k / sqrt(f)")
+ax.legend()
