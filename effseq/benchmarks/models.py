@@ -10,10 +10,14 @@ embeddings over a 256-token vocabulary, float32) built by the trainer from a con
 training numbers time the real jitted train step (``Setup.train_fn()``: forward, backward,
 AdamW update, donated state) on a batch of random tokens. Parameter counts are matched: each
 mixer's total must lie within ``MATCH_BUDGET`` of attention's (the reference); the default
-options already do so except Mamba, which runs with ``expand=1`` (``MIXER_OPTIONS``) because its
-usual expand=2 block next to the MLP every block has would make it ~26% larger; S4D's state
-size is pinned to the paper's 64. SGConv's count grows slightly with length (one more
-sub-kernel per doubling), so counts are reported per length and checked at every one.
+options already do so except Mamba and Mamba-2, which run with ``expand=1``
+(``MIXER_OPTIONS``) because their usual expand=2 block next to the MLP every block has would
+make them ~26% larger, and Gated DeltaNet, whose fla-default value width of twice the key
+width (6 d^2 parameters per layer against attention's 4 d^2) runs at ``expand_v=1``, and
+Based runs 8 heads of feature width 16 (its default 12 heads do not divide 256; its total is
+then 9.7% under attention's); S4D's state size is pinned to the paper's 64. SGConv's count
+grows slightly with length (one more sub-kernel per doubling), so counts are reported per
+length and checked at every one.
 
 Measured per (mixer, length): step time (median, min, max of >= 5 runs after AOT compile and
 a warm-up), tokens/s, compile time and the executable's peak memory (arguments + outputs +
@@ -53,15 +57,23 @@ from effseq.benchmarks.timing import (
 # Relative to the working directory: the checkout root holds the committed results.
 RESULTS = pathlib.Path("benchmarks/results")
 QUICK_RESULTS = pathlib.Path("results/bench")
-MIXERS = ("s4d", "sgconv", "mamba", "gla", "attention")
-EFFICIENT = ("s4d", "sgconv", "mamba", "gla")
+NEWER = ("mamba2", "gdn", "rglru", "based")
+MIXERS = ("s4d", "sgconv", "mamba", "gla", "attention", *NEWER)
+EFFICIENT = ("s4d", "sgconv", "mamba", "gla", *NEWER)
 # Mixers whose decoding state does not grow with the context (the decode-latency goal).
-CONSTANT_STATE = ("s4d", "mamba", "gla")
+CONSTANT_STATE = ("s4d", "mamba", "gla", *NEWER)
 REFERENCE = "attention"  # parameter counts are matched to this mixer's
 MATCH_BUDGET = 0.10
 # Pinned here so a change of a layer's default cannot silently unmatch the counts. S4D: the
-# paper's N = 64. Mamba: expand 1 (see the module docstring).
-MIXER_OPTIONS: dict[str, dict] = {"s4d": {"state_size": 64}, "mamba": {"expand": 1}}
+# paper's N = 64. Mamba and Mamba-2: expand 1; GDN: value width = key width (expand_v 1);
+# Based: 8 heads; see the module docstring.
+MIXER_OPTIONS: dict[str, dict] = {
+    "s4d": {"state_size": 64},
+    "mamba": {"expand": 1},
+    "mamba2": {"expand": 1},
+    "gdn": {"expand_v": 1.0},
+    "based": {"num_heads": 8},
+}
 TASK = "synthetic/induction_heads"  # a token task with per-position labels: a LanguageModel
 VOCAB = 256
 

@@ -1,6 +1,4 @@
-import json
 import math
-import pathlib
 from functools import partial
 
 import flax.linen as nn
@@ -12,12 +10,10 @@ import pytest
 from effseq.convert import mixer_params
 from effseq.layers import params
 from effseq.layers.rglru import RGLRU, sqrt_bounded_grad
-from effseq.models import MIXERS
 from tests.layers.protocol import abstract_init, run_steps
 from tests.tolerances import assert_close
 
 D_MODEL = 16
-FIXTURES = sorted((pathlib.Path(__file__).parents[1] / "convert" / "fixtures").glob("rglru-*.npz"))
 
 
 def _module(**kw):
@@ -218,20 +214,6 @@ def test_first_token_rule_against_the_official_equations():
     first = lambda a: module.apply({"params": {**p, "a_param": a}}, x)[:, 0]
     grad = jax.jit(jax.jacrev(first))(p["a_param"])
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
-
-
-@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
-def test_official_fixture(path):
-    data = np.load(path)
-    options = json.loads(str(data["options"]))
-    state = {k[len("state/") :]: data[k] for k in data.files if k.startswith("state/")}
-    p = mixer_params("rglru", state, **options)
-    y = jax.jit(MIXERS["rglru"](**options).apply)({"params": p}, data["x"])
-    assert_close(y, data["y"], "float32", "value")
-
-
-def test_fixtures_exist():
-    assert len(FIXTURES) >= 2
 
 
 def test_converter_errors_name_the_key():
