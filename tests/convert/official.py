@@ -43,13 +43,18 @@ def _bare_package(name: str, path: pathlib.Path) -> None:
     sys.modules[name] = module
 
 
-def import_official(package: str, module: str):
-    """``package.module`` (e.g. ``fla``, ``layers.gla``) from an installed package or a
-    checkout under ``EFFSEQ_OFFICIAL_SRC``; raises :class:`Unavailable` otherwise."""
+def require_torch() -> None:
+    """Raises :class:`Unavailable` when torch cannot be imported."""
     try:
         import torch  # noqa: F401
     except ImportError as e:
         raise Unavailable(f"torch is not installed: {e}") from None
+
+
+def import_official(package: str, module: str):
+    """``package.module`` (e.g. ``fla``, ``layers.gla``) from an installed package or a
+    checkout under ``EFFSEQ_OFFICIAL_SRC``; raises :class:`Unavailable` otherwise."""
+    require_torch()
     if package not in sys.modules:
         root = os.environ.get("EFFSEQ_OFFICIAL_SRC")
         checkout = pathlib.Path(root) / SOURCES[package] if root else None

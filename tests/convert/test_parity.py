@@ -52,6 +52,7 @@ def test_matches_official_module(name, i, t):
     options = _cases(name)[i]
     x = np.random.default_rng(t).standard_normal((3, t, options["d_model"])).astype(np.float32)
     try:
+        official.require_torch()
         runner = importlib.import_module(f"tests.convert.{RUNNERS[name]}")
         state, y = runner.run(name, options, 100 + i, x)
     except official.Unavailable as e:
