@@ -29,12 +29,14 @@ from effseq.configs import get_config as base_config
 
 # Layer fields per mixer (model.mixer_options entries keyed by mixer name apply to that mixer
 # only, also inside a hybrid pattern): positions for attention (rotary); heads that divide
-# every width of the sweep (16-128) for Mamba-2 (16 wide, state 64), GDN, RG-LRU and Based
-# (4 heads; Based's feature width 16, its paper's).
+# every width of the sweep (16-128) for Mamba-2 (16 wide, state 64), RG-LRU and Based (4
+# heads; Based's feature width 16, its paper's) and GDN (2 heads: its key width 3 d / 8 then
+# exists at every multiple of 8, so `effseq compare` can match its parameter count; with 4
+# heads only multiples of 16 do, and the nearest, 64, is 26% over the others).
 MIXERS = {
     "attention": dict(rotary=True),
     "mamba2": dict(head_dim=16, state_size=64),
-    "gdn": dict(num_heads=4),
+    "gdn": dict(num_heads=2),
     "rglru": dict(num_heads=4),
     "based": dict(num_heads=4, feature_dim=16),
 }
