@@ -41,3 +41,26 @@ def abstract_init(module, t=5, b=2):
     """Parameter shapes and boxes without running the initializers (fast)."""
     x = jax.ShapeDtypeStruct((b, t, module.d_model), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+def assert_causal(module, variables, t=9):
+    """Output i depends on every input j <= i and on no later one (exactly)."""
+    import numpy as np
+
+    dep = np.asarray(causality(module, variables, t=t))
+    assert not np.any(dep[np.triu_indices(t, 1)]), "an output depends on a later input"
+    assert np.all(dep[np.tril_indices(t)]), "an output ignores an earlier input"
+
+
+def assert_right_padding_invariant(module, variables, x, lengths=(8, 13)):
+    """x (b, t, d) right-padded with junk to each of ``lengths`` and masked: the real
+    positions' outputs equal the unpadded ones (float32 tolerance)."""
+    from tests.tolerances import assert_close
+
+    apply = jax.jit(module.apply)
+    b, t, _ = x.shape
+    real = apply(variables, x)
+    for n in lengths:
+        padded = jnp.pad(x, ((0, 0), (0, n - t), (0, 0)), constant_values=3.0)
+        mask = jnp.arange(n)[None].repeat(b, 0) < t
+        assert_close(apply(variables, padded, mask)[:, :t], real, "float32", "value")

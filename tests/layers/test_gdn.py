@@ -9,7 +9,13 @@ import pytest
 from effseq import ops
 from effseq.layers import params
 from effseq.layers.gdn import GatedDeltaNet
-from tests.layers.protocol import abstract_init, causality, init, run_steps
+from tests.layers.protocol import (
+    abstract_init,
+    assert_causal,
+    assert_right_padding_invariant,
+    init,
+    run_steps,
+)
 from tests.tolerances import assert_close, assert_close_rms
 
 D_MODEL = 16
@@ -40,10 +46,7 @@ def test_parallel_equals_step_and_prefill(t, gate):
 
 def test_causal_and_causal_only():
     module = GatedDeltaNet(**SMALL)
-    variables, _ = init(module, t=9, b=1)
-    dep = np.asarray(causality(module, variables))
-    assert not np.any(dep[np.triu_indices(9, 1)])
-    assert np.all(dep[np.tril_indices(9)])
+    assert_causal(module, init(module, t=9, b=1)[0])
     with pytest.raises(ValueError, match="GatedDeltaNet is causal only"):
         abstract_init(GatedDeltaNet(**SMALL, causal=False))
 
@@ -51,13 +54,7 @@ def test_causal_and_causal_only():
 @pytest.mark.parametrize("gate", ["head", "channel"])
 def test_right_padding_never_changes_real_outputs(gate):
     module = GatedDeltaNet(**SMALL, gate=gate)
-    variables, x = init(module, t=7)
-    apply = jax.jit(module.apply)
-    real = apply(variables, x)
-    for t in (8, 13):
-        padded = jnp.pad(x, ((0, 0), (0, t - 7), (0, 0)), constant_values=3.0)
-        mask = jnp.arange(t)[None].repeat(2, 0) < 7
-        assert_close(apply(variables, padded, mask)[:, :7], real, "float32", "value")
+    assert_right_padding_invariant(module, *init(module, t=7))
 
 
 def test_gates_and_the_layer_against_its_equations():

@@ -8,7 +8,13 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.mamba2 import Mamba2
-from tests.layers.protocol import abstract_init, causality, init, run_steps
+from tests.layers.protocol import (
+    abstract_init,
+    assert_right_padding_invariant,
+    causality,
+    init,
+    run_steps,
+)
 from tests.tolerances import assert_close, assert_close_rms
 
 D_MODEL = 16
@@ -61,13 +67,7 @@ def test_causal_and_bidirectional_dependence():
 @pytest.mark.parametrize("causal", [True, False])
 def test_right_padding_never_changes_real_outputs(causal):
     module = Mamba2(**SMALL, causal=causal)
-    variables, x = init(module, t=7)
-    apply = jax.jit(module.apply)
-    real = apply(variables, x)
-    for t in (8, 13):
-        padded = jnp.pad(x, ((0, 0), (0, t - 7), (0, 0)), constant_values=3.0)
-        mask = jnp.arange(t)[None].repeat(2, 0) < 7
-        assert_close(apply(variables, padded, mask)[:, :7], real, "float32", "value")
+    assert_right_padding_invariant(module, *init(module, t=7))
 
 
 def test_initialization_matches_official_defaults():
