@@ -42,7 +42,8 @@ MIXERS = {
 }
 
 # Peak learning rate and SSM learning rate per mixer, from the sweep below; other mixers and
-# patterns: DEFAULT_LR with the base config's SSM rate.
+# patterns (Mamba-2, GDN, RG-LRU and Based too: not swept yet) DEFAULT_LR, the rate Mamba and
+# GLA share, with the base config's SSM rate.
 DEFAULT_LR = 3e-3
 LEARNING_RATES: dict[str, tuple[float, float]] = {
     "s4d": (0.01, 0.001),

@@ -115,6 +115,11 @@ RECIPES = {
                 "mamba": (0.003, 0.001),
                 "gla": (0.003, 0.001),
                 "attention": (0.003, 0.001),
+                # Not swept: the rate their nearest swept relatives (Mamba, GLA) share.
+                "mamba2": (0.003, 0.001),
+                "gdn": (0.003, 0.001),
+                "rglru": (0.003, 0.001),
+                "based": (0.003, 0.001),
             }.items()
         },
     ),
