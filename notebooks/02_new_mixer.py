@@ -249,7 +249,8 @@ fig.tight_layout()
 
 # %% [markdown]
 # Both recurrent models hold the context in a fixed state of one float per channel and
-# layer, which bounds how many key-value pairs they can recall; attention, whose KV cache
+# layer (the built-in block also keeps its conv's last 3 inputs), which bounds how many
+# key-value pairs they can recall; attention, whose KV cache
 # grows with the context, is the usual upper reference (add `"attention"` to the loop above).
 # The printed accuracies are one seed at notebook size: they say whether each model learns,
 # not which one is better. To sweep widths in this kernel, where the prototype is
