@@ -277,7 +277,7 @@ def _check_sharded_model(mixer, preset, shape):
         ("mamba", "fsdp", (1, 8, 1)),
         ("s4d", "fsdp", (2, 4, 1)),
         ("gla", "fsdp_tp", (2, 2, 2)),
-        (NEWER, "fsdp_tp", (2, 2, 2)),
+        pytest.param(NEWER, "fsdp_tp", (2, 2, 2), marks=pytest.mark.slow),
     ],
 )
 def test_jitted_init_lands_in_the_shardings(mixer, preset, shape):
