@@ -41,9 +41,6 @@ class StateDict:
         self._arrays = dict(state_dict)
         self._used: set[str] = set()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._arrays
-
     def take(self, key: str, shape: Sequence[int]) -> np.ndarray:
         """The array under ``key`` as float32 numpy; ValueError naming the key if it is missing
         or its shape is not ``shape``."""

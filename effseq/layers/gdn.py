@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import _uniform, dt_bias_init
+from effseq.layers.mamba import dt_bias_init, uniform_init
 from effseq.layers.masking import zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
@@ -120,7 +120,7 @@ class GatedDeltaNet(Mixer):
             raise ValueError(f"GatedDeltaNet: gate must be one of {GATES}, got {self.gate!r}")
         d, h, dk, dv, w = self.d_model, self.num_heads, self.head_k, self.head_v, self.conv_width
         lecun_heads = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-        conv = _uniform(w**-0.5)
+        conv = uniform_init(w**-0.5)
 
         def p(name, init, shape, axes, group=None):
             return params.param(self, name, init, shape, axes, self.param_dtype, group=group)

@@ -39,7 +39,7 @@ from effseq.layers.masking import zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
 
-__all__ = ["Mamba", "dt_bias_init", "s4d_real_a_log_init"]
+__all__ = ["Mamba", "dt_bias_init", "s4d_real_a_log_init", "uniform_init"]
 
 
 def s4d_real_a_log_init(key, shape, dtype=jnp.float32) -> Array:
@@ -66,7 +66,7 @@ def dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float):
     return init
 
 
-def _uniform(scale: float):
+def uniform_init(scale: float):
     """Uniform in [-scale, scale]."""
 
     def init(key, shape, dtype=jnp.float32) -> Array:
@@ -127,13 +127,13 @@ class Mamba(Mixer):
             return params.param(self, prefix + name, init, shape, axes, pd, group=group)
 
         return dict(
-            conv_kernel=p("conv_kernel", _uniform(w**-0.5), (e, w), (ax.INNER, ax.CONV)),
-            conv_bias=p("conv_bias", _uniform(w**-0.5), (e,), (ax.INNER,)),
+            conv_kernel=p("conv_kernel", uniform_init(w**-0.5), (e, w), (ax.INNER, ax.CONV)),
+            conv_bias=p("conv_bias", uniform_init(w**-0.5), (e,), (ax.INNER,)),
             # W_x split by output (dt, B, C) so each part gets its own logical axis name.
             x_proj_dt=p("x_proj_dt", lecun, (e, r), (ax.INNER, ax.LOW_RANK)),
             x_proj_B=p("x_proj_B", lecun, (e, n), (ax.INNER, ax.STATE)),
             x_proj_C=p("x_proj_C", lecun, (e, n), (ax.INNER, ax.STATE)),
-            dt_proj=p("dt_proj", _uniform(r**-0.5), (r, e), (ax.LOW_RANK, ax.INNER)),
+            dt_proj=p("dt_proj", uniform_init(r**-0.5), (r, e), (ax.LOW_RANK, ax.INNER)),
             dt_bias=p(
                 "dt_bias",
                 dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),

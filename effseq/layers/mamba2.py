@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import _uniform, dt_bias_init
+from effseq.layers.mamba import dt_bias_init, uniform_init
 from effseq.layers.masking import zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
@@ -132,7 +132,7 @@ class Mamba2(Mixer):
                 self, prefix + name, init, shape, axes, self.param_dtype, group=group
             )
 
-        conv = _uniform(w**-0.5)
+        conv = uniform_init(w**-0.5)
         return dict(
             conv_x=p("conv_x", conv, (e, w), (ax.INNER, ax.CONV)),
             conv_x_bias=p("conv_x_bias", conv, (e,), (ax.INNER,)),
