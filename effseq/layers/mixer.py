@@ -5,14 +5,22 @@ Every mixer, built-in or registered (:func:`effseq.models.register_mixer`), is a
 module with the fields of :class:`Mixer` (subclass it; its own hyper-parameters follow, with the
 paper's defaults) and four methods:
 
-* ``__call__(x, mask=None)``: x (b, t, d) -> y (b, t, d), the parallel (training) form; mask
-  (b, t) bool marks real tokens, and padded positions then never change real outputs, however
-  long the right padding (:mod:`effseq.layers.masking`);
+* ``__call__(x, mask=None, *, segment_ids=None)``: x (b, t, d) -> y (b, t, d), the parallel
+  (training) form; mask (b, t) bool marks real tokens, and padded positions then never change
+  real outputs, however long the right padding (:mod:`effseq.layers.masking`);
+  ``segment_ids`` (b, t) int marks packed documents (:mod:`effseq.ops.segments`): a position
+  whose id differs from the previous one's starts a document, which sees nothing of the others
+  (no state, convolution tap or attention weight crosses a boundary; positions restart),
+  so each document's outputs equal the document run alone; id 0 is padding (AND-ed into the
+  mask; :func:`effseq.layers.masking.packing`);
 * ``init_state(batch, max_len)``: the decoding state (a pytree of arrays) before any token;
 * ``step(x_t, state)``: x_t (b, d) -> (y_t (b, d), state), one token of the recurrent form,
   equal to the parallel form position by position;
-* ``prefill(x, max_len)``: x (b, t, d) -> (y, state), the parallel form over a prompt and the
-  state that ``step`` continues from, as if the t tokens had been stepped one by one.
+* ``prefill(x, max_len, *, segment_ids=None)``: x (b, t, d) -> (y, state), the parallel form
+  over a prompt and the state that ``step`` continues from, as if the t tokens had been stepped
+  one by one; with ``segment_ids``, y is ``__call__``'s and the state is that of each row's
+  last document alone (trailing padding skipped), so ``step`` continues that document exactly
+  as if it had been the whole prompt.
 
 ``step`` and ``prefill`` exist for causal layers only: a non-causal layer calls
 :meth:`Mixer.check_causal` first, which raises.
