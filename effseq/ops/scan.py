@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks
+from effseq.ops import _checks, segments
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -59,6 +59,7 @@ def linear_scan(
     *,
     reverse: bool = False,
     impl: str | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Runs h_t = a_t * h_{t-1} + b_t (elementwise) over axis 1.
 
@@ -68,6 +69,11 @@ def linear_scan(
       h0: (b, ...) initial state, or None for zeros.
       reverse: run from the last step to the first (h_{t+1} feeds h_t).
       impl: ``"sequential"`` or ``"associative"``; None picks the backend default.
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
+        None for one document per row. Forward, a_t counts as 0 where a document starts
+        (h_t = b_t there); with ``reverse``, the state from t + 1 is dropped where t + 1 starts
+        a document (:func:`~effseq.ops.segments.document_ends`). The masked decays get zero
+        gradient. ``h0`` feeds the first document scanned (the row's last with ``reverse``).
 
     Returns:
       ``(h, h_last)``: every state (b, t, ...) and the final one (b, ...), in float32 (complex64
@@ -86,6 +92,8 @@ def linear_scan(
             f"{op}: `h0` must have shape {(a.shape[0], *a.shape[2:])}, got {tuple(h0.shape)}"
         )
     dtype = jnp.result_type(_acc_dtype(a), _acc_dtype(b))
+    if segment_ids is not None:
+        a = _reset(op, a, segment_ids, reverse)
     a_t = jnp.moveaxis(a.astype(dtype), 1, 0)
     b_t = jnp.moveaxis(b.astype(dtype), 1, 0)
     hs = linear_scan_time_major(a_t, b_t, None if h0 is None else h0.astype(dtype), impl, reverse)
@@ -93,12 +101,31 @@ def linear_scan(
     return jnp.moveaxis(hs, 0, 1), h_last
 
 
-def linear_scan_reference(a: Array, b: Array, h0: Array | None = None) -> tuple[Array, Array]:
-    """Slow reference for :func:`linear_scan` (forward direction): a Python loop over time."""
+def _reset(op: str, a: Array, segment_ids: Array, reverse: bool) -> Array:
+    """``a`` with the decays that would cross a document boundary set to 0 (constant mask)."""
+    segments.check_segment_ids(op, segment_ids, a.shape[0], a.shape[1])
+    flag_fn = segments.document_ends if reverse else segments.document_starts
+    flags = flag_fn(segment_ids)
+    flags = flags.reshape(flags.shape + (1,) * (a.ndim - 2))
+    return jnp.where(flags, jnp.zeros((), a.dtype), a)
+
+
+def linear_scan_reference(
+    a: Array, b: Array, h0: Array | None = None, *, segment_ids: Array | None = None
+) -> tuple[Array, Array]:
+    """Slow reference for :func:`linear_scan` (forward direction): a Python loop over time.
+
+    With ``segment_ids`` the state is zeroed before the update of every document start."""
     dtype = jnp.result_type(_acc_dtype(a), _acc_dtype(b))
     h = jnp.zeros((a.shape[0], *a.shape[2:]), dtype) if h0 is None else h0.astype(dtype)
+    starts = None
+    if segment_ids is not None:
+        segments.check_segment_ids("linear_scan_reference", segment_ids, a.shape[0], a.shape[1])
+        starts = segments.document_starts(segment_ids)
     out = []
     for t in range(a.shape[1]):
+        if starts is not None:
+            h = jnp.where(starts[:, t].reshape((-1,) + (1,) * (h.ndim - 1)), 0, h)
         h = a[:, t].astype(dtype) * h + b[:, t].astype(dtype)
         out.append(h)
     return jnp.stack(out, axis=1), h
