@@ -1,5 +1,7 @@
 """Pieces the chunked linear-recurrence ops share (gla, delta_rule, ssd): chunk layout, the
-default query scale, and the segmented, rematerialised token scan of their recurrent forms."""
+default query scale, the segmented, rematerialised token scan of their recurrent forms, and
+the document starts and chunk masks of packed sequences (``segment_ids``, see
+:mod:`effseq.ops.segments`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from effseq.ops import segments
 from effseq.typing import Array
 
 # Tokens per rematerialised segment of a recurrent form (64 measured fastest for GLA; 32 and
@@ -36,6 +39,29 @@ def from_chunks(o: Array, t: int) -> Array:
     """(n, b, h, c, v) -> (b, t, h, v), dropping the padding."""
     n, b, h, c, dv = o.shape
     return jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(b, n * c, h, dv)[:, :t]
+
+
+def packed_starts(op: str, segment_ids, batch: int, length: int) -> Array | None:
+    """(b, t) bool document starts of ``segment_ids`` after validating them; None for None."""
+    if segment_ids is None:
+        return None
+    segments.check_segment_ids(op, segment_ids, batch, length)
+    return segments.document_starts(segment_ids)
+
+
+def reset_at_start(state: Array, start: Array) -> Array:
+    """``state`` (b, ...) with the rows where ``start`` (b,) is True set to zero: a document
+    starting at this step does not see the state carried so far."""
+    return jnp.where(start.reshape(start.shape + (1,) * (state.ndim - 1)), 0.0, state)
+
+
+def float_chunk_masks(starts: Array, n: int, c: int) -> tuple[Array, Array, Array, Array]:
+    """:func:`effseq.ops.segments.chunk_masks` as float32 0/1 constants (intra (n, b, 1, c, c),
+    carry_in (n, b, 1, c), to_end (n, b, 1, c), carry_through (n, b, 1)) to multiply decay
+    factors by; constants, so the gradient of a start's own decay comes out exactly zero."""
+    return tuple(
+        jax.lax.stop_gradient(m.astype(jnp.float32)) for m in segments.chunk_masks(starts, n, c)
+    )
 
 
 def segmented_scan(step: Callable, h0, xs: tuple[Array, ...]) -> tuple[Array, Array]:

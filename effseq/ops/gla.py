@@ -18,6 +18,12 @@ Forms of the same maths:
   written by hand (``jax.custom_vjp``), so it supports reverse-mode autodiff only; forward mode
   (``jax.jvp``, ``jax.jacfwd``) needs ``impl="recurrent"``.
 
+Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
+start the state is zeroed before the step's own update. The reference and the recurrent form
+reset inside their scans; the chunked form stays chunked, multiplying every decay from s to t by
+"no start in (s, t]" (:func:`effseq.ops.segments.chunk_masks`), including in its hand-written
+backward pass.
+
 Everything runs in float32 whatever the input dtype; ``o`` is cast back to the dtype of ``q``
 and states are returned in float32.
 """
@@ -32,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.ops import _checks
-from effseq.ops._chunking import default_scale, from_chunks, segmented_scan, to_chunks
+from effseq.ops._chunking import (
+    default_scale,
+    float_chunk_masks,
+    from_chunks,
+    packed_starts,
+    reset_at_start,
+    segmented_scan,
+    to_chunks,
+)
 from effseq.ops._impl import resolve_impl
 from effseq.ops.scan import linear_scan_time_major
 from effseq.typing import Array
@@ -141,6 +155,7 @@ def gated_linear_attention(
     h0: Array | None = None,
     chunk_size: int | None = None,
     impl: str | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Gated linear attention over a sequence (Yang et al. 2023, eq. 3; chunked form section 4).
 
@@ -157,6 +172,9 @@ def gated_linear_attention(
         sub-chunks of the largest divisor of c up to 8. None: :func:`default_chunk_size`.
         Ignored by ``"recurrent"``.
       impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
+        state is zeroed where a new document starts; ``h0`` belongs to each row's first
+        document and ``S_last`` is its last one's. None: one document per row.
 
     Returns:
       ``(o, S_last)``: o (b, t, h, v) in the dtype of ``q``; the final state (b, h, k, v) in
@@ -171,15 +189,16 @@ def gated_linear_attention(
     f32 = jnp.float32
     b, t, h, dk = q.shape
     dv = v.shape[-1]
+    starts = packed_starts(op, segment_ids, b, t)
     h0 = jnp.zeros((b, h, dk, dv), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
     q32 = q.astype(f32) * default_scale(scale, dk)
     args = (q32, k.astype(f32), v.astype(f32), log_g.astype(f32), h0)
     if impl == "recurrent":
-        o, S = _recurrent(*args)
+        o, S = _recurrent(*args, starts=starts)
     else:
-        o, S = _chunked(*args, chunk_size=chunk_size)
+        o, S = _chunked(*args, chunk_size=chunk_size, starts=starts)
     return o.astype(q.dtype), S
 
 
@@ -191,10 +210,14 @@ def default_chunk_size() -> int:
     return _ACCELERATOR_CHUNK
 
 
-def _recurrent(q, k, v, log_g, h0):
+def _recurrent(q, k, v, log_g, h0, *, starts=None):
     """The step form scanned token by token (segmented and rematerialised,
-    :func:`effseq.ops._chunking.segmented_scan`); float32 inputs, ``q`` already scaled."""
-    return segmented_scan(lambda S, x: _step(S, *x), h0, (q, k, v, log_g))
+    :func:`effseq.ops._chunking.segmented_scan`); float32 inputs, ``q`` already scaled.
+    ``starts`` (b, t) bool: zero the state before the step where a document starts."""
+    if starts is None:
+        return segmented_scan(lambda S, x: _step(S, *x), h0, (q, k, v, log_g))
+    step = lambda S, x: _step(reset_at_start(S, x[4]), *x[:4])  # noqa: E731
+    return segmented_scan(step, h0, (q, k, v, log_g, starts))
 
 
 def _sub_chunk_size(c: int) -> int:
@@ -282,6 +305,49 @@ def _decays(g: Array) -> _Decays:
     )
 
 
+class _Masks(NamedTuple):
+    """0/1 float masks of packed documents for chunks split into m sub-chunks of c2 steps
+    (from :func:`effseq.ops.segments.chunk_masks`; h axis 1, broadcasting over heads)."""
+
+    pairs: Array  # (G, b, 1, m, c2, m, c2) t and s in one document
+    diag: Array  # (G, b, 1, m, c2, c2, 1) the same inside each sub-chunk
+    carry_in: Array  # (G, b, 1, m, c2, 1) the state entering the chunk reaches t
+    to_end: Array  # (G, b, 1, m, c2, 1) s reaches the chunk's final state
+    carry_through: Array  # (G, b, 1, 1) the entering state reaches the final state
+    not_start: Array  # (G, b, 1, c, 1) 0 where a document starts
+
+
+def _sub_masks(masks, c2: int) -> _Masks:
+    """:class:`_Masks` from float chunk masks (intra (G, b, 1, c, c), carry_in, to_end
+    (G, b, 1, c), carry_through (G, b, 1)) and the starts (G, b, 1, c)."""
+    intra, carry_in, to_end, carry_through, starts = masks
+    *lead, c = carry_in.shape
+    m = c // c2
+    pairs = intra.reshape(*lead, m, c2, m, c2)
+    diag = jnp.moveaxis(jnp.diagonal(pairs, axis1=-4, axis2=-2), -1, -3)  # (..., m, c2, c2)
+    return _Masks(
+        pairs=pairs,
+        diag=diag[..., None],
+        carry_in=carry_in.reshape(*lead, m, c2, 1),
+        to_end=to_end.reshape(*lead, m, c2, 1),
+        carry_through=carry_through[..., None],
+        not_start=(1.0 - starts)[..., None],
+    )
+
+
+def _mask_decays(d: _Decays, mk: _Masks | None) -> _Decays:
+    """The decays with every factor that crosses a document start set to 0; ``between`` is
+    per pair of sub-chunks, so the scores it builds are masked with ``mk.pairs`` instead."""
+    if mk is None:
+        return d
+    return d._replace(
+        from_start=d.from_start * mk.carry_in,
+        to_end=d.to_end * mk.to_end,
+        diag=d.diag * mk.diag,
+        chunk=d.chunk * mk.carry_through,
+    )
+
+
 def _chunk_states(S: Array, k_to_end: Array, v: Array, decay: Array) -> tuple[Array, Array]:
     """States entering and leaving each of G consecutive chunks.
 
@@ -294,14 +360,15 @@ def _chunk_states(S: Array, k_to_end: Array, v: Array, decay: Array) -> tuple[Ar
     return jnp.concatenate([S[None], S_out[:-1]], axis=0), S_out
 
 
-def _chunks_forward(S, q, k, v, g):
-    """Outputs of G consecutive chunks; all (G, b, h, m, c2, x) float32, q already scaled.
+def _chunks_forward(S, q, k, v, g, mk=None):
+    """Outputs of G consecutive chunks; all (G, b, h, m, c2, x) float32, q already scaled;
+    ``mk`` the :class:`_Masks` of packed documents, or None.
 
     Returns (S_out, o, scores, scores_diag): the states after each chunk (G, b, h, k, v), the
     outputs (G, b, h, m, c2, v), and the intra-chunk attention scores between sub-chunks
     (G, b, h, m, c2, m, c2) and inside them (G, b, h, m, c2, c2).
     """
-    d = _decays(g)
+    d = _mask_decays(_decays(g), mk)
     S_in, S_out = _chunk_states(S, k * d.to_end, v, d.chunk)
     # Queries read the state entering their chunk, decayed from the chunk start.
     o = jnp.einsum("...itk,...kv->...itv", q * d.from_start, S_in)
@@ -309,6 +376,8 @@ def _chunks_forward(S, q, k, v, g):
     # secondary chunking): decay(s -> t) = to_sub_end(s) * between(i, j) * from_sub_start(t).
     k_weighted = d.between[..., :, :, None, :] * (k * d.to_sub_end)[..., None, :, :, :]
     scores = jnp.einsum("...itk,...ijsk->...itjs", q * d.from_sub_start, k_weighted)
+    if mk is not None:
+        scores = scores * mk.pairs
     scores_diag = jnp.sum(q[..., :, None, :] * k[..., None, :, :] * d.diag, axis=-1)
     o = o + jnp.einsum("...itjs,...jsv->...itv", scores, v)
     o = o + jnp.einsum("...its,...isv->...itv", scores_diag, v)
@@ -316,19 +385,25 @@ def _chunks_forward(S, q, k, v, g):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunks_step(S, q, k, v, g, c2):
+def _chunks_step(S, q, k, v, g, c2, masks):
     """One scan step of the chunked form: G consecutive chunks.
 
     S (b, h, k, v) enters the first chunk; q, k, g (G, b, h, c, k) and v (G, b, h, c, v),
-    float32, q already scaled; c2 divides c. Returns (S after the last chunk, o (G, b, h, c, v)).
+    float32, q already scaled; c2 divides c. ``masks``: None, or the packed documents' float
+    masks (intra, carry_in, to_end, carry_through, starts) of these chunks (see
+    :func:`_sub_masks`). Returns (S after the last chunk, o (G, b, h, c, v)).
     """
-    S_out, o, _, _ = _chunks_forward(S, *(_split_sub(x, c2) for x in (q, k, v, g)))
+    mk = None if masks is None else _sub_masks(masks, c2)
+    S_out, o, _, _ = _chunks_forward(S, *(_split_sub(x, c2) for x in (q, k, v, g)), mk)
     return S_out[-1], o.reshape(v.shape)
 
 
-def _chunks_step_fwd(S, q, k, v, g, c2):
-    S_out, o, scores, scores_diag = _chunks_forward(S, *(_split_sub(x, c2) for x in (q, k, v, g)))
-    return (S_out[-1], o.reshape(v.shape)), (S, q, k, v, g, scores, scores_diag)
+def _chunks_step_fwd(S, q, k, v, g, c2, masks):
+    mk = None if masks is None else _sub_masks(masks, c2)
+    S_out, o, scores, scores_diag = _chunks_forward(
+        S, *(_split_sub(x, c2) for x in (q, k, v, g)), mk
+    )
+    return (S_out[-1], o.reshape(v.shape)), (S, q, k, v, g, masks, scores, scores_diag)
 
 
 def _chunks_step_bwd(c2, residuals, cotangents):
@@ -342,11 +417,12 @@ def _chunks_step_bwd(c2, residuals, cotangents):
     dL/dLambda_r = q_r * dq_r - k_r * dk_r (+ rowsum(S_out * dS_out) at the chunk's last step)
     and dL/dlog_g_r is the suffix sum over r' >= r of dL/dLambda_r' within the chunk.
     """
-    S, q, k, v, g, scores, scores_diag = residuals
+    S, q, k, v, g, masks, scores, scores_diag = residuals
     dS_last, do = cotangents
     G, b, h, c, _ = q.shape
+    mk = None if masks is None else _sub_masks(masks, c2)
     q, k, v, g, do = (_split_sub(x, c2) for x in (q, k, v, g, do))
-    d = _decays(g)
+    d = _mask_decays(_decays(g), mk)
     q_in, k_out = q * d.from_sub_start, k * d.to_sub_end
     q_start, k_end = q * d.from_start, k * d.to_end
     S_in, S_out = _chunk_states(S, k_end, v, d.chunk)
@@ -357,6 +433,8 @@ def _chunks_step_bwd(c2, residuals, cotangents):
     dS_out = jnp.concatenate([dS_in[1:], dS_last[None]], axis=0)
 
     dscores = jnp.einsum("...itv,...jsv->...itjs", do, v)
+    if mk is not None:
+        dscores = dscores * mk.pairs
     dscores_diag = jnp.einsum("...itv,...isv->...its", do, v)
     dv = (
         jnp.einsum("...itjs,...itv->...jsv", scores, do)
@@ -378,13 +456,19 @@ def _chunks_step_bwd(c2, residuals, cotangents):
     dlam = (q * dq - k * dk).reshape(G, b, h, c, -1)
     dlam = dlam.at[..., -1, :].add(jnp.sum(S_out * dS_out, axis=-1))
     dg = jnp.einsum("rt,...tk->...rk", np.triu(np.ones((c, c), np.float32)), dlam, precision=_EXACT)
-    return (dS_in[0], *(x.reshape(G, b, h, c, x.shape[-1]) for x in (dq, dk, dv)), dg)
+    if mk is None:
+        return (dS_in[0], *(x.reshape(G, b, h, c, x.shape[-1]) for x in (dq, dk, dv)), dg, None)
+    # A start's own gate decays only the zeroed state: its gradient is exactly 0 (the suffix
+    # sum above gives 0 up to rounding). The masks are constants.
+    dg = dg * mk.not_start
+    grads = (x.reshape(G, b, h, c, x.shape[-1]) for x in (dq, dk, dv))
+    return (dS_in[0], *grads, dg, jax.tree.map(jnp.zeros_like, masks))
 
 
 _chunks_step.defvjp(_chunks_step_fwd, _chunks_step_bwd)
 
 
-def _chunked(q, k, v, log_g, h0, *, chunk_size: int):
+def _chunked(q, k, v, log_g, h0, *, chunk_size: int, starts=None):
     """Chunkwise-parallel GLA (Yang et al. 2023, section 4); float32 inputs, q already scaled.
 
     A ``lax.scan`` carries the state across groups of G chunks (about 128 steps per group);
@@ -392,7 +476,8 @@ def _chunked(q, k, v, log_g, h0, *, chunk_size: int):
     outputs are computed at once. About 128 steps per scan iteration measured fastest on CPU
     for chunks of 16 to 64 (one chunk per iteration also hit a 2.5x slower path in XLA's CPU
     fusion), and scanning at all keeps each iteration's (c2, c2, k) intermediates in cache:
-    computing every chunk at once was 2.5-3x slower.
+    computing every chunk at once was 2.5-3x slower. ``starts`` (b, t) bool: document starts
+    of packed rows, or None.
     """
     t = q.shape[1]
     c2 = _sub_chunk_size(chunk_size)
@@ -402,8 +487,14 @@ def _chunked(q, k, v, log_g, h0, *, chunk_size: int):
     group = 1 if n == 1 else min(n, max(2, _STEPS_PER_SCAN // c))
     n = -(-n // group) * group  # whole groups; padded chunks leave the state unchanged
     chunks = tuple(to_chunks(x, n, c) for x in (q, k, v, log_g))
-    chunks = tuple(x.reshape(n // group, group, *x.shape[1:]) for x in chunks)
-    S, o = jax.lax.scan(lambda S, xs: _chunks_step(S, *xs, c2), h0, chunks)
+    if starts is not None:
+        masks = (*float_chunk_masks(starts, n, c), to_chunks(starts[..., None], n, c) * 1.0)
+        chunks = (*chunks, masks)
+    chunks = jax.tree.map(lambda x: x.reshape(n // group, group, *x.shape[1:]), chunks)
+    if starts is None:
+        S, o = jax.lax.scan(lambda S, xs: _chunks_step(S, *xs, c2, None), h0, chunks)
+    else:
+        S, o = jax.lax.scan(lambda S, xs: _chunks_step(S, *xs[:4], c2, xs[4]), h0, chunks)
     return from_chunks(o.reshape(n, *o.shape[2:]), t), S
 
 
@@ -415,26 +506,33 @@ def gated_linear_attention_reference(
     *,
     scale=None,
     h0: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Slow reference for :func:`gated_linear_attention`: a plain ``lax.scan`` over time.
 
-    Eq. 3 of Yang et al. (2023) step by step in float32, differentiated by plain autodiff. Shapes
-    as in :func:`gated_linear_attention`. Returns ``(o, S_last)``: o (b, t, h, v) in the dtype
-    of ``q``, S_last (b, h, k, v) in float32.
+    Eq. 3 of Yang et al. (2023) step by step in float32, differentiated by plain autodiff, the
+    state zeroed before the step where a document of ``segment_ids`` starts. Shapes as in
+    :func:`gated_linear_attention`. Returns ``(o, S_last)``: o (b, t, h, v) in the dtype of
+    ``q``, S_last (b, h, k, v) in float32.
     """
     op = "gated_linear_attention_reference"
     _validate(op, q, k, v, log_g, h0)
     f32 = jnp.float32
-    b, _, h, dk = q.shape
+    b, t, h, dk = q.shape
+    starts = packed_starts(op, segment_ids, b, t)
     scale = default_scale(scale, dk)
     S = jnp.zeros((b, h, dk, v.shape[-1]), f32) if h0 is None else h0.astype(f32)
 
     def body(S, x):
-        q_t, k_t, v_t, g_t = x
+        q_t, k_t, v_t, g_t, *start_t = x
+        if start_t:
+            S = jnp.where(start_t[0][:, None, None, None], 0.0, S)
         S = jnp.exp(g_t)[..., None] * S + k_t[..., :, None] * v_t[..., None, :]
         return S, jnp.einsum("bhk,bhkv->bhv", scale * q_t, S)
 
     xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, log_g))
+    if starts is not None:
+        xs = (*xs, jnp.moveaxis(starts, 1, 0))
     S, o = jax.lax.scan(body, S, xs)
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), S
 
