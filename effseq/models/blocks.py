@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +14,17 @@ from effseq import ops, sharding
 from effseq.layers import params
 from effseq.models.backbone import Backbone
 from effseq.models.registry import make_mixer
+from effseq.ops import segments
+
+
+@functools.cache
+def takes_segment_ids(cls: type, method: str = "__call__") -> bool:
+    """Whether mixer class ``cls``'s ``method`` accepts a ``segment_ids`` keyword (every
+    built-in does; a registered mixer written before packing may not)."""
+    params = inspect.signature(getattr(cls, method)).parameters
+    return "segment_ids" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
 
 
 def _norm(kind: str, dtype, param_dtype, name: str) -> nn.Module:
@@ -63,7 +76,9 @@ class ResidualBlock(nn.Module):
     block's mixer.
 
     Padded positions are zeroed (re-masked) before the mixer, so no mixer, bidirectional ones
-    included, ever reads a padded token's value.
+    included, ever reads a padded token's value. ``segment_ids`` (b, t) marks packed documents
+    (:mod:`effseq.ops.segments`; 0 = padding): the short convolution and the mixer then never
+    reach across a document start.
     """
 
     mixer: str
@@ -108,21 +123,46 @@ class ResidualBlock(nn.Module):
             return x
         return self._residual(x, self.ffn, self.norm_mlp, deterministic)
 
-    def _conv(self, h):
-        """The short causal convolution in front of the mixer (identity when off)."""
+    def _conv(self, h, segment_ids=None):
+        """The short causal convolution in front of the mixer (identity when off); with
+        ``segment_ids`` no tap reaches across a document start."""
         if not self.backbone.short_conv:
             return h
         dtype = self.backbone.dtype
-        y = ops.causal_conv(h, self.conv_kernel.astype(dtype), impl="direct")
+        kwargs = {}
+        if segment_ids is not None:
+            kwargs["segment_ids"] = segments.fill_padding(segment_ids)
+        y = ops.causal_conv(h, self.conv_kernel.astype(dtype), impl="direct", **kwargs)
         return (y + self.conv_bias.astype(dtype)).astype(dtype)
 
-    def __call__(self, x, mask=None, deterministic: bool = True):
-        """x (b, t, d); mask (b, t) bool, True = real token, or None."""
+    def _mixer_kwargs(self, segment_ids, method: str = "__call__") -> dict:
+        if segment_ids is None:
+            return {}
+        if not takes_segment_ids(type(self.mix), method):
+            raise ValueError(
+                f"mixer {self.mixer!r} ({type(self.mix).__name__}.{method}) takes no "
+                "segment_ids, so it cannot run packed sequences; add a keyword "
+                "segment_ids=None to its __call__ and prefill (see effseq.layers.mixer)"
+            )
+        return {"segment_ids": segment_ids}
+
+    def __call__(self, x, mask=None, deterministic: bool = True, segment_ids=None):
+        """x (b, t, d); mask (b, t) bool, True = real token, or None; segment_ids (b, t)
+        int or None (packed documents, 0 = padding, which then needs no mask)."""
+        if segment_ids is not None:
+            real = segments.padding_mask(segment_ids)
+            mask = real if mask is None else mask & real
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0)
+        kwargs = self._mixer_kwargs(segment_ids)
         # The mixer masks its own (normalised) input: a norm's bias would refill zeroed padding.
         # A causal convolution of right-padded input never lets padding reach a real token.
-        x = self._residual(x, lambda h: self.mix(self._conv(h), mask), self.norm_mix, deterministic)
+        x = self._residual(
+            x,
+            lambda h: self.mix(self._conv(h, segment_ids), mask, **kwargs),
+            self.norm_mix,
+            deterministic,
+        )
         return self._mlp(x, deterministic).astype(self.backbone.dtype)
 
     def init_state(self, batch: int, max_len: int):
@@ -160,16 +200,19 @@ class ResidualBlock(nn.Module):
 
         return self._with_state(x_t, mix)
 
-    def prefill(self, x, max_len: int):
-        """A prompt x (b, t, d) in parallel -> (y (b, t, d), the mixer's state after it)."""
+    def prefill(self, x, max_len: int, segment_ids=None):
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), the mixer's state after it); with
+        ``segment_ids``, the state of each row's last document (trailing padding skipped)."""
+        kwargs = self._mixer_kwargs(segment_ids, "prefill")
+        if segment_ids is not None:
+            x = jnp.where(segments.padding_mask(segment_ids)[..., None], x, 0)
         if not self.backbone.short_conv:
-            return self._with_state(x, lambda h: self.mix.prefill(h, max_len))
+            return self._with_state(x, lambda h: self.mix.prefill(h, max_len, **kwargs))
 
         def mix(h):
-            y, state = self.mix.prefill(self._conv(h), max_len)
-            w = self.backbone.short_conv - 1
+            y, state = self.mix.prefill(self._conv(h, segment_ids), max_len, **kwargs)
             # Prompts shorter than the window leave zeros in front, as init_state does.
-            padded = jnp.pad(h.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
-            return y, (padded[:, padded.shape[1] - w :], state)
+            window = segments.last_window(h, self.backbone.short_conv - 1, segment_ids)
+            return y, (window, state)
 
         return self._with_state(x, mix)

@@ -11,6 +11,7 @@ from effseq.layers import params
 from effseq.models.backbone import Backbone
 from effseq.models.blocks import _norm
 from effseq.models.stack import Stack
+from effseq.ops import segments
 
 POOLINGS = ("mean", "last", "first")
 
@@ -22,6 +23,11 @@ class SequenceClassifier(nn.Module):
     so their values never change the output. ``dual=True`` encodes ``inputs`` and ``inputs2``
     with the same weights and classifies [u, v, u * v, u - v] with an MLP (the LRA Retrieval
     setup, Tay et al. 2021, "Long Range Arena", sec. 3.4).
+
+    Packed rows: with ``segment_ids`` (b, t) int (:mod:`effseq.ops.segments`; a changed id
+    starts a document, 0 is padding) no mixer reaches across a document, and ``encode`` /
+    ``__call__`` pool and classify each document: (b, num_segments, ...), document k being the
+    k-th run of equal non-zero ids in its row (zeros where a row has fewer).
 
     Attributes:
       backbone: the stack's settings (:class:`effseq.models.Backbone`); ``causal=False`` for
@@ -83,8 +89,9 @@ class SequenceClassifier(nn.Module):
             pd,
         )
 
-    def features(self, inputs, mask=None, deterministic: bool = True):
-        """(b, t[, c]) -> (features (b, t, d) after the final norm, mask (b, t))."""
+    def features(self, inputs, mask=None, deterministic: bool = True, segment_ids=None):
+        """(b, t[, c]) -> (features (b, t, d) after the final norm, mask (b, t)); with
+        ``segment_ids`` the mask also excludes padding (id 0)."""
         dtype = self.backbone.dtype
         if self.vocab_size is not None:
             x = jnp.take(self.encoder, inputs, axis=0)
@@ -94,19 +101,21 @@ class SequenceClassifier(nn.Module):
         x = x.astype(dtype)
         if mask is None:
             mask = jnp.ones(x.shape[:2], bool)
-        return self.final_norm(self.stack(x, mask, deterministic)), mask
+        if segment_ids is not None:
+            mask = mask & segments.padding_mask(segment_ids)
+        x = self.stack(x, mask, deterministic, segment_ids)
+        return self.final_norm(x), mask
 
-    def denoise(self, inputs, mask=None, deterministic: bool = True):
+    def denoise(self, inputs, mask=None, deterministic: bool = True, segment_ids=None):
         """Per-position outputs (b, t, denoise_outputs) float32 for self-pretraining: token
         logits, or predicted input values for continuous inputs."""
         if not self.denoise_outputs:
             raise ValueError("SequenceClassifier.denoise needs denoise_outputs > 0")
-        x, _ = self.features(inputs, mask, deterministic)
+        x, _ = self.features(inputs, mask, deterministic, segment_ids)
         return ops.dense(x, self.denoise_head.astype(self.backbone.dtype)).astype(jnp.float32)
 
-    def encode(self, inputs, mask=None, deterministic: bool = True):
-        """(b, t[, c]) -> pooled features (b, d)."""
-        x, mask = self.features(inputs, mask, deterministic)
+    def _pool(self, x, mask):
+        """x (b, t, d), mask (b, t) -> (b, d), over one document per row."""
         m = mask[..., None].astype(x.dtype)
         if self.pooling == "mean":
             return (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
@@ -115,12 +124,59 @@ class SequenceClassifier(nn.Module):
         last = jnp.maximum(mask.sum(1) - 1, 0)  # real tokens come first
         return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
-    def __call__(self, inputs, mask=None, inputs2=None, mask2=None, deterministic: bool = True):
+    def _pool_documents(self, x, mask, segment_ids, num_segments: int):
+        """x (b, t, d) -> (b, num_segments, d): each document's pooling (the k-th run of equal
+        non-zero ids, real positions only); zeros for documents a row does not have."""
+        real = mask & segments.padding_mask(segment_ids)
+        prev_real = jnp.pad(real[:, :-1], ((0, 0), (1, 0)))
+        first = real & (~prev_real | segments.document_starts(segment_ids))
+        doc = jnp.where(real, jnp.cumsum(first.astype(jnp.int32), axis=1) - 1, -1)
+        member = doc[..., None] == jnp.arange(num_segments)  # (b, t, n)
+        if self.pooling == "first":
+            member = member & first[..., None]
+        elif self.pooling == "last":
+            next_first = jnp.pad(first[:, 1:], ((0, 0), (0, 1)), constant_values=True)
+            next_real = jnp.pad(real[:, 1:], ((0, 0), (0, 1)))
+            member = member & (next_first | ~next_real)[..., None]
+        w = member.astype(x.dtype)
+        total = jnp.einsum("btn,btd->bnd", w, x)
+        return total / jnp.maximum(w.sum(1), 1)[..., None]
+
+    def encode(
+        self, inputs, mask=None, deterministic: bool = True, segment_ids=None, num_segments=None
+    ):
+        """(b, t[, c]) -> pooled features (b, d); with ``segment_ids``, per document
+        (b, num_segments, d)."""
+        if segment_ids is not None and not (isinstance(num_segments, int) and num_segments > 0):
+            raise ValueError(
+                "SequenceClassifier: packed rows (segment_ids) need num_segments, the number "
+                f"of documents per row to classify (a positive int), got {num_segments!r}"
+            )
+        x, mask = self.features(inputs, mask, deterministic, segment_ids)
+        if segment_ids is None:
+            return self._pool(x, mask)
+        return self._pool_documents(x, mask, segment_ids, num_segments)
+
+    def __call__(
+        self,
+        inputs,
+        mask=None,
+        inputs2=None,
+        mask2=None,
+        deterministic: bool = True,
+        *,
+        segment_ids=None,
+        num_segments: int | None = None,
+    ):
+        """-> logits (b, num_classes) float32; with ``segment_ids``, per document
+        (b, num_segments, num_classes)."""
         if self.denoise_outputs:
             raise ValueError(
                 "SequenceClassifier(denoise_outputs > 0) is a pretraining model: call denoise"
             )
-        u = self.encode(inputs, mask, deterministic)
+        if self.dual and segment_ids is not None:
+            raise ValueError("SequenceClassifier(dual=True) takes no packed rows (segment_ids)")
+        u = self.encode(inputs, mask, deterministic, segment_ids, num_segments)
         if self.dual:
             if inputs2 is None:
                 raise ValueError("SequenceClassifier(dual=True) needs `inputs2`")
@@ -135,7 +191,15 @@ class SequenceClassifier(nn.Module):
         for a pretraining model (``denoise_outputs`` > 0) the per-position outputs of
         :meth:`denoise`."""
         if self.denoise_outputs:
-            return self.denoise(batch["inputs"], batch["mask"], deterministic)
+            return self.denoise(
+                batch["inputs"], batch["mask"], deterministic, batch.get("segment_ids")
+            )
+        if "segment_ids" in batch:
+            raise ValueError(
+                "SequenceClassifier.forward: the trainer classifies one document per row; packed "
+                "rows (segment_ids) are for denoising pretraining, or call the model with "
+                "segment_ids and num_segments"
+            )
         if self.dual:
             return self(
                 batch["inputs"], batch["mask"], batch["inputs2"], batch["mask2"], deterministic

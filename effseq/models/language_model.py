@@ -21,6 +21,11 @@ class LanguageModel(nn.Module):
     then ``decode_step(tokens_t, cache)`` per token; S4D, Mamba and GLA keep a fixed-size
     state, attention a KV cache, SGConv the input window its kernel reaches. A backbone's
     ``short_conv`` keeps its last inputs in the decoding state too.
+
+    Packed rows: ``segment_ids`` (b, t) int (:mod:`effseq.ops.segments`: a changed id starts a
+    document, 0 is padding) makes every document's logits, and their gradients, those of the
+    document run alone: no state, convolution tap or attention weight crosses a start, and
+    rotary positions restart.
     """
 
     backbone: Backbone
@@ -63,23 +68,31 @@ class LanguageModel(nn.Module):
     def _embed(self, tokens):
         return jnp.take(self.embed, tokens, axis=0).astype(self.backbone.dtype)
 
-    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-        return self._logits(self.stack(self._embed(tokens), None, deterministic))
+    def __call__(
+        self, tokens: jax.Array, deterministic: bool = True, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """tokens (b, t) int32 -> logits (b, t, vocab) float32; ``segment_ids`` (b, t) int or
+        None: packed documents (0 = padding)."""
+        x = self.stack(self._embed(tokens), None, deterministic, segment_ids)
+        return self._logits(x)
 
     def forward(self, batch, deterministic: bool = True) -> jax.Array:
         """The trainer's call, the same for every model: a batch dict (``inputs`` (b, t)
-        tokens) -> logits (b, t, vocab) float32."""
-        return self(batch["inputs"], deterministic)
+        tokens, optionally ``segment_ids`` (b, t) of packed rows) -> logits (b, t, vocab)
+        float32."""
+        return self(batch["inputs"], deterministic, batch.get("segment_ids"))
 
     def init_cache(self, batch: int, max_len: int):
         """Decoding state of every layer, stacked along the scanned layer axis."""
         return self.stack.init_state(batch, max_len)
 
-    def prefill(self, tokens: jax.Array, max_len: int):
+    def prefill(self, tokens: jax.Array, max_len: int, segment_ids: jax.Array | None = None):
         """A prompt tokens (b, t) in parallel -> (logits (b, t, vocab), cache): the cache
         ``decode_step`` continues from, as if the prompt had been decoded token by token, with
-        room for max_len tokens in all."""
-        x, cache = self.stack.prefill(self._embed(tokens), max_len)
+        room for max_len tokens in all. With ``segment_ids`` (packed or right-padded prompts,
+        0 = padding) the cache continues each row's last document as if it had been decoded
+        alone."""
+        x, cache = self.stack.prefill(self._embed(tokens), max_len, segment_ids)
         return self._logits(x), cache
 
     def decode_step(self, tokens_t: jax.Array, cache):

@@ -27,9 +27,9 @@ class _Group(nn.Module):
             for i, m in enumerate(self.backbone.mixer)
         ]
 
-    def __call__(self, x, mask, deterministic):
+    def __call__(self, x, mask, segment_ids, deterministic):
         for blk in self.blocks:
-            x = blk(x, mask, deterministic)
+            x = blk(x, mask, deterministic, segment_ids)
         return x, None
 
     def step(self, x_t, states):
@@ -42,10 +42,10 @@ class _Group(nn.Module):
     def init_state(self, carry, batch, max_len):
         return carry, tuple(blk.init_state(batch, max_len) for blk in self.blocks)
 
-    def prefill(self, x, max_len):
+    def prefill(self, x, max_len, segment_ids):
         states = []
         for blk in self.blocks:
-            x, state = blk.prefill(x, max_len)
+            x, state = blk.prefill(x, max_len, segment_ids)
             states.append(state)
         return x, tuple(states)
 
@@ -67,22 +67,25 @@ class Stack(nn.Module):
             unroll=length if length <= UNROLL_UP_TO else 1,
             metadata_params={nn.PARTITION_NAME: sharding.LAYERS},
         )
-        target = nn.remat(_Group, static_argnums=(3,)) if self.backbone.remat else _Group
+        # static_argnums counts self: (self, x, mask, segment_ids, deterministic).
+        target = nn.remat(_Group, static_argnums=(4,)) if self.backbone.remat else _Group
         scanned = nn.scan(
             target,
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             **scan,
             methods={
-                "__call__": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
+                "__call__": dict(in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), **scan),
                 "step": dict(in_axes=0, **scan),
                 "init_state": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
-                "prefill": dict(in_axes=(nn.broadcast,), **scan),
+                "prefill": dict(in_axes=(nn.broadcast, nn.broadcast), **scan),
             },
         )
         self.groups = scanned(self.backbone, name="layers")
 
-    def __call__(self, x, mask=None, deterministic: bool = True):
-        return self.groups(x, mask, deterministic)[0]
+    def __call__(self, x, mask=None, deterministic: bool = True, segment_ids=None):
+        """x (b, t, d); mask (b, t) bool or None; segment_ids (b, t) int or None (packed
+        documents, :mod:`effseq.ops.segments`)."""
+        return self.groups(x, mask, segment_ids, deterministic)[0]
 
     def init_state(self, batch: int, max_len: int):
         return self.groups.init_state(None, batch, max_len)[1]
@@ -90,6 +93,7 @@ class Stack(nn.Module):
     def step(self, x_t, states):
         return self.groups.step(x_t, states)
 
-    def prefill(self, x, max_len: int):
-        """A prompt x (b, t, d) in parallel -> (y, every layer's decoding state after it)."""
-        return self.groups.prefill(x, max_len)
+    def prefill(self, x, max_len: int, segment_ids=None):
+        """A prompt x (b, t, d) in parallel -> (y, every layer's decoding state after it);
+        with ``segment_ids``, the states of each row's last document."""
+        return self.groups.prefill(x, max_len, segment_ids)
