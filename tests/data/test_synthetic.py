@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,109 @@ def test_info_and_option_errors():
         load_task("synthetic/selective_copy", "train", num_kv_pairs=3)
     with pytest.raises(ValueError, match="option seq_len must be an integer"):
         task_info("synthetic/induction_heads", seq_len=2.5)
+
+
+def _digest(name, **options) -> str:
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        ds = load_task(name, split, **options)
+        for i in (0, 1, 255, 256, 700):
+            if i < len(ds):
+                ex = ds[i]
+                for k in sorted(ex):
+                    h.update(k.encode())
+                    h.update(np.ascontiguousarray(ex[k]).tobytes())
+                    h.update(str(ex[k].dtype).encode())
+    return h.hexdigest()[:8]
+
+
+# Recorded before the min_len / length_dist options existed: the defaults generate the same
+# examples bit for bit.
+@pytest.mark.parametrize(
+    "name, options, digest",
+    [
+        ("synthetic/mqar", {}, "d622eaa1"),
+        ("synthetic/mqar", dict(seq_len=64, vocab_size=64, num_kv_pairs=4, seed=3), "4faa68c8"),
+        ("synthetic/selective_copy", {}, "cc4751d2"),
+        ("synthetic/selective_copy", dict(seq_len=40, num_tokens=5, seed=2), "a68fdc88"),
+        ("synthetic/induction_heads", {}, "09037cdf"),
+        ("synthetic/induction_heads", dict(seq_len=17, vocab_size=5, seed=1), "2189a1b2"),
+    ],
+)
+def test_default_lengths_unchanged_bit_for_bit(name, options, digest):
+    assert _digest(name, **options) == digest
+
+
+def _lengths_ok(ds, seq_len, min_len):
+    lengths = []
+    for e in ds:
+        n = int(e["mask"].sum())
+        assert min_len <= n <= seq_len and e["mask"][:n].all()
+        assert (e["inputs"][n:] == 0).all() and (e["label"][n:] == 0).all()
+        assert (e["weights"][n:] == 0).all() and (e["inputs"][:n] != 0).all()
+        lengths.append(n)
+    assert len(set(lengths)) > 5  # they vary
+    return lengths
+
+
+@pytest.mark.parametrize("dist", ["uniform", "log_uniform"])
+def test_mqar_variable_lengths(dist):
+    pairs = 4
+    ds = load_task(
+        "synthetic/mqar",
+        "train",
+        seq_len=64,
+        vocab_size=40,
+        num_kv_pairs=pairs,
+        min_len=16,
+        length_dist=dist,
+        num_examples=60,
+    )
+    lengths = _lengths_ok(ds, 64, 16)
+    for e, n in zip(ds, lengths, strict=True):
+        x, y, w = e["inputs"], e["label"], e["weights"]
+        table = dict(zip(x[0 : 2 * pairs : 2].tolist(), x[1 : 2 * pairs : 2].tolist(), strict=True))
+        scored = np.flatnonzero(w)
+        assert len(scored) == pairs and (scored >= 2 * pairs).all() and (scored < n).all()
+        assert sorted(x[scored].tolist()) == sorted(table)
+        assert all(y[p] == table[int(x[p])] for p in scored)
+    if dist == "log_uniform":  # a long tail: most documents in the lower half of the range
+        assert np.median(lengths) < 40
+
+
+def test_selective_copy_and_induction_variable_lengths():
+    k = 5
+    copy = load_task(
+        "synthetic/selective_copy",
+        "train",
+        seq_len=40,
+        vocab_size=12,
+        num_tokens=k,
+        min_len=10,
+        num_examples=60,
+    )
+    for e, n in zip(copy, _lengths_ok(copy, 40, 10), strict=True):
+        x, y, w = e["inputs"], e["label"], e["weights"]
+        region = n - k
+        data = x[:region][x[:region] != 1]
+        assert len(data) == k and (data >= 3).all()
+        assert (x[region:n] == 2).all()
+        np.testing.assert_array_equal(y[region:n], data)
+        assert w[region:n].all() and w.sum() == k
+    induction = load_task(
+        "synthetic/induction_heads", "train", seq_len=30, vocab_size=8, min_len=3, num_examples=60
+    )
+    for e, n in zip(induction, _lengths_ok(induction, 30, 3), strict=True):
+        x, y, w = e["inputs"], e["label"], e["weights"]
+        triggers = np.flatnonzero(x == 1)
+        assert len(triggers) == 2 and triggers[1] == n - 1
+        assert y[n - 1] == x[triggers[0] + 1] and w[n - 1] == 1.0 and w.sum() == 1.0
+
+
+def test_length_option_errors():
+    with pytest.raises(ValueError, match=r"min_len=10 must be 0 .* \[16, seq_len=64\]"):
+        task_info("synthetic/mqar", seq_len=64, num_kv_pairs=4, min_len=10)
+    with pytest.raises(ValueError, match="min_len=50 must be 0"):
+        task_info("synthetic/selective_copy", seq_len=40, num_tokens=5, min_len=50)
+    with pytest.raises(ValueError, match="length_dist must be one of"):
+        load_task("synthetic/induction_heads", "train", min_len=4, length_dist="zipf")

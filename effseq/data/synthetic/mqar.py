@@ -10,6 +10,11 @@ filler token and are not scored.
 Ids: 0 padding (unused: sequences are full length), 1 the filler, keys
 [2, 2 + (vocab_size - 2) // 2), values the rest up to vocab_size - 1. Zoology uses 0 as its
 filler; it is shifted here because id 0 means padding in effseq.
+
+Variable lengths (``min_len`` > 0, ``length_dist``; :mod:`effseq.data.synthetic.source`): an
+example of length n has the same pairs, and its queries drawn over its own query region
+(n - 2 * num_kv_pairs positions), so min_len >= 4 * num_kv_pairs. Default 0: every example
+``seq_len`` long, exactly as without the option.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ DEFAULTS = {
     "vocab_size": 8192,
     "num_kv_pairs": 16,
     "power_a": 0.01,
+    **source.LENGTH_DEFAULTS,
     **source.COMMON_DEFAULTS,
 }
 
 
-def _check(seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float) -> None:
+def _check(
+    seq_len: int,
+    vocab_size: int,
+    num_kv_pairs: int,
+    power_a: float,
+    min_len: int = 0,
+    length_dist: str = "uniform",
+) -> None:
     base.check_int("seq_len", seq_len, 4)
     base.check_int("vocab_size", vocab_size, 4)
     base.check_int("num_kv_pairs", num_kv_pairs)
@@ -46,15 +59,41 @@ def _check(seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float) -> 
         )
     if not power_a > 0:
         raise ValueError(f"option power_a must be > 0, got {power_a!r}")
+    source.check_lengths(
+        seq_len, min_len, length_dist, 4 * num_kv_pairs, f"num_kv_pairs={num_kv_pairs}"
+    )
 
 
-def info(seq_len, vocab_size, num_kv_pairs, power_a, num_examples, num_eval_examples, seed):
-    _check(seq_len, vocab_size, num_kv_pairs, power_a)
+def info(
+    seq_len,
+    vocab_size,
+    num_kv_pairs,
+    power_a,
+    min_len,
+    length_dist,
+    num_examples,
+    num_eval_examples,
+    seed,
+):
+    _check(seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist)
     return base.TaskInfo(NAME, vocab_size, None, vocab_size, seq_len, sequence_labels=True)
 
 
-def make(rng: np.random.Generator, count, seq_len, vocab_size, num_kv_pairs, power_a):
+def make(
+    rng: np.random.Generator,
+    count,
+    seq_len,
+    vocab_size,
+    num_kv_pairs,
+    power_a,
+    min_len=0,
+    length_dist="uniform",
+):
     """``count`` examples at once."""
+    if min_len:
+        return _make_varied(
+            rng, count, seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist
+        )
     num_keys = (vocab_size - 2) // 2
     keys = source.distinct(rng, count, num_keys, num_kv_pairs) + 2
     values = source.distinct(rng, count, vocab_size - 2 - num_keys, num_kv_pairs) + 2 + num_keys
@@ -75,6 +114,29 @@ def make(rng: np.random.Generator, count, seq_len, vocab_size, num_kv_pairs, pow
     return source.labelled(inputs, label, weights)
 
 
+def _make_varied(rng, count, seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist):
+    """``make`` with lengths drawn from [min_len, seq_len] (each its own query region)."""
+    lengths = source.draw_lengths(rng, count, seq_len, min_len, length_dist)
+    num_keys = (vocab_size - 2) // 2
+    keys = source.distinct(rng, count, num_keys, num_kv_pairs) + 2
+    values = source.distinct(rng, count, vocab_size - 2 - num_keys, num_kv_pairs) + 2 + num_keys
+    context = 2 * num_kv_pairs
+    inputs = np.full((count, seq_len), FILLER, np.int64)
+    label = np.zeros((count, seq_len), np.int64)
+    weights = np.zeros((count, seq_len))
+    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
+    space = (seq_len - context) // 2
+    log_p = (power_a - 1) * np.log(np.arange(1, space + 1, dtype=np.float64))
+    noisy = log_p + rng.gumbel(size=(count, space))
+    # Gaps beyond a row's own query region are never drawn (>= num_kv_pairs remain).
+    noisy[np.arange(space)[None, :] >= ((lengths - context) // 2)[:, None]] = -np.inf
+    gaps = np.argsort(-noisy, axis=1)[:, :num_kv_pairs]
+    rows = np.arange(count)[:, None]
+    positions = context + 2 * gaps
+    inputs[rows, positions], label[rows, positions], weights[rows, positions] = keys, values, 1.0
+    return source.pad_after(source.labelled(inputs, label, weights), lengths)
+
+
 def load(
     split,
     data_dir,
@@ -82,12 +144,14 @@ def load(
     vocab_size,
     num_kv_pairs,
     power_a,
+    min_len,
+    length_dist,
     num_examples,
     num_eval_examples,
     seed,
 ):
     del data_dir  # generated, no files
-    _check(seq_len, vocab_size, num_kv_pairs, power_a)
+    _check(seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist)
     return source.dataset(
         make,
         split,
@@ -98,4 +162,5 @@ def load(
         vocab_size=vocab_size,
         num_kv_pairs=num_kv_pairs,
         power_a=power_a,
+        **({"min_len": min_len, "length_dist": length_dist} if min_len else {}),
     )

@@ -1,4 +1,13 @@
-"""Deterministic per-index generation shared by the synthetic tasks."""
+"""Deterministic per-index generation shared by the synthetic tasks.
+
+Variable lengths (for packing, :mod:`effseq.data.packing`): the sequence tasks take
+``min_len`` (default 0: every example is ``seq_len`` long, as without the option) and
+``length_dist``. With ``min_len`` > 0 each example's length n is drawn from
+[min_len, seq_len]: ``"uniform"`` (every length equally likely) or ``"log_uniform"`` (log n
+uniform: a long tail of short documents and few long ones). The example is then the task's
+structure laid out over its first n positions; positions n..seq_len-1 are padding (id 0,
+``mask`` False, ``label`` 0, ``weights`` 0).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +62,37 @@ class SyntheticSource:
 
 
 COMMON_DEFAULTS = {"num_examples": 100_000, "num_eval_examples": 1_000, "seed": 0}
+LENGTH_DEFAULTS = {"min_len": 0, "length_dist": "uniform"}
+LENGTH_DISTS = ("uniform", "log_uniform")
+
+
+def check_lengths(seq_len: int, min_len, length_dist, least: int, why: str) -> None:
+    """``min_len`` 0 or in [least, seq_len] (``why`` says what needs ``least`` positions);
+    ``length_dist`` one of :data:`LENGTH_DISTS`."""
+    base.check_int("min_len", min_len, 0)
+    if min_len and not least <= min_len <= seq_len:
+        raise ValueError(
+            f"option min_len={min_len} must be 0 (every example seq_len long) or in "
+            f"[{least}, seq_len={seq_len}] ({why})"
+        )
+    if length_dist not in LENGTH_DISTS:
+        raise ValueError(f"option length_dist must be one of {LENGTH_DISTS}, got {length_dist!r}")
+
+
+def draw_lengths(rng: np.random.Generator, count: int, seq_len: int, min_len: int, dist: str):
+    """(count,) int64 example lengths in [min_len, seq_len] (see the module docstring)."""
+    if dist == "uniform":
+        return rng.integers(min_len, seq_len + 1, count)
+    u = rng.uniform(np.log(min_len), np.log(seq_len + 1), count)
+    return np.clip(np.floor(np.exp(u)).astype(np.int64), min_len, seq_len)
+
+
+def pad_after(example: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The (count, t) examples with every position at or after each row's length made
+    padding: 0 in every array, ``mask`` False."""
+    t = example["inputs"].shape[1]
+    real = np.arange(t)[None, :] < lengths[:, None]
+    return {k: np.where(real, v, np.zeros((), v.dtype)) for k, v in example.items()}
 
 
 def dataset(make, split: str, num_examples: int, num_eval_examples: int, seed: int, **params):
