@@ -1,4 +1,9 @@
-"""Global batches for the trainer: shuffled, repeated, split over processes, checkpointable."""
+"""Global batches for the trainer: shuffled, repeated, split over processes, checkpointable.
+
+``batches(..., pack=True)`` packs documents of varying length into the rows instead of one
+example per row (training streams of token tasks; :mod:`effseq.data.packing` describes the
+packing, its ``segment_ids`` and its resumable position).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import weakref
 import grain
 import numpy as np
 
-from effseq.data import base
+from effseq.data import base, packing
 
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
@@ -100,6 +105,7 @@ def batches(
     process_index: int = 0,
     process_count: int = 1,
     read_options: grain.ReadOptions | None = None,
+    pack: bool = False,
 ) -> grain.DatasetIterator:
     """Iterator over this process's rows of each global batch of ``dataset``.
 
@@ -117,6 +123,11 @@ def batches(
 
     The returned ``grain.DatasetIterator``'s ``get_state()`` / ``set_state()`` record and
     restore the position exactly.
+
+    ``pack=True`` (training: ``num_epochs=None`` only) packs the same document stream
+    first-fit into the rows (:mod:`effseq.data.packing`): per-position keys packed with zero
+    padding, per-example keys dropped, ``segment_ids`` int32 (b, t) added (1, 2, ... per
+    document in a row, 0 on padding). Examples need a ``mask`` with their real tokens first.
     """
     if (
         isinstance(global_batch_size, bool)
@@ -161,6 +172,8 @@ def batches(
     local = global_batch_size // process_count
     offset = process_index * local
     rows = _rows(dataset)
+    if pack:
+        return _packed(dataset, stream, rows, num_epochs, global_batch_size, offset, local)
 
     def make_batch(i: int) -> dict[str, np.ndarray]:
         start = i * global_batch_size + offset
@@ -179,3 +192,17 @@ def batches(
         .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
     )
     return iter(iter_ds)
+
+
+def _packed(dataset, stream, rows, num_epochs, global_batch_size, offset, local):
+    if num_epochs is not None:
+        raise ValueError("pack=True packs a training stream: it needs num_epochs=None")
+    first = dataset[0]
+    if "mask" not in first or np.ndim(first["mask"]) != 1:
+        raise ValueError(
+            "pack=True needs examples with a per-position `mask` (token tasks); these have "
+            f"keys {sorted(first)}"
+        )
+    length = int(np.shape(first["mask"])[0])
+    keys = packing.packable_keys(first, length)
+    return packing.PackedIterator(stream, rows.take, keys, length, global_batch_size, offset, local)
