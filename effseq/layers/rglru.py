@@ -20,7 +20,8 @@ BlockDiag(u) splits u into h blocks and applies to each its own (e/h, e/h) matri
 The first token: the official code resets the recurrence where ``segment_pos == 0``, dropping
 the previous state and leaving the input unscaled by sqrt(1 - a^2). A sequence here always
 starts at position 0, so h_0 = i_0 * u_0; ``step`` applies the same rule to the first token
-after ``init_state`` (the state counts tokens).
+after ``init_state`` (the state counts tokens). Packed rows (``segment_ids``) apply it at every
+document start, where the official code's ``segment_pos`` is 0 too.
 
 Numerics: the gates, a and the recurrence are float32 whatever the compute dtype; 1 - a^2 is
 -expm1(2 log a) (no cancellation as a -> 1), and its square root has its gradient bounded at
@@ -51,8 +52,10 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.masking import zero_padding
+from effseq.layers.mamba import short_conv
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
+from effseq.ops import segments
 from effseq.typing import Array
 
 __all__ = ["RGLRU", "a_param_init", "sqrt_bounded_grad"]
@@ -210,24 +213,35 @@ class RGLRU(Mixer):
         out = ops.dense(h.astype(cd) * y, self.linear_out.astype(cd))
         return out + self.linear_out_bias.astype(cd)
 
-    def _forward(self, x: Array, mask: Array | None) -> tuple[Array, Array, Array]:
-        """x (b, t, d) -> (out (b, t, d), conv input (b, t, e), final RG-LRU state (b, e))."""
+    def _forward(
+        self, x: Array, mask: Array | None, seg: Array | None = None
+    ) -> tuple[Array, Array, Array]:
+        """x (b, t, d) -> (out (b, t, d), conv input (b, t, e), final RG-LRU state (b, e)).
+        ``seg``: the ops' segment ids (None: one document per row)."""
         cd = self.dtype
         x_in, y = self._branches(zero_padding(x, mask))
-        u = ops.causal_conv(x_in, self.conv_kernel.astype(cd), impl="direct")
+        u = short_conv(x_in, self.conv_kernel.astype(cd), seg)
         u = u + self.conv_bias.astype(cd)
         first = (jnp.arange(x.shape[1]) == 0)[None]
+        if seg is not None:
+            # The first-token rule at every document start (a = 0 there already resets h).
+            first = first | segments.document_starts(seg)
         a, b = self._rg_lru_inputs(u, first)
         # Padded steps leave the state as it is: a = 1 and nothing added.
         if mask is not None:
             a = jnp.where(mask[..., None], a, 1.0)
             b = zero_padding(b, mask)
-        h, h_last = ops.linear_scan(a, b)
+        packed = {} if seg is None else dict(segment_ids=seg)
+        h, h_last = ops.linear_scan(a, b, **packed)
         return self._output(h, y), x_in, h_last
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
-        return self._forward(x, mask)[0]
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None (packed
+        documents, 0 = padding) -> (b, t, d) in the compute dtype."""
+        mask, seg = packing("RGLRU", x, mask, segment_ids)
+        return self._forward(x, mask, seg)[0]
 
     def init_state(self, batch: int, max_len: int) -> dict:
         """Decoding state before any token, whatever ``max_len``: the last ``conv_width - 1``
@@ -241,13 +255,28 @@ class RGLRU(Mixer):
             index=jnp.zeros((), jnp.int32),
         )
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, dict]:
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, dict]:
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the state ``step`` continues
-        from, as if the t tokens had been stepped one by one)."""
+        from, as if the t tokens had been stepped one by one).
+
+        With ``segment_ids`` (packed documents, 0 = padding), the state of each row's last
+        document as if it alone had been stepped (trailing padding skipped); ``index`` is then
+        per row, (b,) int32: the number of that document's tokens (0 for a row of padding)."""
         self.check_causal("prefill")
         del max_len
-        y, x_in, h = self._forward(x, None)
+        mask, seg = packing("RGLRU.prefill", x, None, segment_ids)
+        y, x_in, h = self._forward(x, mask, seg)
         w = self.conv_width - 1
+        if segment_ids is not None:
+            t = x.shape[1]
+            last = jnp.max(jnp.where(mask, jnp.arange(t, dtype=jnp.int32), -1), axis=1)
+            pos = segments.positions(seg)
+            pos_last = jnp.take_along_axis(pos, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+            index = jnp.where(last >= 0, pos_last + 1, 0).astype(jnp.int32)
+            window = segments.last_window(x_in, w, segment_ids)
+            return y, dict(conv=window, rnn=h, index=index)
         # Prompts shorter than the conv window leave zeros in front, as init_state does.
         padded = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
         window = padded[:, padded.shape[1] - w :]

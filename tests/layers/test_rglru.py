@@ -11,6 +11,7 @@ from effseq.convert import mixer_params
 from effseq.layers import params
 from effseq.layers.rglru import RGLRU, sqrt_bounded_grad
 from tests.layers.protocol import abstract_init, assert_causal, init, run_steps
+from tests.layers.test_mamba import assert_packed_equals_alone, assert_packed_prefill_continues
 from tests.tolerances import assert_close
 
 D_MODEL = 16
@@ -219,3 +220,45 @@ def test_converter_errors_name_the_key():
         mixer_params("rglru", sd, d_model=8, num_heads=4)  # blocks of 2, not 4
     with pytest.raises(ValueError, match=r"keys 'extra' have no place"):
         mixer_params("rglru", {**sd, "extra": np.zeros(1, np.float32)}, **options)
+
+
+# -- packed sequences (segment_ids) -----------------------------------------------------------
+
+
+def test_packed_equals_documents_alone():
+    module = _module(conv_width=4)
+    variables, _ = init(module, t=15)
+    assert_packed_equals_alone(module, variables)
+
+
+def test_packed_prefill_then_step_and_index():
+    module = _module(conv_width=4)
+    variables, _ = init(module, t=15)
+    state = assert_packed_prefill_continues(module, variables)
+    # The prefill's position counter is per row: the last document's length (2 and 7 tokens).
+    np.testing.assert_array_equal(np.asarray(state["index"]), [2, 7])
+    # A row of padding only: nothing seen, so the next token is a first token.
+    x = jax.random.normal(jax.random.key(2), (1, 4, D_MODEL))
+    prefill = partial(module.apply, method="prefill", segment_ids=jnp.zeros((1, 4), jnp.int32))
+    _, state = jax.jit(prefill, static_argnums=2)(variables, x, 4)
+    np.testing.assert_array_equal(np.asarray(state["index"]), [0])
+    assert not np.any(np.asarray(state["rnn"])) and not np.any(np.asarray(state["conv"]))
+
+
+def test_first_token_rule_at_every_document_start():
+    # At a document start the recurrence restarts as at position 0: h = i * u, neither decayed
+    # nor scaled by sqrt(1 - a^2). Documents of 1, 3 and 2 tokens with identical inputs give
+    # identical outputs at each start, equal to position 0's.
+    module = _module(conv_width=2)
+    variables, _ = init(module, t=6)
+    x_t = jax.random.normal(jax.random.key(4), (1, 1, D_MODEL))
+    x = jnp.concatenate(
+        [x_t, x_t, jax.random.normal(jax.random.key(5), (1, 2, D_MODEL)), x_t, x_t * 0.5], 1
+    )
+    ids = jnp.asarray([[1, 2, 2, 2, 3, 3]])
+    y = jax.jit(partial(module.apply, segment_ids=ids))(variables, x)
+    for start in (1, 4):
+        assert_close(y[:, start], y[:, 0], "float32", "value")
+    # Without the reset the second start differs (its state and the sqrt(1 - a^2) scale).
+    y_one = jax.jit(module.apply)(variables, x)
+    assert not np.allclose(np.asarray(y_one[:, 4]), np.asarray(y[:, 0]), rtol=1e-3, atol=1e-3)
