@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks
+from effseq.ops import _checks, segments
 from effseq.ops._impl import resolve_impl
 from effseq.ops.scan import linear_scan_time_major
 from effseq.typing import Array
@@ -165,24 +165,32 @@ def selective_scan_reference(
     D: Array | None = None,
     *,
     h0: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Slow reference: a plain per-step ``lax.scan`` over time in float32, plain autodiff.
 
     Same arguments and results as :func:`selective_scan`. Autodiff stores every step's
     residuals, O(t·b·d·n) memory; this is the baseline the fast path is measured against.
+    With ``segment_ids`` the state is zeroed before each document start's step.
     """
     op = "selective_scan_reference"
     _validate(op, u, delta, A, B, C, D, h0)
-    b, _, d = u.shape
+    b, t, d = u.shape
     n = A.shape[1]
     A32 = _f32(A)
     h = jnp.zeros((b, d, n), jnp.float32) if h0 is None else _f32(h0)
+    if segment_ids is None:
+        starts = jnp.zeros((t, b), bool)
+    else:
+        segments.check_segment_ids(op, segment_ids, b, t)
+        starts = jnp.moveaxis(segments.document_starts(segment_ids), 1, 0)
 
     def step(h, xs):
-        u_t, delta_t, B_t, C_t = xs
+        u_t, delta_t, B_t, C_t, start_t = xs
+        h = jnp.where(start_t[:, None, None], 0.0, h)
         return _step(h, u_t, delta_t, A32, B_t, C_t)
 
-    xs = tuple(jnp.moveaxis(_f32(x), 1, 0) for x in (u, delta, B, C))
+    xs = (*(jnp.moveaxis(_f32(x), 1, 0) for x in (u, delta, B, C)), starts)
     h_last, ys = jax.lax.scan(step, h, xs)
     y = jnp.moveaxis(ys, 0, 1)
     if D is not None:
@@ -210,17 +218,24 @@ def _put_chunk(buf, x, i, chunk_size):
     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.moveaxis(x, 0, 1), i * chunk_size, axis=1)
 
 
-def _chunk_states(h, u, delta, A, B, scan_impl):
-    """States of one chunk: u, delta (c, b, d); B (c, b, n); h (b, d, n) the start state.
+def _chunk_states(h, u, delta, A, B, scan_impl, keep=None):
+    """States of one chunk: u, delta (c, b, d); B (c, b, n); h (b, d, n) the start state;
+    ``keep`` (c, b) float32, 0 where a document starts (its decay becomes 0), or None.
 
     Returns the decays exp(delta·A), the inputs (delta·u)·B and the states, each (c, b, d, n).
     """
     decay = jnp.exp(delta[..., None] * A)
+    if keep is not None:
+        decay = decay * keep[:, :, None, None]
     inp = (delta * u)[..., None] * B[:, :, None, :]
     return decay, inp, linear_scan_time_major(decay, inp, h, scan_impl)
 
 
-def _chunked_forward(u, delta, A, B, C, h0, chunk_size, scan_impl, keep_starts):
+def _keep_chunk(keep, i, chunk_size):
+    return None if keep is None else _chunk(keep, i, chunk_size)
+
+
+def _chunked_forward(u, delta, A, B, C, h0, keep, chunk_size, scan_impl, keep_starts):
     """Loop over chunks: u, delta (b, t, d); B, C (b, t, n); h0 (b, d, n); t a multiple of c.
 
     The (b, t, ·) arrays stay batch-major and are sliced chunk by chunk, and y is written into
@@ -231,7 +246,13 @@ def _chunked_forward(u, delta, A, B, C, h0, chunk_size, scan_impl, keep_starts):
         h, y = carry
         B_c, C_c = _chunk(B, i, chunk_size), _chunk(C, i, chunk_size)
         _, _, hs = _chunk_states(
-            h, _chunk(u, i, chunk_size), _chunk(delta, i, chunk_size), A, B_c, scan_impl
+            h,
+            _chunk(u, i, chunk_size),
+            _chunk(delta, i, chunk_size),
+            A,
+            B_c,
+            scan_impl,
+            _keep_chunk(keep, i, chunk_size),
         )
         y = _put_chunk(y, _contract("cbdn,cbn->cbd", hs, C_c), i, chunk_size)
         return (hs[-1], y), h if keep_starts else None
@@ -241,22 +262,28 @@ def _chunked_forward(u, delta, A, B, C, h0, chunk_size, scan_impl, keep_starts):
     return y, h_last, h_starts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _chunked_scan(u, delta, A, B, C, h0, chunk_size, scan_impl):
-    """The chunked scan without the skip term, float32: see :func:`_chunked_forward`."""
-    y, h_last, _ = _chunked_forward(u, delta, A, B, C, h0, chunk_size, scan_impl, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _chunked_scan(u, delta, A, B, C, h0, keep, chunk_size, scan_impl):
+    """The chunked scan without the skip term, float32: see :func:`_chunked_forward`.
+
+    ``keep`` (b, t) float32 is 0 at document starts (None: no resets); it is a constant (its
+    cotangent is zero). Zeroing a start's decay is exact for this multiplicative recurrence,
+    and the backward pass below needs nothing more: the adjoint recurrence uses the same
+    zeroed decays, so no gradient crosses a start, and a start's decay gradient
+    g ⊙ (x - input) is zero because x = input there."""
+    y, h_last, _ = _chunked_forward(u, delta, A, B, C, h0, keep, chunk_size, scan_impl, False)
     return y, h_last
 
 
-def _chunked_scan_fwd(u, delta, A, B, C, h0, chunk_size, scan_impl):
-    y, h_last, h_starts = _chunked_forward(u, delta, A, B, C, h0, chunk_size, scan_impl, True)
-    return (y, h_last), (u, delta, A, B, C, h_starts)
+def _chunked_scan_fwd(u, delta, A, B, C, h0, keep, chunk_size, scan_impl):
+    y, h_last, h_starts = _chunked_forward(u, delta, A, B, C, h0, keep, chunk_size, scan_impl, True)
+    return (y, h_last), (u, delta, A, B, C, keep, h_starts)
 
 
 def _chunked_scan_bwd(chunk_size, scan_impl, res, cts):
     """Walks the chunks backwards: recompute the states from the chunk's start state, run the
     adjoint recurrence, then form every input's gradient with whole-chunk array ops."""
-    u, delta, A, B, C, h_starts = res
+    u, delta, A, B, C, keep, h_starts = res
     g_y, g_last = cts
 
     def body(carry, i):
@@ -265,7 +292,9 @@ def _chunked_scan_bwd(chunk_size, scan_impl, res, cts):
         u_c, delta_c = _chunk(u, i, chunk_size), _chunk(delta, i, chunk_size)
         B_c, C_c = _chunk(B, i, chunk_size), _chunk(C, i, chunk_size)
         g_y_c = _chunk(g_y, i, chunk_size)
-        decay, inp, hs = _chunk_states(h_starts[i], u_c, delta_c, A, B_c, scan_impl)
+        decay, inp, hs = _chunk_states(
+            h_starts[i], u_c, delta_c, A, B_c, scan_impl, _keep_chunk(keep, i, chunk_size)
+        )
         # Adjoint recurrence g_k = C_k g_y_k + exp(delta_{k+1} A) g_{k+1}: the decay that
         # multiplies g_{k+1} is the next step's, and the chunk's last step sees g_next directly.
         decay_next = jnp.concatenate([decay[1:], jnp.ones_like(decay[:1])], axis=0)
@@ -289,7 +318,8 @@ def _chunked_scan_bwd(chunk_size, scan_impl, res, cts):
     (g_h0, g_A, g_u, g_delta, g_B, g_C), _ = jax.lax.scan(
         body, init, jnp.arange(u.shape[1] // chunk_size), reverse=True
     )
-    return g_u, g_delta, g_A, g_B, g_C, g_h0
+    g_keep = None if keep is None else jnp.zeros_like(keep)
+    return g_u, g_delta, g_A, g_B, g_C, g_h0, g_keep
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
@@ -320,7 +350,7 @@ def default_chunk_size(b: int, d: int, n: int) -> int:
     return int(min(max(2 ** round(math.log2(target)), lo), hi))
 
 
-def _selective_scan_chunked(u, delta, A, B, C, h0, chunk_size):
+def _selective_scan_chunked(u, delta, A, B, C, h0, chunk_size, keep=None):
     t = u.shape[1]
     # A chunk longer than the sequence would only add padded steps.
     chunk_size = min(chunk_size, t)
@@ -329,15 +359,21 @@ def _selective_scan_chunked(u, delta, A, B, C, h0, chunk_size):
     pad = -t % chunk_size
     if pad:
         u, delta, B, C = (jnp.pad(x, [(0, 0), (0, pad), (0, 0)]) for x in (u, delta, B, C))
-    y, h_last = _chunked_scan(u, delta, A, B, C, h0, chunk_size, resolve_impl("linear_scan", None))
+        if keep is not None:
+            keep = jnp.pad(keep, [(0, 0), (0, pad)], constant_values=1.0)
+    y, h_last = _chunked_scan(
+        u, delta, A, B, C, h0, keep, chunk_size, resolve_impl("linear_scan", None)
+    )
     return y[:, :t], h_last
 
 
-def _selective_scan_associative(u, delta, A, B, C, h0):
+def _selective_scan_associative(u, delta, A, B, C, h0, keep=None):
     # Time-major from the start, so only the small (b, t, ·) arrays are ever transposed.
     u, delta, B, C = (jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C))
+    if keep is not None:
+        keep = jnp.moveaxis(keep, 1, 0)
     # The whole sequence as one chunk.
-    _, _, hs = _chunk_states(h0, u, delta, A, B, "associative")
+    _, _, hs = _chunk_states(h0, u, delta, A, B, "associative", keep)
     y = _contract("tbdn,tbn->tbd", hs, C)
     return jnp.moveaxis(y, 0, 1), hs[-1]
 
@@ -353,6 +389,7 @@ def selective_scan(
     h0: Array | None = None,
     impl: str | None = None,
     chunk_size: int | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Mamba's selective scan (S6), Gu & Dao 2023, Algorithm 2 / eq. (2a)-(2b).
 
@@ -370,13 +407,18 @@ def selective_scan(
       impl: ``"chunked"`` or ``"associative"``; None picks the default (``"chunked"``).
       chunk_size: steps per chunk of the chunked path (a positive int; ignored otherwise), or
         None for :func:`default_chunk_size` (8 to 64 on CPU, sized to the cache; 64 elsewhere).
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
+        None. The state is zero before each document start's update (its decay
+        exp(delta A) is taken as 0, exact for this multiplicative recurrence; it gets zero
+        gradient); ``h0`` feeds each row's first document, ``h_last`` is its last one's. Both
+        impls stay chunked / associative on packed rows.
 
     Returns:
       ``(y, h_last)``: y (b, t, d) in ``u``'s dtype and the final state (b, d, n) in float32.
 
     Raises:
-      ValueError: wrong ranks, dimensions that disagree, complex inputs, a bad ``chunk_size``
-        or an unknown ``impl``.
+      ValueError: wrong ranks, dimensions that disagree, complex inputs, a bad ``chunk_size``,
+        bad ``segment_ids`` or an unknown ``impl``.
     """
     op = "selective_scan"
     impl = resolve_impl(op, impl)
@@ -385,6 +427,10 @@ def selective_scan(
     _validate(op, u, delta, A, B, C, D, h0)
     b, t, d = u.shape
     n = A.shape[1]
+    keep = None
+    if segment_ids is not None:
+        segments.check_segment_ids(op, segment_ids, b, t)
+        keep = 1.0 - segments.document_starts(segment_ids).astype(jnp.float32)
     h0 = jnp.zeros((b, d, n), jnp.float32) if h0 is None else _f32(h0)
     if t == 0:
         return jnp.zeros((b, 0, d), u.dtype), h0
@@ -392,9 +438,9 @@ def selective_scan(
     if impl == "chunked":
         if chunk_size is None:
             chunk_size = default_chunk_size(b, d, n)
-        y, h_last = _selective_scan_chunked(u32, delta32, A32, B32, C32, h0, chunk_size)
+        y, h_last = _selective_scan_chunked(u32, delta32, A32, B32, C32, h0, chunk_size, keep)
     else:
-        y, h_last = _selective_scan_associative(u32, delta32, A32, B32, C32, h0)
+        y, h_last = _selective_scan_associative(u32, delta32, A32, B32, C32, h0, keep)
     if D is not None:
         y = y + _f32(D) * u32
     return y.astype(u.dtype), h_last

@@ -33,21 +33,47 @@ def bounds(starts, t):
     return [list(zip(row, [*row[1:], t], strict=True)) for row in starts]
 
 
-def per_document(run, xs, t=T, starts=STARTS, h0=None, time_axis=1):
-    """Runs ``run(*doc_xs, h0=...) -> (y, state or None)`` on every document alone (h0 for each
-    row's first document only) and stitches y along time; the state is the last document's."""
-    ys, states = [], []
-    for r, docs in enumerate(bounds(starts, t)):
-        row_y, state = [], None
-        for k, (s, e) in enumerate(docs):
-            doc_xs = [jax.lax.slice_in_dim(x[r : r + 1], s, e, axis=time_axis) for x in xs]
-            h = None if (h0 is None or k > 0) else h0[r : r + 1]
-            y, state = run(*doc_xs, h0=h)
-            row_y.append(y)
-        ys.append(jnp.concatenate(row_y, axis=time_axis))
-        states.append(state)
-    y = jnp.concatenate(ys, 0)
-    return y if states[0] is None else (y, jnp.concatenate(states, 0))
+class Docs:
+    """Every document of packed rows moved to the front of a row of its own (zero-padded to
+    t), so "each document alone" is one batched call of the unpacked op (one compile).
+    ``starts`` as :data:`STARTS`."""
+
+    def __init__(self, t=T, starts=STARTS):
+        self.t = t
+        docs = [(r, s, e) for r, row in enumerate(bounds(starts, t)) for s, e in row]
+        j = np.arange(t)
+        self.row = np.array([r for r, _, _ in docs])[:, None].repeat(t, 1)  # (ndocs, t)
+        src = np.array([s for _, s, _ in docs])[:, None] + j
+        self.valid = j[None, :] < np.array([e - s for _, s, e in docs])[:, None]
+        self.src = np.where(self.valid, src, 0)
+        self.first = np.array([s == 0 for _, s, _ in docs])
+        self.last = [max(k for k, d in enumerate(docs) if d[0] == r) for r in range(len(starts))]
+        # Back: packed (r, p) <- (doc k, offset p - s).
+        self.back_doc = np.zeros((len(starts), t), int)
+        self.back_off = np.zeros((len(starts), t), int)
+        for k, (r, s, e) in enumerate(docs):
+            self.back_doc[r, s:e] = k
+            self.back_off[r, s:e] = np.arange(e - s)
+
+    def rows(self, x, pad=0.0):
+        """(b, t, ...) -> (ndocs, t, ...), each document at the front, ``pad`` after it."""
+        y = x[self.row, self.src]
+        mask = self.valid.reshape(self.valid.shape + (1,) * (x.ndim - 2))
+        return jnp.where(mask, y, jnp.asarray(pad, x.dtype))
+
+    def h0(self, h0):
+        """Row r's h0 for its first document, zeros for the others."""
+        y = h0[self.row[:, 0]]
+        mask = self.first.reshape((-1,) + (1,) * (h0.ndim - 1))
+        return jnp.where(mask, y, jnp.zeros((), h0.dtype))
+
+    def packed(self, y):
+        """(ndocs, t, ...) -> (b, t, ...): every document's outputs back in its place."""
+        return y[self.back_doc, self.back_off]
+
+    def state(self, states):
+        """(ndocs, ...) final states -> (b, ...): each row's last document's."""
+        return states[np.array(self.last)]
 
 
 def check_vjp(packed, alone, args, names):
@@ -85,18 +111,18 @@ def test_linear_scan_packed_equals_documents_alone(impl, reverse):
         lambda a, b, h0: ops.linear_scan(a, b, h0, reverse=reverse, impl=impl, segment_ids=seg)
     )
 
-    def run(a, b, h0):
-        return ops.linear_scan(a, b, h0, impl=impl)
+    # Backwards in time h0 feeds each row's last document and the final state is the first
+    # document's: the flipped rows run forwards.
+    flip = (lambda x: jnp.flip(x, 1)) if reverse else (lambda x: x)
+    starts = [sorted(T - e for _, e in row) for row in bounds(STARTS, T)] if reverse else STARTS
+    docs = Docs(starts=starts)
 
     def alone(a, b, h0):
-        if not reverse:
-            return per_document(run, (a, b), h0=h0)
-        # Backwards in time h0 feeds each row's last document and the final state is the first
-        # document's: run the flipped rows forwards.
-        fl = lambda x: jnp.flip(x, 1)  # noqa: E731
-        starts = [sorted(T - e for s, e in row) for row in bounds(STARTS, T)]
-        h, last = per_document(run, (fl(a), fl(b)), starts=starts, h0=h0)
-        return fl(h), last
+        # Padding a = 1, b = 0 carries each document's last state to the end of its row.
+        h, last = ops.linear_scan(
+            docs.rows(flip(a), 1.0), docs.rows(flip(b)), docs.h0(h0), impl=impl
+        )
+        return flip(docs.packed(h)), docs.state(last)
 
     check_vjp(packed, alone, (a, b, h0), ["a", "b", "h0"])
 
@@ -133,3 +159,68 @@ def test_linear_scan_rejects_bad_segment_ids(fn):
         fn(a, b, packed_ids()[:, :5])
     with pytest.raises(ValueError, match="segment_ids"):
         fn(a, b, packed_ids().astype(jnp.float32))
+
+
+# ---------------------------------------------------------------- selective_scan
+
+
+def _ss_inputs(t=T, b=2, d=5, n=4):
+    k = jax.random.split(jax.random.key(1), 8)
+    u = jax.random.normal(k[0], (b, t, d))
+    delta = jax.nn.softplus(jax.random.normal(k[1], (b, t, d)))
+    A = -jnp.exp(jax.random.normal(k[2], (d, n)) * 0.5)
+    B = jax.random.normal(k[3], (b, t, n))
+    C = jax.random.normal(k[4], (b, t, n))
+    D = jax.random.normal(k[5], (d,))
+    h0 = jax.random.normal(k[6], (b, d, n))
+    return u, delta, A, B, C, D, h0
+
+
+SS_NAMES = ["u", "delta", "A", "B", "C", "D", "h0"]
+
+
+@pytest.mark.parametrize("impl,chunk", [("chunked", 8), ("chunked", 16), ("associative", None)])
+def test_selective_scan_packed_equals_documents_alone(impl, chunk):
+    seg = packed_ids()
+
+    def packed(u, delta, A, B, C, D, h0):
+        return ops.selective_scan(
+            u, delta, A, B, C, D, h0=h0, impl=impl, chunk_size=chunk, segment_ids=seg
+        )
+
+    docs = Docs()
+
+    def alone(u, delta, A, B, C, D, h0):
+        # Padding delta = 0 (decay 1, no input) carries each document's last state to the end.
+        y, last = ops.selective_scan(
+            *(docs.rows(x) for x in (u, delta)),
+            A,
+            *(docs.rows(x) for x in (B, C)),
+            D,
+            h0=docs.h0(h0),
+            impl=impl,
+            chunk_size=chunk,
+        )
+        return docs.packed(y), docs.state(last)
+
+    check_vjp(packed, alone, _ss_inputs(), SS_NAMES)
+
+
+def test_selective_scan_packed_matches_reference():
+    seg = packed_ids()
+    args = _ss_inputs()
+
+    def fast(u, delta, A, B, C, D, h0):
+        return ops.selective_scan(u, delta, A, B, C, D, h0=h0, chunk_size=8, segment_ids=seg)
+
+    def ref(u, delta, A, B, C, D, h0):
+        return ops.selective_scan_reference(u, delta, A, B, C, D, h0=h0, segment_ids=seg)
+
+    check_vjp(fast, ref, args, SS_NAMES)
+
+
+def test_selective_scan_rejects_bad_segment_ids():
+    u, delta, A, B, C, D, h0 = _ss_inputs()
+    for fn in (ops.selective_scan, ops.selective_scan_reference):
+        with pytest.raises(ValueError, match="segment_ids"):
+            fn(u, delta, A, B, C, D, segment_ids=packed_ids()[:1])
