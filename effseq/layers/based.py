@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
 
@@ -138,20 +138,33 @@ class Based(Mixer):
         cd = self.dtype
         return ops.dense(y.astype(cd), self.wo.astype(cd), 2)
 
-    def _attend(self, phi_q: Array, phi_k: Array, v1: Array) -> tuple[Array, Array]:
+    def _attend(
+        self, phi_q: Array, phi_k: Array, v1: Array, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
         log_g = jnp.zeros_like(phi_k)  # no decay: plain causal linear attention
+        if segment_ids is None:
+            return ops.gated_linear_attention(
+                phi_q, phi_k, v1, log_g, scale=1.0, chunk_size=self.chunk_size
+            )
         return ops.gated_linear_attention(
-            phi_q, phi_k, v1, log_g, scale=1.0, chunk_size=self.chunk_size
+            phi_q, phi_k, v1, log_g, scale=1.0, chunk_size=self.chunk_size, segment_ids=segment_ids
         )
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None (packed
+        documents, 0 = padding) -> (b, t, d) in the compute dtype."""
+        return self._forward(x, mask, segment_ids)[0]
+
+    def _forward(self, x, mask, segment_ids):
+        mask, seg = packing("Based", x, mask, segment_ids)
         x = zero_padding(x, mask)
         phi_q, phi_k, v1 = self._inputs(x)
         # Padded keys are zeroed whole (the constant feature too): they add nothing to the
         # state or to the normaliser.
-        o, _ = self._attend(phi_q, zero_padding(phi_k, mask), v1)
-        return self._output(o)
+        o, state = self._attend(phi_q, zero_padding(phi_k, mask), v1, seg)
+        return self._output(o), state
 
     def init_state(self, batch: int, max_len: int) -> Array:
         """Decoding state before any token: S (b, h, 1 + f + f^2, p + 1) float32 zeros, whatever
@@ -159,9 +172,14 @@ class Based(Mixer):
         del max_len
         return jnp.zeros((batch, self.num_heads, self.num_features, self.head_v + 1), jnp.float32)
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
-        """A prompt x (b, t, d) in parallel -> (y (b, t, d), S after it)."""
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), S after it); with ``segment_ids``,
+        S of each row's last document (its trailing padding adds nothing)."""
         del max_len
+        if segment_ids is not None:
+            return self._forward(x, None, segment_ids)
         o, state = self._attend(*self._inputs(x))
         return self._output(o), state
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.typing import Array
 
@@ -150,23 +150,40 @@ class GLA(Mixer):
         r = jax.nn.silu(self._proj(x.astype(cd), self.wr) + self.br.astype(cd))
         return ops.dense(r * o, self.wo.astype(cd), 2)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None (packed
+        documents, 0 = padding) -> (b, t, d) in the compute dtype."""
+        return self._forward(x, mask, segment_ids)[0]
+
+    def _forward(self, x, mask, segment_ids):
+        mask, seg = packing("GLA", x, mask, segment_ids)
         x = zero_padding(x, mask)
         q, k, v, log_g = self._inputs(x)
         # Padded steps keep the state as it is: no decay (log g = 0) and nothing written (k = 0).
         k, log_g = zero_padding(k, mask), zero_padding(log_g, mask)
-        o, _ = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
-        return self._output(x, o)
+        if seg is None:
+            o, state = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
+        else:
+            o, state = ops.gated_linear_attention(
+                q, k, v, log_g, chunk_size=self.chunk_size, segment_ids=seg
+            )
+        return self._output(x, o), state
 
     def init_state(self, batch: int, max_len: int) -> Array:
         """Decoding state before any token: S (b, h, k, v) float32 zeros, whatever ``max_len``."""
         del max_len
         return jnp.zeros((batch, self.num_heads, self.head_k, self.head_v), jnp.float32)
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
-        """A prompt x (b, t, d) in parallel -> (y (b, t, d), S after it (b, h, k, v))."""
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), S after it (b, h, k, v)); with
+        ``segment_ids``, S of each row's last document (its trailing padding is identity steps)."""
         del max_len
+        if segment_ids is not None:
+            return self._forward(x, None, segment_ids)
         q, k, v, log_g = self._inputs(x)
         o, state = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
         return self._output(x, o), state

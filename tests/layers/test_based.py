@@ -11,6 +11,11 @@ import pytest
 from effseq.convert import mixer_params
 from effseq.layers import params
 from effseq.layers.based import Based, taylor_features
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import abstract_init, assert_causal, init, run_steps
 from tests.tolerances import assert_close, assert_close_rms
 
@@ -165,3 +170,23 @@ def test_converter_errors_name_the_key():
     bad = {**options, "feature_dim": options["feature_dim"] * 2}
     with pytest.raises(ValueError, match="d_model \\(hidden_size\\) = num_heads \\* feature_dim"):
         mixer_params("based", state, **bad)
+
+
+# Packed rows (segment_ids): documents starting inside a chunk (4), at a chunk boundary, of
+# length 1, and trailing padding; t = 19 is not a multiple of the chunk.
+PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
+
+
+def test_packed_documents_equal_each_document_alone():
+    module = _module(chunk_size=4)
+    variables, x = init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    assert_packed_equals_alone(module, variables, x, seg, docs)
+
+
+def test_packed_prefill_continues_the_last_document():
+    module = _module(chunk_size=4)
+    variables, x = init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    cont = jax.random.normal(jax.random.key(5), (2, 3, SMALL["d_model"]))
+    assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, max_len=32)

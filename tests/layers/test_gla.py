@@ -6,6 +6,11 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.gla import GLA
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import abstract_init, init, run_steps
 from tests.tolerances import assert_close
 
@@ -95,3 +100,23 @@ def test_bfloat16_compute_and_param_dtype():
     assert y_t.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     y32 = GLA(d_model=D_MODEL, param_dtype=jnp.bfloat16).apply(variables, x)
     assert y32.dtype == jnp.float32
+
+
+# Packed rows (segment_ids): documents starting inside a chunk (4), at a chunk boundary, of
+# length 1, and trailing padding; t = 19 is not a multiple of the chunk.
+PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
+
+
+def test_packed_documents_equal_each_document_alone():
+    module = GLA(d_model=D_MODEL, chunk_size=4)
+    variables, x = init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    assert_packed_equals_alone(module, variables, x, seg, docs)
+
+
+def test_packed_prefill_continues_the_last_document():
+    module = GLA(d_model=D_MODEL, chunk_size=4)
+    variables, x = init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    cont = jax.random.normal(jax.random.key(5), (2, 3, D_MODEL))
+    assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, max_len=32)
