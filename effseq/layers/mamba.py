@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.ops import segments
 from effseq.typing import Array
@@ -200,41 +200,59 @@ class Mamba(Mixer):
         A = -jnp.exp(p["A_log"].astype(jnp.float32))
         return delta, A, B, C
 
-    def _branch(self, p: dict, x: Array, mask: Array | None) -> tuple[Array, Array]:
+    def _branch(
+        self, p: dict, x: Array, mask: Array | None, seg: Array | None
+    ) -> tuple[Array, Array]:
         """One scan direction over x (b, t, e) in compute dtype -> (y (b, t, e), final SSM
-        state (b, e, n) float32)."""
+        state (b, e, n) float32). ``seg``: the ops' segment ids (None: one document)."""
         cd = self.dtype
-        x = ops.causal_conv(x, p["conv_kernel"].astype(cd), impl="direct")
+        x = short_conv(x, p["conv_kernel"].astype(cd), seg)
         x = jax.nn.silu(x + p["conv_bias"].astype(cd))
         delta, A, B, C = self._ssm_inputs(p, x)
         # delta = 0 makes a padded step the identity (exp(0 A) = 1, nothing added), so the
         # backward branch starts at the last real token whatever the padding.
         delta = zero_padding(delta, mask)
+        packed = {} if seg is None else dict(segment_ids=seg)
         return ops.selective_scan(
-            x, delta, A, B, C, p["D"], impl=self.scan_impl, chunk_size=self.chunk_size
+            x, delta, A, B, C, p["D"], impl=self.scan_impl, chunk_size=self.chunk_size, **packed
         )
 
-    def _forward(self, x: Array, mask: Array | None = None) -> tuple[Array, Array, Array]:
+    def _forward(
+        self, x: Array, mask: Array | None = None, seg: Array | None = None
+    ) -> tuple[Array, Array, Array]:
         """x (b, t, d) -> (y (b, t, d), conv input x_in (b, t, e), forward SSM state)."""
         cd = self.dtype
         xz = ops.dense(zero_padding(x.astype(cd), mask), self.in_proj.astype(cd))
         x_in, z = jnp.split(xz, 2, axis=-1)
-        y, h = self._branch(self.fwd, x_in, mask)
+        y, h = self._branch(self.fwd, x_in, mask, seg)
         if not self.causal:
+            # The backward branch runs over the reversed sequence, its documents reversed too.
             flip = None if mask is None else jnp.flip(mask, 1)
-            y = y + jnp.flip(self._branch(self.bwd, jnp.flip(x_in, 1), flip)[0], 1)
+            seg_flip = None if seg is None else jnp.flip(seg, 1)
+            y_bwd = self._branch(self.bwd, jnp.flip(x_in, 1), flip, seg_flip)[0]
+            y = y + jnp.flip(y_bwd, 1)
         return ops.dense(y * jax.nn.silu(z), self.out_proj.astype(cd)), x_in, h
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
-        return self._forward(x, mask)[0]
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None (packed
+        documents, 0 = padding) -> (b, t, d) in the compute dtype."""
+        mask, seg = packing("Mamba", x, mask, segment_ids)
+        return self._forward(x, mask, seg)[0]
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, dict]:
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, dict]:
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the state ``step`` continues
-        from: the last conv_width - 1 conv inputs and the final SSM state)."""
+        from: the last conv_width - 1 conv inputs and the final SSM state). With
+        ``segment_ids``, the state of each row's last document (trailing padding skipped)."""
         self.check_causal("prefill")
-        y, x_in, h = self._forward(x)
+        mask, seg = packing("Mamba.prefill", x, mask=None, segment_ids=segment_ids)
+        y, x_in, h = self._forward(x, mask, seg)
         w = self.conv_width - 1
+        if segment_ids is not None:
+            return y, dict(conv=segments.last_window(x_in, w, segment_ids), ssm=h)
         # Prompts shorter than the conv window leave zeros in front, as init_state does.
         padded = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
         window = padded[:, padded.shape[1] - w :]

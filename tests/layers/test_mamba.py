@@ -243,3 +243,16 @@ def assert_packed_prefill_continues(module, variables, ids=PACKED_IDS, steps=3, 
         assert_close(y0[r, s : s + n], y_alone[r, :n], "float32", "value")
         assert_close(ys[r], y_alone[r, n : n + steps], "float32", "value")
     return state
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_equals_documents_alone(causal):
+    module = Mamba(d_model=D_MODEL, chunk_size=4, causal=causal)
+    variables, _ = init(module, t=15)
+    assert_packed_equals_alone(module, variables)
+
+
+def test_packed_prefill_then_step():
+    module = Mamba(d_model=D_MODEL, chunk_size=4)
+    variables, _ = init(module, t=15)
+    assert_packed_prefill_continues(module, variables)
