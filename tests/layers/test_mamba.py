@@ -8,6 +8,11 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.mamba import Mamba, dt_bias_init
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import abstract_init, init, run_steps
 from tests.tolerances import assert_close
 
@@ -121,138 +126,32 @@ def test_bfloat16_compute_and_param_dtype():
     assert y32.dtype == jnp.float32
 
 
-# -- packed sequences (segment_ids) -----------------------------------------------------------
-# The helpers below are shared by the packing tests of mamba2, gdn and rglru (imported from
-# here). Two packed rows of t = 15, id 0 = padding: documents of 3, 1, 6 and 2 tokens (then 3
-# padding; the id 1 comes back after the length-1 document, and the last document is shorter
-# than a width-4 conv's window) and of 5, 2 and 7 tokens (then 1 padding). With chunks of 4,
-# documents start inside chunks (3, 5, 7, 10) and at a chunk boundary (4), and t is not a
-# multiple of the chunk.
-PACKED_IDS = np.array(
-    [
-        [1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 3, 3, 0, 0, 0],
-        [2, 2, 2, 2, 2, 1, 1, 3, 3, 3, 3, 3, 3, 3, 0],
-    ],
-    np.int32,
-)
+# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
+# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
+# padding; t is not a multiple of the chunk.
+PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
 
 
-def packed_documents(ids):
-    """[(row, start, length)] of every document of packed rows ``ids`` (b, t), 0 = padding."""
-    docs = []
-    for r, row in enumerate(np.asarray(ids)):
-        start = None
-        for i, v in enumerate([*row, 0]):
-            if start is not None and (v == 0 or v != row[start]):
-                docs.append((r, start, i - start))
-                start = None
-            if v != 0 and start is None:
-                start = i
-    return docs
+def _check_packed(module, variables, x):
+    seg, docs = layout(PACKED_ROWS, x.shape[1])
+    assert_packed_equals_alone(module, variables, x, seg, docs)
 
 
-def _place(values, docs, length):
-    """Each document's slice of packed values (b, t, ...) as its own row, from position 0,
-    zero beyond the document: (len(docs), length, ...), and its mask."""
-    out = np.zeros((len(docs), length, *values.shape[2:]), np.float32)
-    mask = np.zeros((len(docs), length), bool)
-    for i, (r, s, n) in enumerate(docs):
-        out[i, :n] = values[r, s : s + n]
-        mask[i, :n] = True
-    return out, mask
-
-
-def assert_packed_equals_alone(module, variables, ids=PACKED_IDS, seed=5):
-    """Packed rows ``ids`` through ``module``: each document's outputs and the gradients of a
-    loss w.r.t. its inputs equal those of the document run alone, and the parameters'
-    gradients those of all documents run alone (summed). Alone = one row per document, right
-    padded to t and masked (padding invariance is checked by each layer's own tests), so one
-    jitted call covers every document."""
-    b, t = ids.shape
-    kx, kc = jax.random.split(jax.random.key(seed))
-    x = np.asarray(jax.random.normal(kx, (b, t, module.d_model)))
-    real = (ids != 0)[..., None]
-    cot = np.asarray(jax.random.normal(kc, (b, t, module.d_model))) * real
-    docs = packed_documents(ids)
-    x_alone, mask = _place(x, docs, t)
-    cot_alone, _ = _place(cot, docs, t)
-
-    @jax.jit
-    def packed(v, x):
-        def loss(v, x):
-            y = module.apply(v, x, segment_ids=jnp.asarray(ids))
-            return jnp.sum(y * cot), y
-
-        return jax.grad(loss, (0, 1), has_aux=True)(v, x)
-
-    @jax.jit
-    def alone(v, x):
-        def loss(v, x):
-            y = module.apply(v, x, jnp.asarray(mask))
-            return jnp.sum(y * cot_alone), y
-
-        return jax.grad(loss, (0, 1), has_aux=True)(v, x)
-
-    (gv, gx), y = packed(variables, jnp.asarray(x))
-    (gv_alone, gx_alone), y_alone = alone(variables, jnp.asarray(x_alone))
-    assert_close(_place(np.asarray(y), docs, t)[0], y_alone * mask[..., None], "float32", "value")
-    assert_close(_place(np.asarray(gx), docs, t)[0], gx_alone, "float32", "grad")
-    # Padded inputs are never read.
-    assert np.all(np.asarray(gx)[~(ids != 0)] == 0)
-    for (path, g), g_alone in zip(
-        jax.tree_util.tree_leaves_with_path(gv), jax.tree.leaves(gv_alone), strict=True
-    ):
-        assert_close(g, g_alone, "float32", "grad", err_msg=jax.tree_util.keystr(path))
-
-
-def assert_packed_prefill_continues(module, variables, ids=PACKED_IDS, steps=3, seed=7):
-    """A prefill over packed rows ``ids`` equals the parallel form on them, and ``step`` then
-    continues each row's last document exactly as if it had been run alone. Returns the
-    prefill's state."""
-    b, t = ids.shape
-    kx, kc = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (b, t, module.d_model))
-    cont = jax.random.normal(kc, (b, steps, module.d_model))
-    seg = jnp.asarray(ids)
-
-    @jax.jit
-    def run(v, x, cont):
-        y0, state = module.apply(v, x, t + steps, method="prefill", segment_ids=seg)
-
-        def body(state, x_t):
-            y_t, state = module.apply(v, x_t, state, method="step")
-            return state, y_t
-
-        _, ys = jax.lax.scan(body, state, jnp.moveaxis(cont, 1, 0))
-        return y0, jnp.moveaxis(ys, 0, 1), state, module.apply(v, x, segment_ids=seg)
-
-    y0, ys, state, y_parallel = run(variables, x, cont)
-    real = (ids != 0)[..., None]
-    assert_close(np.asarray(y0) * real, np.asarray(y_parallel) * real, "float32", "value")
-    # Each row's last document, then the continuation, alone (right padded and masked).
-    last = {r: (s, n) for r, s, n in packed_documents(ids)}
-    length = max(n for _, n in last.values()) + steps
-    x_alone = np.zeros((b, length, module.d_model), np.float32)
-    mask = np.zeros((b, length), bool)
-    for r, (s, n) in last.items():
-        x_alone[r, :n] = np.asarray(x)[r, s : s + n]
-        x_alone[r, n : n + steps] = np.asarray(cont)[r]
-        mask[r, : n + steps] = True
-    y_alone = np.asarray(jax.jit(module.apply)(variables, jnp.asarray(x_alone), mask))
-    for r, (s, n) in last.items():
-        assert_close(y0[r, s : s + n], y_alone[r, :n], "float32", "value")
-        assert_close(ys[r], y_alone[r, n : n + steps], "float32", "value")
-    return state
+def _check_packed_prefill(module, variables, x):
+    """Returns the packed prefill's state."""
+    seg, docs = layout(PACKED_ROWS, x.shape[1])
+    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
+    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_equals_documents_alone(causal):
     module = Mamba(d_model=D_MODEL, chunk_size=4, causal=causal)
-    variables, _ = init(module, t=15)
-    assert_packed_equals_alone(module, variables)
+    variables, x = init(module, t=15)
+    _check_packed(module, variables, x)
 
 
 def test_packed_prefill_then_step():
     module = Mamba(d_model=D_MODEL, chunk_size=4)
-    variables, _ = init(module, t=15)
-    assert_packed_prefill_continues(module, variables)
+    variables, x = init(module, t=15)
+    _check_packed_prefill(module, variables, x)
