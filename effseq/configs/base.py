@@ -72,6 +72,12 @@ def get_config() -> ConfigDict:
     # A workdir whose best checkpoint initialises every parameter it shares with this model
     # (fine-tuning after pretraining); empty: none. Only a fresh run reads it, not a resume.
     c.train.init_from = ""
+    # Pack documents of varying length into the training rows (first-fit; effseq.data.packing),
+    # the model told where each starts by batch["segment_ids"]. Token tasks trained per
+    # position only: language-model tasks (MQAR, copying, induction heads; their min_len
+    # option varies the lengths) and denoise pretraining on a classifier's token inputs.
+    # Evaluation stays unpacked.
+    c.train.pack = False
 
     c.optim = ConfigDict()
     c.optim.name = "adamw"  # adamw | adam | sgd

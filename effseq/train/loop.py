@@ -112,6 +112,8 @@ class Setup:
         tc = config.train
         self.objective = tc.objective
         self.model, boxed = build.abstract_model(config, self.info)
+        if tc.pack:
+            objectives.check_pack(self.info, tc.objective)
         self.loss_fn = objectives.make_loss_fn(self.model, self.info, tc.objective, tc.mask_rate)
         example = build.example_batch(self.info)
         rng = jax.random.key(config.seed)
@@ -213,6 +215,8 @@ class Setup:
             drop_remainder=train,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            # Training rows packed with documents (train.pack); evaluation one per row.
+            pack=train and self.config.train.pack,
         )
 
     def evaluate(self, state, split: str, max_batches: int = 0) -> dict:

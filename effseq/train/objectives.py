@@ -16,6 +16,26 @@ from effseq.data import TaskInfo
 OBJECTIVES = ("supervised", "denoise")
 
 
+def check_pack(info: TaskInfo, objective: str) -> None:
+    """Raises ValueError (naming ``train.pack``) unless ``info``'s task can train on packed
+    rows (:mod:`effseq.data.packing`): token inputs of one sequence, trained per position,
+    i.e. a sequence-labelling (language-model) task, or ``denoise`` pretraining on a
+    classification task's tokens. A classifier's label belongs to a whole example, and pixel
+    sequences are all one length, so neither packs."""
+    why = None
+    if info.vocab_size is None:
+        why = "its inputs are continuous (pixels), all of one length"
+    elif info.two_sequence:
+        why = "its examples are pairs of sequences"
+    elif not info.sequence_labels and objective != "denoise":
+        why = (
+            "it is a classification task (one label per example, not per position); only "
+            "train.objective='denoise' pretraining on its tokens packs"
+        )
+    if why:
+        raise ValueError(f"train.pack=True: task {info.name!r} cannot be packed: {why}")
+
+
 def apply_model(model: nn.Module, variables, batch, *, rng=None):
     """``model.forward(batch)``: logits (b, t, classes) per position or (b, classes) per
     example. ``rng`` set means training mode (dropout on)."""
@@ -48,6 +68,10 @@ def make_loss_fn(model: nn.Module, info: TaskInfo, objective: str, mask_rate: fl
     for bidirectional models (a ``mask_rate`` fraction of real tokens replaced by id 0 and
     predicted), next-token prediction for causal ones, and for continuous inputs (pixels) the
     L1 error of masked positions' values (then "correct" counts nothing).
+
+    Packed batches (``train.pack``) carry ``segment_ids`` (b, t), 0 on padding: the model reads
+    them from the batch, and next-token prediction never scores a document's last token
+    against the next document's first.
     """
     if objective == "supervised":
 
@@ -66,6 +90,9 @@ def make_loss_fn(model: nn.Module, info: TaskInfo, objective: str, mask_rate: fl
             corrupted = inputs
             targets = jnp.roll(inputs, -1, axis=1)
             w = (mask & jnp.roll(mask, -1, axis=1)).at[:, -1].set(False)
+            if "segment_ids" in batch:  # the next token must be in the same document
+                seg = batch["segment_ids"]
+                w = w & (seg == jnp.roll(seg, -1, axis=1))
         else:
             chosen = jax.random.bernoulli(rng, mask_rate, mask.shape) & mask
             fill = jnp.zeros((), inputs.dtype)
@@ -74,7 +101,10 @@ def make_loss_fn(model: nn.Module, info: TaskInfo, objective: str, mask_rate: fl
             targets, w = inputs, chosen
         w = w.astype(jnp.float32) * w_example
         dropout = jax.random.fold_in(rng, 1) if train else None
-        out = apply_model(model, variables, {"inputs": corrupted, "mask": mask}, rng=dropout)
+        model_batch = {"inputs": corrupted, "mask": mask}
+        if "segment_ids" in batch:
+            model_batch["segment_ids"] = batch["segment_ids"]
+        out = apply_model(model, variables, model_batch, rng=dropout)
         if continuous:
             values = targets if targets.ndim == 3 else targets[..., None]
             l1 = jnp.mean(jnp.abs(out - values.astype(jnp.float32)), axis=-1)
