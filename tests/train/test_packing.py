@@ -54,7 +54,7 @@ def test_pack_refused_where_a_task_cannot_be_packed():
 
 def _unpacked(batch):
     """Each packed document in a row of its own (right-padded), without segment_ids."""
-    rows = {k: [] for k in ("inputs", "label", "weights", "mask")}
+    rows = {k: [] for k in ("inputs", "label", "weights", "mask") if k in batch}
     for r, seg in enumerate(batch["segment_ids"]):
         for k in range(1, int(seg.max()) + 1):
             where = np.flatnonzero(seg == k)
@@ -116,3 +116,31 @@ def test_train_with_pack_end_to_end(tmp_path):
     # The checkpoint records the packed stream's position: more documents than rows consumed.
     data_state = json.loads((tmp_path / "checkpoints" / "3" / "data" / "metadata").read_text())
     assert data_state["next_document"] > 3 * TINY["train.batch_size"]
+
+
+def test_denoise_pretraining_packs_a_classifiers_tokens(tmp_path):
+    """Self-pretraining (next-token prediction, causal) on ListOps' expressions, packed: the
+    classifier's scalar labels are dropped and each document's loss is its own."""
+    from effseq.data.generators import generate_listops
+
+    generate_listops(tmp_path / "listops-1000", 64, 16, 16, min_length=8, max_length=40,
+                     progress=False)  # fmt: skip
+    items = {
+        **{k: v for k, v in TINY.items() if not k.startswith("task.options")},
+        "task.data_dir": str(tmp_path),
+        "task.options.max_length": 40,
+        "train.objective": "denoise",
+        "model.bidirectional": "no",
+        "train.pack": True,
+    }
+    config = override(load_config("lra/listops:gla:cpu"), [f"{k}={v}" for k, v in items.items()])
+    setup = Setup(config, devices=jax.devices()[:1])
+    batch = next(setup.batches("train", train=True))
+    assert set(batch) == {"inputs", "mask", "segment_ids", "example_weight"}
+    assert batch["segment_ids"].max() >= 2
+    state = setup.init_state()
+    loss_fn = jax.jit(lambda v, b: setup.loss_fn(v, b, jax.random.key(0), False))
+    packed = loss_fn(state.variables(), batch)
+    alone = loss_fn(state.variables(), _unpacked(batch))
+    for p, a in zip(packed, alone, strict=True):
+        np.testing.assert_allclose(float(p), float(a), rtol=2e-5)
