@@ -33,6 +33,13 @@ Forms of the same maths:
   exp of a non-positive sum of log gates, formed in log space with the rounding of the running
   sums compensated, so gates down to exp(-20) per step neither overflow nor lose accuracy.
 
+Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
+start the state is zeroed before the step's own update. The reference and the recurrent form
+reset inside their scans; the chunked form stays chunked: every decay Gamma_t / Gamma_s is
+multiplied by "no start in (s, t]" (:func:`effseq.ops.segments.chunk_masks`), so A (and with it
+T) and P decouple per document, the terms in S_0 reach only the chunk's first document
+(carry_in), and only the last document's corrections reach the state leaving the chunk.
+
 Speed (2-core CPU, jax 0.10.2, b = 2, t = 4096, h = 4, k = v = 64, float32, fwd+bwd of o):
 chunked with per-head gates 191 ms at chunk 64 (143 at 32, 131 at 16), ``"recurrent"`` 351 ms,
 the reference scan 773 ms, causal XLA attention 1049 ms. Per-channel gates (KDA) form a
@@ -49,7 +56,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.ops import _checks
-from effseq.ops._chunking import default_scale, from_chunks, segmented_scan, to_chunks
+from effseq.ops._chunking import (
+    default_scale,
+    float_chunk_masks,
+    from_chunks,
+    packed_starts,
+    reset_at_start,
+    segmented_scan,
+    to_chunks,
+)
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -202,6 +217,7 @@ def gated_delta_rule(
     h0: Array | None = None,
     chunk_size: int = 64,
     impl: str | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """The gated delta rule over a sequence (Yang, Kautz & Hatamizadeh 2025, eq. 10).
 
@@ -220,6 +236,9 @@ def gated_delta_rule(
         that leave the state unchanged (a sequence shorter than c runs as one chunk of length
         t). Ignored by ``"recurrent"``.
       impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
+        state is zeroed where a new document starts; ``h0`` belongs to each row's first
+        document and ``S_last`` is its last one's. None: one document per row.
 
     Returns:
       ``(o, S_last)``: o (b, t, h, v) in the dtype of ``q``; the final state (b, h, k, v) in
@@ -232,6 +251,7 @@ def gated_delta_rule(
     f32 = jnp.float32
     b, t, h, dk = q.shape
     dv = v.shape[-1]
+    starts = packed_starts(op, segment_ids, b, t)
     h0 = jnp.zeros((b, h, dk, dv), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
@@ -244,16 +264,20 @@ def gated_delta_rule(
         h0,
     )
     if impl == "recurrent":
-        o, S = _recurrent(*args)
+        o, S = _recurrent(*args, starts=starts)
     else:
-        o, S = _chunked(*args, chunk_size=chunk_size)
+        o, S = _chunked(*args, chunk_size=chunk_size, starts=starts)
     return o.astype(q.dtype), S
 
 
-def _recurrent(q, k, v, g, beta, h0):
+def _recurrent(q, k, v, g, beta, h0, *, starts=None):
     """The step form scanned token by token (segmented and rematerialised,
-    :func:`effseq.ops._chunking.segmented_scan`); float32 inputs, ``q`` already scaled."""
-    return segmented_scan(lambda S, x: _step(S, *x), h0, (q, k, v, g, beta))
+    :func:`effseq.ops._chunking.segmented_scan`); float32 inputs, ``q`` already scaled.
+    ``starts`` (b, t) bool: zero the state before the step where a document starts."""
+    if starts is None:
+        return segmented_scan(lambda S, x: _step(S, *x), h0, (q, k, v, g, beta))
+    step = lambda S, x: _step(reset_at_start(S, x[5]), *x[:5])  # noqa: E731
+    return segmented_scan(step, h0, (q, k, v, g, beta, starts))
 
 
 def _cumulative_log_gates(g: Array) -> tuple[Array, Array]:
@@ -274,9 +298,12 @@ def _cumulative_log_gates(g: Array) -> tuple[Array, Array]:
     return pre, jnp.cumsum((total - pre) + err, axis=-2)
 
 
-def _decayed_products(x: Array, y: Array, pre: Array, lo: Array, strict: bool) -> Array:
+def _decayed_products(
+    x: Array, y: Array, pre: Array, lo: Array, strict: bool, same_doc: Array | None = None
+) -> Array:
     """M[t, s] = sum_i x_t[i] y_s[i] exp(sum of log gates over (s, t]) for s <= t (s < t if
-    ``strict``), else 0. x, y (..., c, k); pre, lo (..., c, kg) from _cumulative_log_gates.
+    ``strict``), else 0. x, y (..., c, k); pre, lo (..., c, kg) from _cumulative_log_gates;
+    ``same_doc`` (..., c, c) 0/1: packed documents, the decay times "no start in (s, t]".
 
     The exponent is masked to -inf above the diagonal before the exp, so masked entries are
     exactly 0 and nothing overflows.
@@ -288,7 +315,11 @@ def _decayed_products(x: Array, y: Array, pre: Array, lo: Array, strict: bool) -
     mask = np.tril(np.ones((c, c), bool), -1 if strict else 0)[:, :, None]
     decay = jnp.exp(jnp.where(mask, expo, -jnp.inf))  # (..., c, c, kg)
     if kg == 1:  # one gate per head: a plain matmul, then the decay
+        if same_doc is not None:
+            return jnp.einsum("...tk,...sk->...ts", x, y) * (decay[..., 0] * same_doc)
         return jnp.einsum("...tk,...sk->...ts", x, y) * decay[..., 0]
+    if same_doc is not None:
+        decay = decay * same_doc[..., None]
     return jnp.einsum("...tk,...sk,...tsk->...ts", x, y, decay)
 
 
@@ -321,8 +352,11 @@ def _unit_lower_inverse(A: Array) -> Array:
     return D[..., 0, :c, :c]
 
 
-def _chunk_terms(q, k, v, g, beta):
-    """The state-independent terms of every chunk; inputs (..., c, x) float32, q scaled.
+def _chunk_terms(q, k, v, g, beta, masks=None):
+    """The state-independent terms of every chunk; inputs (..., c, x) float32, q scaled;
+    ``masks`` None or the float (intra, carry_in, to_end, carry_through) of packed documents
+    (:func:`effseq.ops._chunking.float_chunk_masks`, broadcasting against (..., c, c), (..., c)
+    and (...)).
 
     Returns (W, U0, Qg, P, Kend, decay): with S_0 the state entering the chunk, the corrections
     are U = U0 - W S_0, the outputs O = Qg S_0 + P U and the state leaving the chunk
@@ -333,6 +367,8 @@ def _chunk_terms(q, k, v, g, beta):
     from_start = jnp.exp(pre + lo)  # Gamma_t, (..., c, kg)
     to_end = jnp.exp((pre[..., -1:, :] - pre) + (lo[..., -1:, :] - lo))  # Gamma_c / Gamma_s
     bk = beta[..., None] * k
+    if masks is not None:
+        return _packed_chunk_terms(q, k, v, beta, pre, lo, from_start, to_end, bk, masks)
     A = _decayed_products(bk, k, pre, lo, strict=True)
     T = _unit_lower_inverse(A)
     W = jnp.einsum("...ts,...sk->...tk", T, bk * from_start)
@@ -342,13 +378,42 @@ def _chunk_terms(q, k, v, g, beta):
     return W, U0, q * from_start, P, k * to_end, decay
 
 
-def _chunked(q, k, v, g, beta, h0, *, chunk_size: int):
-    """Chunkwise-parallel gated delta rule (WY/UT form); float32 inputs, q already scaled."""
+def _packed_chunk_terms(q, k, v, beta, pre, lo, from_start, to_end, bk, masks):
+    """:func:`_chunk_terms` with packed documents: every decay times "no start in (s, t]".
+
+    A masked by ``intra`` is block-diagonal per document, so T = (I + A)^-1 is too and each
+    document's corrections see only its own earlier steps; S_0 reaches the corrections and
+    outputs of the chunk's first document only (``carry_in`` on Gamma_t), and only the last
+    document's corrections (``to_end``) and S_0 when no document starts (``carry_through``)
+    reach the state leaving the chunk.
+    """
+    intra, carry_in, to_end_mask, carry_through = masks
+    from_start = from_start * carry_in[..., None]
+    A = _decayed_products(bk, k, pre, lo, strict=True, same_doc=intra)
+    T = _unit_lower_inverse(A)
+    W = jnp.einsum("...ts,...sk->...tk", T, bk * from_start)
+    U0 = jnp.einsum("...ts,...sv->...tv", T, beta[..., None] * v)
+    P = _decayed_products(q, k, pre, lo, strict=False, same_doc=intra)
+    decay = from_start[..., -1, :] * carry_through[..., None]
+    return W, U0, q * from_start, P, k * (to_end * to_end_mask[..., None]), decay
+
+
+def _chunked(q, k, v, g, beta, h0, *, chunk_size: int, starts=None):
+    """Chunkwise-parallel gated delta rule (WY/UT form); float32 inputs, q already scaled.
+    ``starts`` (b, t) bool: document starts of packed rows, or None."""
     t = q.shape[1]
     c = min(chunk_size, t)
     n = -(-t // c)
-    chunks = tuple(to_chunks(x, n, c) for x in (q, k, v, g, beta))
-    W, U0, Qg, P, Kend, decay = _chunk_terms(*chunks)
+    if starts is None:
+        chunks = tuple(to_chunks(x, n, c) for x in (q, k, v, g, beta))
+        W, U0, Qg, P, Kend, decay = _chunk_terms(*chunks)
+    else:
+        # A start's own gate decays only the zeroed state: every factor it enters is masked or
+        # a difference where it cancels. Setting it to 0 (an identity gate) changes no value
+        # and makes its gradient exactly 0 rather than 0 up to the rounding of that cancellation.
+        g = jnp.where(starts[:, :, None, None], 0.0, g)
+        chunks = tuple(to_chunks(x, n, c) for x in (q, k, v, g, beta))
+        W, U0, Qg, P, Kend, decay = _chunk_terms(*chunks, float_chunk_masks(starts, n, c))
 
     def chunk_step(S, xs):
         W, U0, Qg, P, Kend, decay = xs
@@ -370,29 +435,36 @@ def gated_delta_rule_reference(
     *,
     scale=None,
     h0: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Slow reference for :func:`gated_delta_rule`: a plain ``lax.scan`` over time.
 
     Eq. 10 of Yang, Kautz & Hatamizadeh (2025) step by step in float32 (decay, then the delta
-    update, then the read), differentiated by plain autodiff. Shapes as in
+    update, then the read), differentiated by plain autodiff, the state zeroed before the step
+    where a document of ``segment_ids`` starts. Shapes as in
     :func:`gated_delta_rule`. Returns ``(o, S_last)``: o (b, t, h, v) in the dtype of ``q``,
     S_last (b, h, k, v) in float32.
     """
     op = "gated_delta_rule_reference"
     _validate(op, q, k, v, log_g, beta, h0)
     f32 = jnp.float32
-    b, _, h, dk = q.shape
+    b, t, h, dk = q.shape
+    starts = packed_starts(op, segment_ids, b, t)
     scale = default_scale(scale, dk)
     S = jnp.zeros((b, h, dk, v.shape[-1]), f32) if h0 is None else h0.astype(f32)
 
     def body(S, x):
-        q_t, k_t, v_t, g_t, beta_t = x  # g_t (b, h) or (b, h, k)
+        q_t, k_t, v_t, g_t, beta_t, *start_t = x  # g_t (b, h) or (b, h, k)
+        if start_t:
+            S = jnp.where(start_t[0][:, None, None, None], 0.0, S)
         S = jnp.exp(g_t if g_t.ndim == 3 else g_t[..., None])[..., None] * S
         kS = jnp.einsum("bhk,bhkv->bhv", k_t, S)
         S = S + jnp.einsum("bhk,bhv->bhkv", k_t, beta_t[..., None] * (v_t - kS))
         return S, jnp.einsum("bhk,bhkv->bhv", scale * q_t, S)
 
     xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, log_g, beta))
+    if starts is not None:
+        xs = (*xs, jnp.moveaxis(starts, 1, 0))
     S, o = jax.lax.scan(body, S, xs)
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), S
 

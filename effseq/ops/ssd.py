@@ -32,6 +32,12 @@ Forms of the same maths:
   chunk's contribution to the state; the states passed chunk to chunk by a linear scan; and each
   chunk's read of the state entering it. Differentiated by plain autodiff.
 
+Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
+start the state is zeroed before the step's own update. The reference and the recurrent form
+reset inside their scans; the chunked form stays chunked, multiplying every decay from s to t
+(L, the decays from the chunk start, to the chunk end and across the chunk) by "no start in
+(s, t]" (:func:`effseq.ops.segments.chunk_masks`).
+
 Everything runs in float32 whatever the input dtype; y is cast back to the dtype of x and
 states are returned in float32.
 """
@@ -43,7 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from effseq.ops import _checks
-from effseq.ops._chunking import segmented_scan
+from effseq.ops._chunking import (
+    float_chunk_masks,
+    packed_starts,
+    reset_at_start,
+    segmented_scan,
+)
 from effseq.ops._impl import resolve_impl
 from effseq.ops.scan import linear_scan_time_major
 from effseq.typing import Array
@@ -189,6 +200,7 @@ def ssd(
     h0: Array | None = None,
     chunk_size: int = 64,
     impl: str | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Mamba-2's SSD over a sequence (Dao & Gu 2024, eq. 2 with scalar A; chunked form Sec. 6).
 
@@ -206,6 +218,9 @@ def ssd(
         dt = 0 steps (identities), and a sequence shorter than c runs as one chunk of length
         t. Ignored by ``"recurrent"``.
       impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
+        state is zeroed where a new document starts; ``h0`` belongs to each row's first
+        document and ``h_last`` is its last one's. None: one document per row.
 
     Returns:
       ``(y, h_last)``: y (b, t, h, p) in the dtype of ``x``; the final state (b, h, p, n) in
@@ -218,22 +233,28 @@ def ssd(
     f32 = jnp.float32
     b, t, h, p = x.shape
     n = B.shape[-1]
+    starts = packed_starts(op, segment_ids, b, t)
     h0 = jnp.zeros((b, h, p, n), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, p), x.dtype), h0
     args = tuple(z.astype(f32) for z in (x, dt, A, B, C))
     D = None if D is None else D.astype(f32)
     if impl == "recurrent":
-        y, H = _recurrent(*args, D, h0)
+        y, H = _recurrent(*args, D, h0, starts=starts)
     else:
-        y, H = _chunked(*args, D, h0, chunk_size=chunk_size)
+        y, H = _chunked(*args, D, h0, chunk_size=chunk_size, starts=starts)
     return y.astype(x.dtype), H
 
 
-def _recurrent(x, dt, A, B, C, D, h0):
+def _recurrent(x, dt, A, B, C, D, h0, *, starts=None):
     """The step form scanned token by token (segmented and rematerialised,
-    :func:`effseq.ops._chunking.segmented_scan`; padding is dt = 0); float32 inputs."""
-    return segmented_scan(lambda H, z: _step(H, z[0], z[1], A, z[2], z[3], D), h0, (x, dt, B, C))
+    :func:`effseq.ops._chunking.segmented_scan`; padding is dt = 0); float32 inputs.
+    ``starts`` (b, t) bool: zero the state before the step where a document starts."""
+    if starts is None:
+        step = lambda H, z: _step(H, z[0], z[1], A, z[2], z[3], D)  # noqa: E731
+        return segmented_scan(step, h0, (x, dt, B, C))
+    step = lambda H, z: _step(reset_at_start(H, z[4]), z[0], z[1], A, z[2], z[3], D)  # noqa: E731
+    return segmented_scan(step, h0, (x, dt, B, C, starts))
 
 
 def _segsum(a: Array) -> Array:
@@ -252,11 +273,12 @@ def _segsum(a: Array) -> Array:
     return jnp.where(np.tril(np.ones((c, c), bool)), sums, -jnp.inf)
 
 
-def _chunked(x, dt, A, B, C, D, h0, *, chunk_size: int):
+def _chunked(x, dt, A, B, C, D, h0, *, chunk_size: int, starts=None):
     """SSD's chunked matmul form (Dao & Gu 2024, Sec. 6 and Listing 1); float32 inputs.
 
     Heads are split as (g, r) with r = h // g, so that head g * r + j reads group g and the
-    C B^T scores are computed once per group.
+    C B^T scores are computed once per group. ``starts`` (b, t) bool: document starts of packed
+    rows, or None.
     """
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -278,10 +300,22 @@ def _chunked(x, dt, A, B, C, D, h0, *, chunk_size: int):
     from_start = jnp.exp(jnp.cumsum(a, axis=-1))  # chunk start -> t, inclusive of t's step
     to_end = jnp.exp(seg[..., -1, :])  # s -> chunk end, exclusive of s's own step
     chunk_decay = jnp.exp(jnp.sum(a, axis=-1))  # (b, nc, g, r)
+    if starts is not None:
+        # Exact resets inside chunks: each decay s -> t times "no start in (s, t]" (constants).
+        intra, carry_in, to_end_mask, carry_through = (
+            jnp.moveaxis(m, 0, 1)[:, :, :, None] for m in float_chunk_masks(starts, nc, c)
+        )  # (b, nc, 1, 1, ...)
+        from_start = from_start * carry_in
+        to_end = to_end * to_end_mask
+        chunk_decay = chunk_decay * carry_through
 
     # Intra-chunk: the quadratic (attention-like) form, y_t = sum_{s <= t} L[t, s] C_t.B_s u_s.
     scores = jnp.einsum("bkign,bkjgn->bkgij", Cc, Bc)  # (b, nc, g, c, c)
-    y = jnp.einsum("bkgrij,bkjgrp->bkigrp", scores[:, :, :, None] * jnp.exp(seg), u)
+    if starts is None:
+        weights = scores[:, :, :, None] * jnp.exp(seg)
+    else:
+        weights = scores[:, :, :, None] * (jnp.exp(seg) * intra)
+    y = jnp.einsum("bkgrij,bkjgrp->bkigrp", weights, u)
 
     # Each chunk's own contribution to the state at its end, then the states passed chunk to
     # chunk: H_in[k + 1] = chunk_decay[k] H_in[k] + dH[k], from H_in[0] = h0.
@@ -308,8 +342,10 @@ def ssd_reference(
     D: Array | None = None,
     *,
     h0: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Slow reference for :func:`ssd`: the recurrence step by step in float32 (``lax.scan``).
+    """Slow reference for :func:`ssd`: the recurrence step by step in float32 (``lax.scan``),
+    the state zeroed before the step where a document of ``segment_ids`` starts.
 
     Each head's B_t and C_t are its group's, copied out explicitly. Shapes as in :func:`ssd`.
     Returns ``(y, h_last)``: y (b, t, h, p) in the dtype of ``x``, h_last (b, h, p, n) float32.
@@ -317,8 +353,9 @@ def ssd_reference(
     op = "ssd_reference"
     _validate(op, x, dt, A, B, C, D, h0)
     f32 = jnp.float32
-    b, _, h, p = x.shape
+    b, t, h, p = x.shape
     n = B.shape[-1]
+    starts = packed_starts(op, segment_ids, b, t)
     group = np.arange(h) // (h // B.shape[2])  # head i -> its group
     Bh, Ch = B.astype(f32)[:, :, group], C.astype(f32)[:, :, group]  # (b, t, h, n)
     A32 = A.astype(f32)
@@ -326,7 +363,9 @@ def ssd_reference(
     H = jnp.zeros((b, h, p, n), f32) if h0 is None else h0.astype(f32)
 
     def body(H, z):
-        x_t, dt_t, B_t, C_t = z  # (b, h, p), (b, h), (b, h, n), (b, h, n)
+        x_t, dt_t, B_t, C_t, *start_t = z  # (b, h, p), (b, h), (b, h, n), (b, h, n), [(b,)]
+        if start_t:
+            H = jnp.where(start_t[0][:, None, None, None], 0.0, H)
         H = jnp.exp(dt_t * A32)[..., None, None] * H + jnp.einsum(
             "bh,bhp,bhn->bhpn", dt_t, x_t, B_t
         )
@@ -334,5 +373,7 @@ def ssd_reference(
         return H, y_t
 
     zs = tuple(jnp.moveaxis(z, 1, 0) for z in (x.astype(f32), dt.astype(f32), Bh, Ch))
+    if starts is not None:
+        zs = (*zs, jnp.moveaxis(starts, 1, 0))
     H, y = jax.lax.scan(body, H, zs)
     return jnp.moveaxis(y, 0, 1).astype(x.dtype), H

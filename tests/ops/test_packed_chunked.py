@@ -7,7 +7,7 @@ reference, the chunked and the recurrent forms alike; the chunked form must equa
 with ``segment_ids`` under extreme gates; a start's own gate gets exactly zero gradient; bad ids
 raise. Layouts: starts inside chunks and sub-chunks, exactly on chunk boundaries, documents of
 one token (also last in the row), several documents per chunk, an id reused, t not a multiple
-of the chunk, and t shorter than one chunk.
+of the chunk, and (GLA, which runs it as one shorter chunk) t shorter than one chunk.
 """
 
 import functools
@@ -182,8 +182,6 @@ OPS = {
     ),
 }
 
-OPS = {"gla": OPS["gla"]}  # SSD and the delta rule follow
-
 
 def _cotangents(out_shapes, seed=1):
     (o_shape, S_shape) = out_shapes
@@ -197,53 +195,80 @@ def _vjp(op, impl, seg, args, cts):
 
 
 @functools.cache
+def _jitted_vjp(op_name, impl):
+    """One jitted value-and-gradient function per op and form, shared by the tests."""
+    return jax.jit(functools.partial(_vjp, OPS[op_name], impl))
+
+
+def _cotangents_for(op, args):
+    shapes = jax.eval_shape(lambda *a: op.call("reference", a, None), *args)
+    return _cotangents(tuple(s.shape for s in shapes))
+
+
+@functools.cache
 def _packed(op_name, impl, layout, gates="realistic", seed=0):
-    """Values and gradients of one packed run (the function jitted once)."""
+    """Values and gradients of one packed run."""
     op = OPS[op_name]
     t, starts = LAYOUTS[layout]
     args = op.inputs(t, gates, seed)
-    seg = _ids(t, starts)
-    shapes = jax.eval_shape(lambda *a: op.call("reference", a, None), *args)
-    cts = _cotangents(tuple(s.shape for s in shapes))
-    run = jax.jit(functools.partial(_vjp, op, impl))
-    return jax.device_get(run(seg, args, cts))
+    run = _jitted_vjp(op_name, impl)
+    return jax.device_get(run(_ids(t, starts), args, _cotangents_for(op, args)))
 
 
 @functools.cache
 def _alone(op_name, layout):
     """Each document run alone through the unpacked reference, assembled like a packed run:
     outputs and time-indexed gradients in place, the last document's state, h0's gradient
-    from each row's first document, the gradients of the other inputs summed over documents."""
+    from each row's first document, the gradients of the other inputs summed over documents.
+
+    Every document gets its own row of a batch (one compile), starting at position 0 (from the
+    row's h0 if it is the row's first document, else from zeros) and followed by zero inputs,
+    which are identity steps of all three ops (no decay, nothing written); their outputs and
+    gradients are dropped and their cotangents are 0.
+    """
     op = OPS[op_name]
     t, starts = LAYOUTS[layout]
     args = op.inputs(t, "realistic", 0)
-    h0 = args[-1]
-    shapes = jax.eval_shape(lambda *a: op.call("reference", a, None), *args)
-    do, dS = _cotangents(tuple(s.shape for s in shapes))
-    o = np.zeros(shapes[0].shape, np.float32)
-    S = np.zeros(shapes[1].shape, np.float32)
+    do, dS = _cotangents_for(op, args)
+    docs = [(r, first, end) for r, row in enumerate(_docs(t, starts)) for first, end in row]
+
+    def place(x, r, first, end):  # x (b, t, ...) -> one row, the document first, zeros after
+        row = np.zeros((t, *x.shape[2:]), np.float32)
+        row[: end - first] = x[r, first:end]
+        return row
+
+    args, do, dS = jax.device_get((args, do, dS))
+    sub = []
+    for i, a in enumerate(args):
+        if i in op.time_args:
+            sub.append(np.stack([place(a, *d) for d in docs]))
+        elif i == len(args) - 1:
+            sub.append(np.stack([a[r] * (first == 0) for r, first, _ in docs]))
+        else:
+            sub.append(a)  # shared by all rows (SSD's A and D)
+    cts = (
+        np.stack([place(do, *d) for d in docs]),
+        np.stack([dS[r] * (end == t) for r, _, end in docs]),
+    )
+    (o_d, S_d), g_d = jax.device_get(
+        jax.jit(functools.partial(_vjp, op, "reference", None))(tuple(sub), cts)
+    )
+    o = np.zeros(do.shape, np.float32)
+    S = np.zeros(dS.shape, np.float32)
     grads = [np.zeros(a.shape, np.float32) for a in args]
-    run = jax.jit(functools.partial(_vjp, op, "reference", None))
-    for r, docs in enumerate(_docs(t, starts)):
-        for first, end in docs:
-            last = end == t
-            sub = tuple(
-                a[r : r + 1, first:end] if i in op.time_args else a for i, a in enumerate(args)
-            )
-            sub = sub[:-1] + (h0[r : r + 1] if first == 0 else jnp.zeros_like(h0[r : r + 1]),)
-            cts = (do[r : r + 1, first:end], dS[r : r + 1] * (1.0 if last else 0.0))
-            (o_d, S_d), g_d = run(sub, cts)
-            o[r, first:end] = o_d[0]
-            if last:
-                S[r] = S_d[0]
-            for i, g in enumerate(g_d):
-                if i in op.time_args:
-                    grads[i][r, first:end] = g[0]
-                elif i == len(args) - 1:
-                    if first == 0:
-                        grads[i][r] = g[0]
-                else:
-                    grads[i] += np.asarray(g)
+    for n, (r, first, end) in enumerate(docs):
+        o[r, first:end] = o_d[n, : end - first]
+        if end == t:
+            S[r] = S_d[n]
+        for i, g in enumerate(g_d):
+            if i in op.time_args:
+                grads[i][r, first:end] = g[n, : end - first]
+            elif i == len(args) - 1:
+                if first == 0:
+                    grads[i][r] = g[n]
+    for i, g in enumerate(g_d):
+        if i not in op.time_args and i != len(args) - 1:
+            grads[i] = np.asarray(g)
     return (o, S), grads
 
 
@@ -265,6 +290,10 @@ def test_packed_row_equals_documents_alone(op_name, impl):
     [
         ("gla", "chunked", "long", "mixed"),
         ("gla", "chunked", "short", "realistic"),
+        ("ssd", "chunked", "long", "mixed"),
+        ("gdn", "chunked", "long", "mixed"),
+        ("kda", "chunked", "long", "mixed"),
+        ("kda", "recurrent", "long", "mixed"),
     ],
 )
 def test_fast_equals_reference_with_segment_ids(op_name, impl, layout, gates):
@@ -280,7 +309,7 @@ def test_fast_equals_reference_with_segment_ids(op_name, impl, layout, gates):
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
-@pytest.mark.parametrize("op_name", ["gla"])
+@pytest.mark.parametrize("op_name", ["gla", "gdn", "kda"])
 def test_start_gate_gradient_is_zero(op_name, impl):
     # A start's own decay multiplies the zeroed state: its gradient is exactly 0.
     op = OPS[op_name]
@@ -288,6 +317,21 @@ def test_start_gate_gradient_is_zero(op_name, impl):
     _, grads = _packed(op_name, impl, "long")
     dg = np.asarray(grads[op.gate])[_start_mask(t, starts)]
     assert (dg == 0).all(), np.abs(dg).max()
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
+def test_ssd_start_decay_gradient_is_zero(impl):
+    # dt enters both the decay exp(dt A) and the input dt x; with x = 0 at the starts only the
+    # decay is left, so the gradient of dt there is exactly 0.
+    op = OPS["ssd"]
+    t, starts = LAYOUTS["long"]
+    mask = _start_mask(t, starts)
+    args = list(op.inputs(t, "realistic", 0))
+    args[0] = jnp.where(mask[:, :, None, None], 0.0, args[0])
+    _, grads = _jitted_vjp("ssd", impl)(_ids(t, starts), tuple(args), _cotangents_for(op, args))
+    ddt = np.asarray(grads[1])[mask]
+    assert (ddt == 0).all(), np.abs(ddt).max()
+    assert np.abs(np.asarray(grads[1])[~mask]).sum() > 0
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
@@ -301,14 +345,3 @@ def test_bad_segment_ids_raise(op_name, impl):
         op.call(impl, args, jnp.ones((5,), jnp.int32))
     with pytest.raises(ValueError, match="`segment_ids` must be an integer array"):
         op.call(impl, args, jnp.ones((B, 5), jnp.float32))
-
-
-@pytest.mark.parametrize("op_name", list(OPS))
-def test_one_document_equals_no_segment_ids(op_name):
-    # All ids equal: no start, the same numbers as segment_ids=None.
-    op = OPS[op_name]
-    args = op.inputs(37, "realistic", 0)
-    o, S = op.call("chunked", args, jnp.full((B, 37), 3, jnp.int32))
-    o_none, S_none = op.call("chunked", args, None)
-    assert_close(o, o_none)
-    assert_close(S, S_none)
