@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks
+from effseq.ops import _checks, segments
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -114,7 +114,98 @@ def _conv_direct(u: Array, k: Array) -> Array:
     )
 
 
-def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
+def _conv_taps_masked(u: Array, k: Array, seg: Array, lag_offset: int, reverse: bool) -> Array:
+    """A short kernel's taps on packed rows: tap s reads u[t - s - lag_offset] (``reverse``:
+    u[t + s + lag_offset]) only where that position is in t's document (segments.tap_mask).
+    O(t l) like the unpacked shifted sum, plus one (b, t) mask per tap."""
+    l = k.shape[-1]
+    t = u.shape[1]
+    y = jnp.zeros_like(u)
+    for s in range(l):
+        lag = s + lag_offset
+        if lag >= t:
+            break
+        if reverse:
+            shifted = jnp.pad(u[:, lag:], [(0, 0), (0, lag), (0, 0)])
+        else:
+            shifted = jnp.pad(u[:, : t - lag], [(0, 0), (lag, 0), (0, 0)])
+        if lag:
+            shifted = jnp.where(segments.tap_mask(seg, lag, reverse)[..., None], shifted, 0.0)
+        y = y + shifted * k[:, s]
+    return y
+
+
+# Positions per block of the masked Toeplitz form (packed rows with long kernels).
+_CONV_BLOCK = 64
+
+
+def _conv_toeplitz_masked(u: Array, k: Array, doc: Array, lag_offset: int) -> Array:
+    """y[i] = sum_j k[i - j - lag_offset] u[j] over the j in i's document (0 <= lag < l).
+
+    u (b, t, h) float32, k (h, l), doc (b, t) document index (any labels that are equal
+    exactly within a document and contiguous). Time is cut into blocks of c = 64: query block
+    q meets key block q - d (offset d). A diagonal block (d = 0) is a (b, h, c, c) masked
+    Toeplitz product. Off the diagonal only the query block's first document can reach back
+    into an earlier block, so the mask there is rank one (keys of that document x queries of
+    it) and the product is a plain batched matmul of the offset's (h, c, c) Toeplitz block
+    with every query block's masked keys at once. An offset where no row's key block holds
+    its query block's first document is skipped (``lax.cond``), so with documents of length L
+    about L / c + 2 offsets run, each O(b t h c) work; no offset needs more than O(b t h + h c c)
+    memory.
+    """
+    b, t, h = u.shape
+    l = k.shape[-1]
+    c = min(_CONV_BLOCK, t)
+    n = -(-t // c)
+    # Offsets whose smallest lag, d c - (c - 1) - lag_offset, is still below l.
+    n_off = min(n, (l + c - 2 + lag_offset) // c + 1)
+    pad = n * c - t
+    ub = jnp.moveaxis(jnp.pad(u, [(0, 0), (0, pad), (0, 0)]).reshape(b, n, c, h), 1, 0)
+    db = jnp.moveaxis(jnp.pad(doc, [(0, 0), (0, pad)], constant_values=-1).reshape(b, n, c), 1, 0)
+    # Lags below 0 or from l on read the zero padding.
+    kp = jnp.pad(k, [(0, 0), (c + lag_offset, n_off * c + c)])
+    rel = jnp.arange(c)[:, None] - jnp.arange(c)[None, :]
+    hi = jax.lax.Precision.HIGHEST
+
+    def toeplitz(d):  # (h, c, c): [h, r, s] = k[h, d c + r - s - lag_offset]
+        return kp[:, d * c + rel + c]
+
+    t0 = toeplitz(0)
+
+    @jax.checkpoint
+    def diagonal(_, xs):
+        uq, dq = xs
+        w = t0[None] * (dq[:, :, None] == dq[:, None, :])[:, None]  # (b, h, c, c)
+        return None, jnp.einsum("bhrs,bsh->brh", w, uq, precision=hi)
+
+    _, y = jax.lax.scan(diagonal, None, (ub, db))  # (n, b, c, h)
+    if n_off > 1:
+        first = db[:, :, :1]  # (n, b, 1): each query block's first document
+        q_mask = (db == first)[..., None]
+        block = jnp.arange(n)[:, None, None]
+
+        @jax.checkpoint
+        def off_diagonal(y, d):
+            k_mask = (jnp.roll(db, d, axis=0) == first) & (block >= d)  # (n, b, c)
+
+            def add(y):
+                keys = jnp.roll(ub, d, axis=0) * k_mask[..., None]
+                return y + q_mask * jnp.einsum("hrs,nbsh->nbrh", toeplitz(d), keys, precision=hi)
+
+            return jax.lax.cond(jnp.any(k_mask), add, lambda y: y, y), None
+
+        y, _ = jax.lax.scan(off_diagonal, y, jnp.arange(1, n_off))
+    return jnp.moveaxis(y, 0, 1).reshape(b, n * c, h)[:, :t]
+
+
+def _check_segments(op: str, u: Array, segment_ids) -> None:
+    if segment_ids is not None:
+        segments.check_segment_ids(op, segment_ids, u.shape[0], u.shape[1])
+
+
+def causal_conv(
+    u: Array, k: Array, *, impl: str | None = None, segment_ids: Array | None = None
+) -> Array:
     """Causal depthwise convolution y[b, t, h] = sum_{s <= t} k[h, s] * u[b, t - s, h].
 
     The convolution form of a linear time-invariant SSM (Gu et al. 2022, "Efficiently Modeling
@@ -126,6 +217,15 @@ def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
       impl: ``"fft"`` (O(t log t); the default) or ``"direct"`` (O(t l): a sum of shifted
         inputs up to 16 taps, an XLA convolution beyond; better for short kernels such as
         Mamba's width-4 convolution).
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
+        None. No tap crosses a document start: y_t = sum_{s <= pos_t} k_s u_{t-s}, pos_t the
+        offset of t in its document. An FFT cannot mask per document, so on packed rows:
+        ``"direct"`` with a kernel of at most 16 taps is the shifted sum with one
+        :func:`~effseq.ops.segments.tap_mask` per tap (same O(t l) cost; the short convs of
+        Mamba, GDN, RG-LRU); any other kernel, whatever ``impl`` says, goes through a blockwise
+        masked Toeplitz product (blocks of 64 positions): with documents of length L it does
+        O(b t h (L + 128)) multiply-adds, memory O(b t h + h 64²) (measured in the commit
+        that added it: see its message), against the FFT's O(b t h log t).
 
     Returns:
       y (b, t, h) in u's dtype, accumulated in float32.
@@ -137,10 +237,17 @@ def causal_conv(u: Array, k: Array, *, impl: str | None = None) -> Array:
     op = "causal_conv"
     _validate(op, u, {"k": k})
     impl = resolve_impl(op, impl)
+    _check_segments(op, u, segment_ids)
     t = u.shape[1]
     uf = u.astype(jnp.float32)
     kf = k.astype(jnp.float32)
-    if impl == "direct":
+    if segment_ids is not None:
+        kf = kf[:, :t]
+        if impl == "direct" and kf.shape[-1] <= _SHIFT_MAX_TAPS:
+            y = _conv_taps_masked(uf, kf, segment_ids, 0, False)
+        else:
+            y = _conv_toeplitz_masked(uf, kf, segments.document_index(segment_ids), 0)
+    elif impl == "direct":
         y = _conv_direct(uf, kf[:, :t])
     else:
         l = min(k.shape[-1], t)
@@ -184,7 +291,14 @@ def causal_conv_step(window: Array, u_t: Array, k: Array) -> tuple[Array, Array]
     return y.astype(u_t.dtype), full[:, 1:]
 
 
-def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None = None) -> Array:
+def bidirectional_conv(
+    u: Array,
+    k_fwd: Array,
+    k_bwd: Array,
+    *,
+    impl: str | None = None,
+    segment_ids: Array | None = None,
+) -> Array:
     """Non-causal convolution: a causal kernel plus an anti-causal one.
 
     y[b, t, h] = sum_{s >= 0} k_fwd[h, s] * u[b, t - s, h]
@@ -198,6 +312,11 @@ def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None
       k_fwd: (h, l) kernel over the past and present.
       k_bwd: (h, l) kernel over the future.
       impl: ``"fft"`` or ``"direct"``, as for :func:`causal_conv`.
+      segment_ids: (b, t) document ids of packed rows, or None: neither half crosses a
+        document boundary (the future taps stop at the document's end). As for
+        :func:`causal_conv`: ``"direct"`` with both kernels of at most 16 taps masks each tap,
+        anything else runs the blockwise masked Toeplitz form twice (the future half on the
+        time-reversed row), with the cost given there.
 
     Returns:
       y (b, t, h) in u's dtype.
@@ -205,8 +324,11 @@ def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None
     op = "bidirectional_conv"
     _validate(op, u, {"k_fwd": k_fwd, "k_bwd": k_bwd})
     impl = resolve_impl(op, impl)
+    _check_segments(op, u, segment_ids)
     t = u.shape[1]
     uf = u.astype(jnp.float32)
+    if segment_ids is not None:
+        return _bidirectional_packed(uf, k_fwd, k_bwd, segment_ids, impl).astype(u.dtype)
     kf = _fit(k_fwd.astype(jnp.float32), t)
     kb = _fit(k_bwd.astype(jnp.float32), t - 1) if t > 1 else None
     if impl == "direct":
@@ -225,6 +347,22 @@ def bidirectional_conv(u: Array, k_fwd: Array, k_bwd: Array, *, impl: str | None
     return y.astype(u.dtype)
 
 
+def _bidirectional_packed(uf, k_fwd, k_bwd, segment_ids, impl):
+    """The packed form of :func:`bidirectional_conv` (float32 in and out)."""
+    t = uf.shape[1]
+    kf = k_fwd.astype(jnp.float32)[:, :t]
+    kb = k_bwd.astype(jnp.float32)[:, : max(t - 1, 1)]
+    if impl == "direct" and max(kf.shape[-1], kb.shape[-1]) <= _SHIFT_MAX_TAPS:
+        y = _conv_taps_masked(uf, kf, segment_ids, 0, False)
+        return y + _conv_taps_masked(uf, kb, segment_ids, 1, True)
+    doc = segments.document_index(segment_ids)
+    y = _conv_toeplitz_masked(uf, kf, doc, 0)
+    # The future half is the past half of the reversed row, lags from 1; the reversed labels
+    # are still equal exactly within each document.
+    back = _conv_toeplitz_masked(jnp.flip(uf, 1), kb, jnp.flip(doc, 1), 1)
+    return y + jnp.flip(back, 1)
+
+
 def _toeplitz(k: Array, t: int, lag_offset: int) -> Array:
     """(h, t, t) matrix T[h, i, j] = k[h, i - j - lag_offset] where in range, else 0."""
     lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :] - lag_offset
@@ -232,19 +370,39 @@ def _toeplitz(k: Array, t: int, lag_offset: int) -> Array:
     return jnp.where(valid, k.astype(jnp.float32)[:, jnp.clip(lag, 0, k.shape[-1] - 1)], 0.0)
 
 
-def causal_conv_reference(u: Array, k: Array) -> Array:
-    """Slow reference for :func:`causal_conv`: the dense (t, t) Toeplitz matrix product, float32."""
+def _same_document(op: str, u: Array, segment_ids) -> Array | None:
+    """(b, t, t) float32 same-document mask, or None without ``segment_ids``."""
+    if segment_ids is None:
+        return None
+    segments.check_segment_ids(op, segment_ids, u.shape[0], u.shape[1])
+    return segments.same_document(segment_ids).astype(jnp.float32)
+
+
+def causal_conv_reference(u: Array, k: Array, *, segment_ids: Array | None = None) -> Array:
+    """Slow reference for :func:`causal_conv`: the dense (t, t) Toeplitz matrix product, float32.
+    With ``segment_ids`` the matrix is zero between different documents."""
     t = u.shape[1]
-    return jnp.einsum("hts,bsh->bth", _toeplitz(k, t, 0), u.astype(jnp.float32))
+    same = _same_document("causal_conv_reference", u, segment_ids)
+    if same is None:
+        return jnp.einsum("hts,bsh->bth", _toeplitz(k, t, 0), u.astype(jnp.float32))
+    return jnp.einsum("hts,bts,bsh->bth", _toeplitz(k, t, 0), same, u.astype(jnp.float32))
 
 
-def bidirectional_conv_reference(u: Array, k_fwd: Array, k_bwd: Array) -> Array:
+def bidirectional_conv_reference(
+    u: Array, k_fwd: Array, k_bwd: Array, *, segment_ids: Array | None = None
+) -> Array:
     """Slow reference for :func:`bidirectional_conv`: dense Toeplitz products, float32.
 
     The anti-causal part is the causal one of the time-reversed input, with the kernel
-    starting at lag 1.
+    starting at lag 1. With ``segment_ids`` both matrices are zero between documents.
     """
     t = u.shape[1]
     uf = u.astype(jnp.float32)
-    backward = jnp.einsum("hts,bsh->bth", _toeplitz(k_bwd, t, 1), jnp.flip(uf, 1))
-    return causal_conv_reference(u, k_fwd) + jnp.flip(backward, 1)
+    same = _same_document("bidirectional_conv_reference", u, segment_ids)
+    if same is None:
+        backward = jnp.einsum("hts,bsh->bth", _toeplitz(k_bwd, t, 1), jnp.flip(uf, 1))
+        return causal_conv_reference(u, k_fwd) + jnp.flip(backward, 1)
+    flip_same = jnp.flip(same, (1, 2))
+    backward = jnp.einsum("hts,bts,bsh->bth", _toeplitz(k_bwd, t, 1), flip_same, jnp.flip(uf, 1))
+    forward = causal_conv_reference(u, k_fwd, segment_ids=segment_ids)
+    return forward + jnp.flip(backward, 1)
