@@ -18,8 +18,9 @@ import numpy as np
 from effseq import ops, sharding
 from effseq.layers import params
 from effseq.layers.conv_output import conv_output, output_params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
+from effseq.ops import segments
 from effseq.typing import Array, DType
 
 INITS = ("legs", "inv", "lin")
@@ -166,11 +167,42 @@ class S4DKernel(nn.Module):
         log_dt, A, B, _ = self._ssm()
         return ops.s4d_final_state(x, log_dt, A, B, self.discretization)
 
+    def scan(self, x: Array, segment_ids: Array) -> Array:
+        """The SSM over packed rows x (b, t, h) through its recurrence, the state reset at each
+        document start of ``segment_ids``: y (b, t, h) float32, y_t = 2 Re(sum_n C x_t).
+
+        Runs :func:`effseq.ops.linear_scan` over the (b, t, h, n) complex states, which it
+        holds in memory (O(b t h n)); ``ops.s4d_scan``, which avoids that, is to replace it.
+        """
+        dA, dB, C = self.discrete()
+        b, t, h = x.shape
+        a = jnp.broadcast_to(dA, (b, t, *dA.shape))
+        states, _ = ops.linear_scan(
+            a, dB * x.astype(jnp.float32)[..., None], segment_ids=segment_ids
+        )
+        return 2 * jnp.einsum("bthn,hn->bth", states, C, precision=jax.lax.Precision.HIGHEST).real
+
     def discrete(self) -> tuple[Array, Array, Array]:
         """(dA, dB, C), each (h, n) complex64, for :func:`effseq.ops.s4d_step`."""
         log_dt, A, B, C = self._ssm()
         dA, dB = ops.s4d_discretize(log_dt, A, B, self.discretization)
         return dA, dB, C
+
+
+def _last_document(x: Array, segment_ids: Array) -> Array:
+    """x (b, t, d) with everything but each row's last document zeroed, rolled so that the
+    document's last real token is at position t - 1 (trailing padding skipped): the zero-state
+    recurrence over it ends in that document's state."""
+    t = x.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    real = segments.padding_mask(segment_ids)
+    last = jnp.max(jnp.where(real, idx, -1), axis=1)  # (b,), -1: no real token
+    doc = segments.document_index(segments.fill_padding(segment_ids))
+    last_doc = jnp.take_along_axis(doc, jnp.maximum(last, 0)[:, None], axis=1)
+    keep = real & (doc == last_doc)
+    x = jnp.where(keep[..., None], x, 0)
+    src = (idx[None] + last[:, None] + 1) % t  # rolled[i] = x[i + last + 1 - t]
+    return jnp.take_along_axis(x, src[..., None], axis=1)
 
 
 class S4D(Mixer):
@@ -240,10 +272,22 @@ class S4D(Mixer):
     def _output(self, y: Array, x: Array) -> Array:
         return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
         """x (b, t, d), mask (b, t) bool or None -> y (b, t, d) in ``dtype``. Zeroed padding
-        adds nothing to a convolution, in either direction."""
+        adds nothing to a convolution, in either direction.
+
+        With ``segment_ids`` (packed documents, 0 = padding) a convolution kernel cannot stop at
+        document boundaries (an FFT mixes every position), so the SSM runs through its
+        recurrence instead, its state reset at every document start (:meth:`S4DKernel.scan`);
+        the backward SSM of ``causal=False`` runs over the reversed rows the same way. Each
+        document's outputs equal the convolution over that document alone.
+        """
+        mask, seg = packing("S4D", x, mask, segment_ids)
         x = zero_padding(x.astype(self.dtype), mask)
+        if seg is not None:
+            return self._output(self._scan(x, seg), x)
         t = x.shape[1]
         k = self.kernel.kernel(t)
         if not self.causal:
@@ -252,16 +296,33 @@ class S4D(Mixer):
             y = ops.causal_conv(x, k, impl=self.conv_impl)
         return self._output(y, x)
 
+    def _scan(self, x: Array, seg: Array) -> Array:
+        """Packed rows x (b, t, d) through the recurrence(s), seg the ops' ids -> (b, t, d)."""
+        y = self.kernel.scan(x, seg)
+        if not self.causal:
+            # The backward kernel starts at lag 1: position i reads the reversed scan's output
+            # at i + 1, unless i + 1 starts another document.
+            z = jnp.flip(self.kernel_bwd.scan(jnp.flip(x, 1), jnp.flip(seg, 1)), 1)
+            z = jnp.pad(z[:, 1:], ((0, 0), (0, 1), (0, 0)))
+            y = y + jnp.where(segments.document_ends(seg)[..., None], 0.0, z)
+        return y.astype(x.dtype)
+
     def init_state(self, batch: int, max_len: int) -> Array:
         """The SSM state before any token: (b, h, n) complex64 zeros; independent of max_len."""
         del max_len
         return jnp.zeros((batch, self.d_model, self.state_size), jnp.complex64)
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
-        """A prompt x (b, t, d) in parallel -> (y (b, t, d), state after it (b, h, n))."""
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
+        """A prompt x (b, t, d) in parallel -> (y (b, t, d), state after it (b, h, n)); with
+        ``segment_ids`` (0 = padding), the state after each row's last document alone."""
         del max_len
         self.check_causal("prefill")
-        return self(x), self.kernel.final_state(x.astype(self.dtype))
+        if segment_ids is None:
+            return self(x), self.kernel.final_state(x.astype(self.dtype))
+        y = self(x, segment_ids=segment_ids)
+        return y, self.kernel.final_state(_last_document(x.astype(self.dtype), segment_ids))
 
     def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
         """One token: x_t (b, d), state (b, h, n) -> (y_t (b, d), state)."""

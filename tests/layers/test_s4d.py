@@ -10,6 +10,11 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.s4d import S4D
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close
 
@@ -181,3 +186,25 @@ def test_dtypes(param_dtype):
     state = module.apply(variables, 2, 7, method="init_state")
     y_t, state = module.apply(variables, x[:, 0], state, method="step")
     assert y_t.dtype == jnp.bfloat16 and state.dtype == jnp.complex64
+
+
+# Packed rows (segment_ids): a length-1 document, ids reused (1, 2, 1, ...), trailing padding.
+PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_recurrence_equals_the_fft_convolution_per_document(causal):
+    # Packed rows run through the SSM recurrence with resets; each document alone through the
+    # FFT convolution (both directions' kernels without causal).
+    module = S4D(d_model=D_MODEL, state_size=N, causal=causal, conv_impl="fft")
+    x, variables = _init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    assert_packed_equals_alone(module, variables, x, seg, docs)
+
+
+def test_packed_prefill_continues_the_last_document():
+    module = S4D(d_model=D_MODEL, state_size=N)
+    x, variables = _init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    cont = jax.random.normal(jax.random.key(5), (2, 3, D_MODEL))
+    assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, max_len=32)
