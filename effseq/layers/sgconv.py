@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from effseq import ops, sharding
 from effseq.layers import params
 from effseq.layers.conv_output import conv_output, output_params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
+from effseq.ops import segments
 from effseq.typing import Array
 
 
@@ -117,17 +118,23 @@ class SGConv(Mixer):
     def _output(self, y: Array, x: Array) -> Array:
         return conv_output(y, x, self.D, self.out_kernel, self.out_bias, self.glu, self.dtype)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
         """x (b, t, d), mask (b, t) bool or None -> y (b, t, d) in ``dtype``. Zeroed padding
-        adds nothing to a convolution, in either direction."""
+        adds nothing to a convolution, in either direction. With ``segment_ids`` (packed
+        documents, 0 = padding) the convolution's taps stop at document boundaries (the
+        convolution ops' masked direct form)."""
+        mask, seg = packing("SGConv", x, mask, segment_ids)
         x = zero_padding(x.astype(self.dtype), mask)
         t = x.shape[1]
         k = self._kernel(self.sub_kernels, self.kernel_norm, t)
+        packed = {} if seg is None else {"segment_ids": seg}
         if not self.causal:
             k_bwd = self._kernel(self.sub_kernels_bwd, self.kernel_norm_bwd, t)
-            y = ops.bidirectional_conv(x, k, k_bwd, impl=self.conv_impl)
+            y = ops.bidirectional_conv(x, k, k_bwd, impl=self.conv_impl, **packed)
         else:
-            y = ops.causal_conv(x, k, impl=self.conv_impl)
+            y = ops.causal_conv(x, k, impl=self.conv_impl, **packed)
         return self._output(y, x)
 
     def init_state(self, batch: int, max_len: int) -> Array:
@@ -138,13 +145,20 @@ class SGConv(Mixer):
         """
         return jnp.zeros((batch, max_len - 1, self.d_model), jnp.float32)
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, Array]:
-        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the window holding it)."""
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
+        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the window holding it); with
+        ``segment_ids`` (0 = padding), the window holds each row's last document only, zeros
+        before its start (:func:`effseq.ops.segments.last_window`)."""
         self.check_causal("prefill")
         t = x.shape[1]
         if t > max_len:
             raise ValueError(f"SGConv.prefill: prompt length {t} exceeds max_len={max_len}")
         w = max_len - 1
+        if segment_ids is not None:
+            y = self(x, segment_ids=segment_ids)
+            return y, segments.last_window(x.astype(self.dtype), w, segment_ids)
         # Prompts shorter than the window leave zeros in front, as init_state does.
         padded = jnp.pad(x.astype(self.dtype).astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
         return self(x), padded[:, padded.shape[1] - w :]

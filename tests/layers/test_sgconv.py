@@ -9,6 +9,11 @@ import pytest
 from effseq import ops
 from effseq.layers import params
 from effseq.layers.sgconv import SGConv, num_scales
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close
 
@@ -138,3 +143,29 @@ def test_dtypes(param_dtype):
     state = module.apply(variables, 2, MAX_LEN, method="init_state")
     y_t, state = module.apply(variables, x[:, 0], state, method="step")
     assert y_t.dtype == jnp.bfloat16
+
+
+# Packed rows (segment_ids): a length-1 document, ids reused (1, 2, 1, ...), trailing padding.
+PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_documents_equal_each_document_alone(causal):
+    # Packed: the masked direct form (no tap crosses a boundary); alone: the FFT convolution.
+    module = _module(causal=causal, conv_impl="fft")
+    x, variables = _init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    assert_packed_equals_alone(module, variables, x, seg, docs)
+
+
+def test_packed_prefill_keeps_the_last_document_in_the_window():
+    module = _module()
+    x, variables = _init(module, t=19)
+    seg, docs = layout(PACKED_ROWS, 19)
+    cont = jax.random.normal(jax.random.key(5), (2, 3, D_MODEL))
+    window = assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, MAX_LEN)
+    # Its inputs only, zeros before its start, the window ending at its last real token.
+    for r in range(2):
+        _, s, e = max(d for d in docs if d[0] == r)
+        _, alone = module.apply(variables, x[r : r + 1, s:e], MAX_LEN, method="prefill")
+        np.testing.assert_array_equal(window[r], alone[0])
