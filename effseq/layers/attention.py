@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from effseq import ops, sharding
 from effseq.layers import params
-from effseq.layers.masking import zero_padding
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
+from effseq.ops import segments
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -110,37 +111,68 @@ class Attention(Mixer):
         x = x.astype(self.dtype)
         return [ops.dense(x, w[n].astype(self.dtype)) for n in ("query", "key", "value")]
 
-    def _qkv(self, x: jax.Array):
-        """x (b, t, d) -> (q, k, v) as attention reads them, and the pre-convolution ones."""
+    def _qkv(self, x: jax.Array, segment_ids: jax.Array | None = None):
+        """x (b, t, d) -> (q, k, v) as attention reads them, and the pre-convolution ones.
+        With ``segment_ids`` (the ops' ids), the convolution's taps stop at document starts
+        and rotary positions restart at each."""
         w = self.w
         raw = self._project(w, x)
         q, k, v = raw
         if self.dconv:
             q, k, v = (
-                self._dconv_parallel(w[f"dconv_{n}"], y)
+                self._dconv_parallel(w[f"dconv_{n}"], y, segment_ids)
                 for n, y in zip(("query", "key", "value"), raw, strict=True)
             )
         if self.rotary:
-            pos = jnp.arange(x.shape[1])[None]
+            if segment_ids is None:
+                pos = jnp.arange(x.shape[1])[None]
+            else:
+                pos = segments.positions(segment_ids)
             q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
         return (q, k, v), raw
 
-    def _attend(self, q, k, v, mask=None):
-        o = ops.attention(
-            q, k, v, causal=self.causal, window=self.window, kv_mask=mask, impl=self.impl
-        )
+    def _attend(self, q, k, v, mask=None, segment_ids=None):
+        if segment_ids is None:
+            o = ops.attention(
+                q, k, v, causal=self.causal, window=self.window, kv_mask=mask, impl=self.impl
+            )
+        else:
+            o = ops.attention(
+                q,
+                k,
+                v,
+                causal=self.causal,
+                window=self.window,
+                kv_mask=mask,
+                impl=self.impl,
+                segment_ids=segment_ids,
+            )
         return ops.dense(o, self.w["out"].astype(self.dtype), 2)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d); no query attends to padding."""
-        return self._attend(*self._qkv(zero_padding(x, mask))[0], mask)
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None -> (b, t, d);
+        no query attends to padding (mask False or id 0) or to another document."""
+        mask, seg = packing("Attention", x, mask, segment_ids)
+        return self._attend(*self._qkv(zero_padding(x, mask), seg)[0], mask, seg)
 
-    def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, dict]:
-        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the KV cache holding it)."""
+    def prefill(
+        self, x: jax.Array, max_len: int, *, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """A prompt x (b, t, d), t <= max_len, in parallel -> (y, the KV cache holding it).
+
+        With ``segment_ids`` (packed documents, 0 = padding) y is ``__call__``'s, and the cache
+        holds each row's last document alone: its keys (rotated by their positions in the
+        document) and values at cache positions [0, n), n its length, and ``index`` (b,) = n,
+        one per row; ``step`` then continues that document as if it had been the whole prompt.
+        """
         self.check_causal("prefill")
         b, t, _ = x.shape
         if t > max_len:
             raise ValueError(f"Attention.prefill: prompt length {t} exceeds max_len={max_len}")
+        if segment_ids is not None:
+            return self._prefill_packed(x, max_len, segment_ids)
         (q, k, v), raw = self._qkv(x)
         state = self.init_state(b, max_len)
         state["key"] = state["key"].at[:, :t].set(k.astype(self.dtype))
@@ -154,14 +186,46 @@ class Attention(Mixer):
             state["window"] = padded[:, padded.shape[1] - w :]
         return self._attend(q, k, v), state
 
-    def _dconv_parallel(self, kern, y):
+    def _prefill_packed(self, x, max_len, segment_ids):
+        b, t, _ = x.shape
+        mask, seg = packing("Attention.prefill", x, None, segment_ids)
+        (q, k, v), raw = self._qkv(zero_padding(x, mask), seg)
+        # The last document: from its first position to the last real token (n = 0: no token).
+        idx = jnp.arange(t, dtype=jnp.int32)
+        last = jnp.max(jnp.where(mask, idx, -1), axis=1)  # (b,)
+        pos = segments.positions(seg)
+        n = jnp.where(
+            last >= 0, jnp.take_along_axis(pos, jnp.maximum(last, 0)[:, None], 1)[:, 0] + 1, 0
+        )
+        slots = jnp.arange(max_len, dtype=jnp.int32)
+        src = jnp.clip(last[:, None] - n[:, None] + 1 + slots[None], 0, t - 1)  # (b, max_len)
+        keep = (slots[None] < n[:, None])[:, :, None, None]
+
+        def cache(y):
+            y = jnp.take_along_axis(y, src[:, :, None, None], axis=1)
+            return jnp.where(keep, y, 0).astype(self.dtype)
+
+        state = self.init_state(b, max_len)
+        state["key"], state["value"] = cache(k), cache(v)
+        state["index"] = n.astype(jnp.int32)
+        if self.dconv:
+            channels = jnp.concatenate([y.reshape(b, t, -1) for y in raw], -1)  # (b, t, 3hk)
+            state["window"] = segments.last_window(channels, self.dconv_width - 1, segment_ids)
+        return self._attend(q, k, v, mask, seg), state
+
+    def _dconv_parallel(self, kern, y, segment_ids=None):
         b, t, h, k = y.shape
-        flat = ops.causal_conv(y.reshape(b, t, h * k), kern.reshape(h * k, -1), impl="direct")
+        u, kern = y.reshape(b, t, h * k), kern.reshape(h * k, -1)
+        if segment_ids is None:
+            flat = ops.causal_conv(u, kern, impl="direct")
+        else:
+            flat = ops.causal_conv(u, kern, impl="direct", segment_ids=segment_ids)
         return flat.reshape(b, t, h, k).astype(self.dtype)
 
     def init_state(self, batch: int, max_len: int) -> dict:
-        """KV cache (b, max_len, h, k) x 2, the next position, and Primer's input window: the
-        last dconv_width - 1 projections q, k, v (b, dconv_width - 1, 3 h k) float32."""
+        """KV cache (b, max_len, h, k) x 2, the next position (a scalar), and Primer's input
+        window: the last dconv_width - 1 projections q, k, v (b, dconv_width - 1, 3 h k)
+        float32."""
         h, k = self._dims()
         state = {
             "key": jnp.zeros((batch, max_len, h, k), self.dtype),
@@ -173,7 +237,10 @@ class Attention(Mixer):
         return state
 
     def step(self, x_t: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """One token x_t (b, d) -> (y_t (b, d), state); cost grows with the cache length."""
+        """One token x_t (b, d) -> (y_t (b, d), state); cost grows with the cache length.
+
+        ``state["index"]`` is the next position: a scalar shared by the rows, or (b,), one per
+        row, after a packed prefill (:meth:`prefill` with ``segment_ids``)."""
         self.check_causal("step")
         w = self.w
         index = state["index"]
@@ -188,6 +255,8 @@ class Attention(Mixer):
             )
             q, k, v = (y.reshape(b, 3, h, k_dim)[:, i] for i in range(3))
         q, k = q[:, None], k[:, None]
+        if index.ndim == 1:  # one position per row, after a packed prefill
+            return self._step_rows(q, k, v, new)
         if self.rotary:
             pos = jnp.full((1, 1), index)
             q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
@@ -208,4 +277,26 @@ class Attention(Mixer):
         )
         new["index"] = index + 1
         y = jnp.einsum("bhk,hkd->bd", o[:, 0], w["out"].astype(self.dtype))
+        return y, new
+
+    def _step_rows(self, q, k, v, new):
+        """``step`` with ``index`` (b,), each row's own next position (a packed prefill's
+        cache): q, k (b, 1, h, k), v (b, h, v). The rows' causal (and sliding-window) masks
+        become a key mask."""
+        index = new["index"]
+        if self.rotary:
+            pos = index[:, None]
+            q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
+        rows = jnp.arange(q.shape[0])
+        new["key"] = new["key"].at[rows, index].set(k[:, 0].astype(self.dtype))
+        new["value"] = new["value"].at[rows, index].set(v.astype(self.dtype))
+        slots = jnp.arange(new["key"].shape[1])[None]
+        visible = slots <= index[:, None]
+        if self.window is not None:
+            visible &= slots > index[:, None] - self.window
+        o = ops.attention(
+            q, new["key"], new["value"], causal=False, kv_mask=visible, impl=self.impl
+        )
+        new["index"] = index + 1
+        y = jnp.einsum("bhk,hkd->bd", o[:, 0], self.w["out"].astype(self.dtype))
         return y, new

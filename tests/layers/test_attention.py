@@ -6,6 +6,11 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.attention import Attention
+from tests.layers.packing import (
+    assert_packed_equals_alone,
+    assert_prefill_continues_last_document,
+    layout,
+)
 from tests.layers.protocol import run_steps
 from tests.tolerances import assert_close, assert_close_rms
 
@@ -76,3 +81,44 @@ def test_bfloat16_compute():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="d_model=10 is not divisible by num_heads=4"):
         Attention(d_model=10, num_heads=4).init(jax.random.key(0), jnp.ones((1, 2, 10)))
+
+
+# Packed rows (segment_ids): a length-1 document, documents longer than the sliding windows,
+# trailing padding.
+PACKED_ROWS = [[3, 1, 4, 7], [8, 6, 2]]
+PACKED_CONFIGS = [dict(), dict(dconv=True, rotary=True, window=4), dict(causal=False, rotary=True)]
+
+
+def _packed_layer(config):
+    layer = Attention(d_model=D, num_heads=2, **config)
+    x = jax.random.normal(jax.random.key(0), (2, 17, D))
+    variables = layer.init(jax.random.key(1), x)
+    if config.get("dconv"):  # move the convolutions off their identity start
+        variables = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), variables
+        )
+    return layer, variables, x
+
+
+@pytest.mark.parametrize("config", PACKED_CONFIGS, ids=lambda c: ",".join(c) or "plain")
+def test_packed_documents_equal_each_document_alone(config):
+    # No weight crosses a document, rotary positions and Primer's taps restart at each start.
+    layer, variables, x = _packed_layer(config)
+    seg, docs = layout(PACKED_ROWS, 17)
+    assert_packed_equals_alone(layer, variables, x, seg, docs)
+
+
+def test_packed_prefill_caches_the_last_document():
+    # Each row's cache index is its own (b,); step then masks the cache per row, window included.
+    layer, variables, x = _packed_layer(PACKED_CONFIGS[1])
+    seg, docs = layout(PACKED_ROWS, 17)
+    cont = jax.random.normal(jax.random.key(5), (2, 3, D))
+    state = assert_prefill_continues_last_document(layer, variables, x, seg, docs, cont, 24)
+    # The cache holds the last document alone: what its own prefill holds (keys rotated from
+    # position 0, zeros after it, the conv window), and each row's index is its length.
+    for r in range(2):
+        _, s, e = max(d for d in docs if d[0] == r)
+        _, alone = layer.apply(variables, x[r : r + 1, s:e], 24, method="prefill")
+        assert int(state["index"][r]) == e - s
+        for name in set(alone) - {"index"}:
+            assert_close(state[name][r], alone[name][0], err_msg=name)
