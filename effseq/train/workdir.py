@@ -207,10 +207,17 @@ def _resumable(key: str) -> bool:
 def check_compatible(workdir: pathlib.Path, new: dict) -> list[str]:
     """Refuses (one line naming every differing key, old -> new) when ``workdir`` holds a run
     whose config differs from ``new`` (flat) in a key that changes the run; returns the keys
-    that differ but may (:data:`RESUMABLE`)."""
+    that differ but may (:data:`RESUMABLE`).
+
+    A key the saved config lacks (added to effseq after the run started, e.g. ``train.pack``)
+    counts as the base config's default: the run is the same if ``new`` keeps that default."""
+    from effseq.configs.base import get_config
+
     old = read_config(workdir)
     if old is None:
         return []
+    defaults = flat_config(get_config())
+    old = {**{k: defaults[k] for k in set(new) - set(old) if k in defaults}, **old}
     keys = sorted(set(old) | set(new))
     differ = [k for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]
     bad = [k for k in differ if not _resumable(k)]

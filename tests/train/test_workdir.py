@@ -316,3 +316,20 @@ def test_eval_finds_a_mixer_the_experiment_registered_and_runs_on_another_mesh(t
     # Only where the model runs may change.
     with pytest.raises(ValueError, match=r"--config.model.d_model cannot change"):
         evaluate_workdir(workdir, overrides=("model.d_model=32",))
+
+
+def test_a_key_added_since_the_run_started_counts_as_its_default(tmp_path):
+    """A workdir written before a config key existed (e.g. train.pack) resumes with that key
+    at its default, and is refused with it changed."""
+    import json
+
+    from effseq.configs import get_config
+    from effseq.train import workdir as workdir_lib
+
+    saved = json.loads(get_config().to_json())
+    del saved["train"]["pack"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    new = workdir_lib.flat_config(get_config())
+    assert workdir_lib.check_compatible(tmp_path, new) == []
+    with pytest.raises(workdir_lib.WorkdirError, match="train.pack"):
+        workdir_lib.check_compatible(tmp_path, {**new, "train.pack": True})
