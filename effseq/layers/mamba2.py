@@ -40,9 +40,10 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import dt_bias_init, uniform_init
-from effseq.layers.masking import zero_padding
+from effseq.layers.mamba import dt_bias_init, short_conv, uniform_init
+from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
+from effseq.ops import segments
 from effseq.typing import Array
 
 __all__ = ["Mamba2"]
@@ -216,34 +217,47 @@ class Mamba2(Mixer):
         v = (grouped * rstd).reshape(v.shape) * self.norm_scale.astype(jnp.float32)
         return ops.dense(v.astype(cd), self.out_proj.astype(cd))
 
-    def _branch(self, p: dict, xbc: Array, dt: Array, mask: Array | None) -> tuple[Array, Array]:
+    def _branch(
+        self, p: dict, xbc: Array, dt: Array, mask: Array | None, seg: Array | None
+    ) -> tuple[Array, Array]:
         """One scan direction over the conv input [x, B, C] (b, t, e + 2 g n) and raw dt ->
-        (y (b, t, e), final SSD state (b, h, p, n) float32)."""
+        (y (b, t, e), final SSD state (b, h, p, n) float32). ``seg``: the ops' segment ids
+        (None: one document per row)."""
         k, bias = self._conv_kernel(p)
-        xbc = jax.nn.silu(ops.causal_conv(xbc, k, impl="direct") + bias)
+        xbc = jax.nn.silu(short_conv(xbc, k, seg) + bias)
         x, dt, A, B, C = self._ssm_inputs(p, xbc, dt)
         # dt = 0 makes a padded step the identity (exp(0 A) = 1, nothing written), so the
         # backward branch starts at the last real token whatever the padding.
         dt = zero_padding(dt, mask)
         kwargs = {} if self.chunk_size is None else dict(chunk_size=self.chunk_size)
+        if seg is not None:
+            kwargs["segment_ids"] = seg
         y, h = ops.ssd(x, dt, A, B, C, p["D"], impl=self.scan_impl, **kwargs)
         return y.reshape(*y.shape[:2], self.d_inner), h
 
-    def _forward(self, x: Array, mask: Array | None = None) -> tuple[Array, Array, Array]:
+    def _forward(
+        self, x: Array, mask: Array | None = None, seg: Array | None = None
+    ) -> tuple[Array, Array, Array]:
         """x (b, t, d) -> (y (b, t, d), conv input (b, t, e + 2 g n), forward SSD state)."""
         z, xbc, dt = self._projections(zero_padding(x, mask))
-        y, h = self._branch(self.fwd, xbc, dt, mask)
+        y, h = self._branch(self.fwd, xbc, dt, mask, seg)
         if not self.causal:
+            # The backward branch runs over the reversed sequence, its documents reversed too.
             flip = None if mask is None else jnp.flip(mask, 1)
-            y_bwd, _ = self._branch(self.bwd, jnp.flip(xbc, 1), jnp.flip(dt, 1), flip)
+            seg_flip = None if seg is None else jnp.flip(seg, 1)
+            y_bwd, _ = self._branch(self.bwd, jnp.flip(xbc, 1), jnp.flip(dt, 1), flip, seg_flip)
             y = y + jnp.flip(y_bwd, 1)
         return self._output(y, z), xbc, h
 
     # -- the mixer interface -----------------------------------------------------------------
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x (b, t, d), mask (b, t) bool or None -> (b, t, d) in the compute dtype."""
-        return self._forward(x, mask)[0]
+    def __call__(
+        self, x: Array, mask: Array | None = None, *, segment_ids: Array | None = None
+    ) -> Array:
+        """x (b, t, d), mask (b, t) bool or None, segment_ids (b, t) int or None (packed
+        documents, 0 = padding) -> (b, t, d) in the compute dtype."""
+        mask, seg = packing("Mamba2", x, mask, segment_ids)
+        return self._forward(x, mask, seg)[0]
 
     def init_state(self, batch: int, max_len: int) -> dict:
         """Decoding state before any token: the last ``conv_width - 1`` conv inputs ``conv``
@@ -256,13 +270,19 @@ class Mamba2(Mixer):
             ssm=jnp.zeros((batch, self.num_heads, self.head_dim, self.state_size), jnp.float32),
         )
 
-    def prefill(self, x: Array, max_len: int) -> tuple[Array, dict]:
+    def prefill(
+        self, x: Array, max_len: int, *, segment_ids: Array | None = None
+    ) -> tuple[Array, dict]:
         """A prompt x (b, t, d) in parallel -> (y (b, t, d), the state ``step`` continues
-        from)."""
+        from). With ``segment_ids`` (packed documents, 0 = padding), the state of each row's
+        last document (trailing padding skipped)."""
         del max_len
         self.check_causal("prefill")
-        y, xbc, h = self._forward(x)
+        mask, seg = packing("Mamba2.prefill", x, None, segment_ids)
+        y, xbc, h = self._forward(x, mask, seg)
         w = self.conv_width - 1
+        if segment_ids is not None:
+            return y, dict(conv=segments.last_window(xbc, w, segment_ids), ssm=h)
         # Prompts shorter than the conv window leave zeros in front, as init_state does.
         padded = jnp.pad(xbc.astype(jnp.float32), ((0, 0), (w, 0), (0, 0)))
         return y, dict(conv=padded[:, padded.shape[1] - w :], ssm=h)
