@@ -20,12 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effseq.ops import _checks
+from effseq.ops import _checks, segments
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
 # Keys per block of the blockwise path: large enough for efficient matmuls on CPU.
 _KEY_BLOCK = 512
+# Queries per block of the blockwise path on packed rows (segment_ids), where a (query block,
+# key block) pair with no visible pair of positions is skipped.
+_QUERY_BLOCK = 512
 
 
 def _allowed(q_pos: Array, k_pos: Array, causal: bool, window: int | None) -> Array:
@@ -88,6 +91,7 @@ def attention(
     q_offset: int | Array | None = None,
     kv_mask: Array | None = None,
     impl: str | None = None,
+    segment_ids: Array | None = None,
 ) -> Array:
     """Multi-head softmax attention o = softmax(scale q k^T + mask) v, per head.
 
@@ -102,6 +106,12 @@ def attention(
       q_offset: position of the first query (an int or a traced scalar); default s - t.
       kv_mask: (b, s) bool, False for keys no query may see (padding); None means all real.
       impl: ``"xla"`` or ``"blockwise"``; None picks the backend default.
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`),
+        for self-attention (s = t): a query sees only keys of its own document (block-diagonal
+        mask), on top of ``causal``, ``window`` and ``kv_mask``. ``"blockwise"`` then also cuts
+        the queries into blocks of 512 and skips (``lax.cond``) every key block in which no
+        query of the block may see any key, so a causal row of n documents costs about the
+        blocks its documents cover instead of all of them.
 
     Returns:
       o (b, t, h, v) in q's dtype. Scores, softmax and sums are float32. A query that sees no
@@ -109,36 +119,54 @@ def attention(
     """
     _validate(q, k, v, causal, window, scale, kv_mask)
     impl = resolve_impl("attention", impl)
+    doc = _documents(q, k, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
     q_pos = jnp.arange(t) + (s - t if q_offset is None else q_offset)
     if kv_mask is None:
         kv_mask = jnp.ones((k.shape[0], s), bool)
     if impl == "xla":
-        o = _attention_xla(q, k, v, q_pos, kv_mask, causal, window, scale)
-    else:
+        o = _attention_xla(q, k, v, q_pos, kv_mask, doc, causal, window, scale)
+    elif doc is None:
         o = _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask)
+    else:
+        o = _attention_blockwise_packed(q, k, v, q_pos, causal, window, scale, kv_mask, doc)
     return o.astype(q.dtype)
 
 
-def _probabilities(q, k, q_pos, kv_mask, causal, window, scale):
+def _documents(q, k, segment_ids, op="attention"):
+    """(b, t) document index of packed rows, or None."""
+    if segment_ids is None:
+        return None
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"{op}: `segment_ids` needs as many queries as keys (self-attention over packed "
+            f"rows), got `q` {tuple(q.shape)} and `k` {tuple(k.shape)}"
+        )
+    segments.check_segment_ids(op, segment_ids, q.shape[0], q.shape[1])
+    return segments.document_index(segment_ids)
+
+
+def _probabilities(q, k, q_pos, kv_mask, causal, window, scale, doc=None):
     """The attention weights P (b, h, t, s), float32; all-zero rows where no key is visible."""
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     mask = _allowed(q_pos, jnp.arange(k.shape[1]), causal, window)[None, None]
     mask = mask & kv_mask[:, None, None, :]
+    if doc is not None:
+        mask = mask & (doc[:, :, None] == doc[:, None, :])[:, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     any_visible = mask.any(-1, keepdims=True)
     return jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1) * any_visible
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention_xla(q, k, v, q_pos, kv_mask, causal, window, scale):
-    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention_xla(q, k, v, q_pos, kv_mask, doc, causal, window, scale):
+    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale, doc)
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
 
 
-def _attention_xla_fwd(q, k, v, q_pos, kv_mask, causal, window, scale):
-    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale)
+def _attention_xla_fwd(q, k, v, q_pos, kv_mask, doc, causal, window, scale):
+    p = _probabilities(q, k, q_pos, kv_mask, causal, window, scale, doc)
     o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
     return o, (q, k, v, p)
 
@@ -155,7 +183,7 @@ def _attention_xla_bwd(causal, window, scale, residuals, do):
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
     dq = jnp.einsum("bhts,bshd->bthd", ds, k.astype(f32))
     dk = jnp.einsum("bhts,bthd->bshd", ds, q.astype(f32))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
@@ -207,6 +235,74 @@ def _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask):
     return jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2)
 
 
+def _online_softmax_step(carry, q, k_blk, v_blk, mask, scale):
+    """One key block of the running softmax: carry (m, l, acc) over the queries of ``q``;
+    ``mask`` (b, 1, t, block) or broadcastable."""
+    m, l, acc = carry
+    scores = jnp.einsum("bthd,bshd->bhts", q, k_blk, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores * scale, -jnp.inf)
+    m_new = jnp.maximum(m, scores.max(-1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not nan.
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(scores - shift[..., None])
+    correction = jnp.exp(m - shift)
+    l = l * correction + p.sum(-1)
+    acc = acc * correction[..., None] + jnp.einsum("bhts,bshd->bhtd", p, v_blk.astype(jnp.float32))
+    return m_new, l, acc
+
+
+def _attention_blockwise_packed(q, k, v, q_pos, causal, window, scale, kv_mask, doc):
+    """The blockwise path on packed rows: query blocks x key blocks, each pair skipped unless
+    some query of the block may see some key of the block (its document, causality, window,
+    kv_mask) in some row. The skip test is a (b, tq, tk) boolean reduction, cheap next to the
+    block's (b, h, tq, tk, k) score product."""
+    b, s, h, dv = v.shape
+    t = q.shape[1]
+    kb = min(_KEY_BLOCK, s)
+    qb = min(_QUERY_BLOCK, t)
+    nk, nq = -(-s // kb), -(-t // qb)
+    pad_k, pad_q = nk * kb - s, nq * qb - t
+
+    def blocks(x, n, size, pad, fill=0):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    k_blocks, v_blocks = blocks(k, nk, kb, pad_k), blocks(v, nk, kb, pad_k)
+    m_blocks = blocks(kv_mask, nk, kb, pad_k, False)
+    # Padding never shares a document with anything (-1 and -2 differ from real indices).
+    dk_blocks = blocks(doc, nk, kb, pad_k, -1)
+    q_blocks = blocks(q, nq, qb, pad_q)
+    dq_blocks = blocks(doc, nq, qb, pad_q, -2)
+    qpos_blocks = jnp.pad(q_pos, (0, pad_q)).reshape(nq, qb)
+
+    def query_block(_, xs):
+        q_blk, dq, qp = xs
+
+        @jax.checkpoint
+        def step(carry, ys):
+            k_blk, v_blk, m_blk, dk, start = ys
+            mask = _allowed(qp, start + jnp.arange(kb), causal, window)[None]
+            mask = mask & m_blk[:, None, :] & (dq[:, :, None] == dk[:, None, :])  # (b, tq, tk)
+
+            def update(carry):
+                return _online_softmax_step(carry, q_blk, k_blk, v_blk, mask[:, None], scale)
+
+            return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, h, qb), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, qb), jnp.float32),
+            jnp.zeros((b, h, qb, dv), jnp.float32),
+        )
+        ys = (k_blocks, v_blocks, m_blocks, dk_blocks, jnp.arange(nk) * kb)
+        (_, l, acc), _ = jax.lax.scan(step, init, ys)
+        # l = 0 only where a query saw no key: its numerator is 0 too, so divide by 1 there.
+        return None, jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2)
+
+    _, o = jax.lax.scan(query_block, None, (q_blocks, dq_blocks, qpos_blocks))  # (nq, b, qb, h, v)
+    return jnp.moveaxis(o, 0, 1).reshape(b, nq * qb, h, dv)[:, :t]
+
+
 def attention_reference(
     q: Array,
     k: Array,
@@ -217,11 +313,14 @@ def attention_reference(
     scale: float | None = None,
     q_offset: int | None = None,
     kv_mask: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> Array:
     """Slow reference for :func:`attention`: the visibility rule written out key by key in NumPy,
-    then a dense float32 softmax; rows that see no key are zero."""
+    then a dense float32 softmax; rows that see no key are zero. With ``segment_ids`` a key is
+    visible only from its own document (a document runs until the id changes)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
+    doc = _documents(q, k, segment_ids, "attention_reference")
     visible = np.zeros((t, s), bool)
     for i in range(t):
         pos = (s - t if q_offset is None else q_offset) + i
@@ -229,6 +328,15 @@ def attention_reference(
             visible[i, j] = (not causal or j <= pos) and (window is None or abs(pos - j) < window)
     keys = np.ones((q.shape[0], s), bool) if kv_mask is None else np.asarray(kv_mask)
     visible = visible[None, None] & keys[:, None, None, :]  # (b, 1, t, s)
+    if doc is not None:
+        ids = np.asarray(segment_ids)
+        same = np.zeros((q.shape[0], t, s), bool)
+        for r in range(q.shape[0]):
+            for i in range(t):
+                for j in range(s):
+                    lo, hi = min(i, j), max(i, j)
+                    same[r, i, j] = bool(np.all(ids[r, lo : hi + 1] == ids[r, i]))
+        visible = visible & same[:, None]
     scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
     scores = jnp.where(visible, scores, -jnp.inf)
     any_visible = visible.any(-1, keepdims=True)
