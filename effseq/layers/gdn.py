@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import dt_bias_init, short_conv, uniform_init
+from effseq.layers.mamba import dt_bias_init, uniform_init
 from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.ops import segments
@@ -215,7 +215,9 @@ class GatedDeltaNet(Mixer):
         # The conv and SiLU in float32: q and k are L2-normalised right after, and rounding to
         # bf16 before that norm made the bf16 layer's relative RMS error 0.6-1.2% (seeds 0-3,
         # tests' sizes) instead of 0.4-0.8%.
-        conv = short_conv(pre.astype(jnp.float32), self._conv_kernel(), seg)
+        conv = ops.causal_conv(
+            pre.astype(jnp.float32), self._conv_kernel(), impl="direct", segment_ids=seg
+        )
         q, k, v = self._split(jax.nn.silu(conv))
         log_g, beta = self.gates(x)
         # Padded steps leave the state as it is: no decay (log g = 0), nothing written (beta = 0).

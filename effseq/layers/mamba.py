@@ -40,30 +40,7 @@ from effseq.layers.mixer import Mixer
 from effseq.ops import segments
 from effseq.typing import Array
 
-__all__ = [
-    "Mamba",
-    "dt_bias_init",
-    "s4d_real_a_log_init",
-    "short_conv",
-    "uniform_init",
-]
-
-
-def short_conv(x: Array, k: Array, segment_ids: Array | None) -> Array:
-    """The short causal depthwise convolution of the Mamba-style layers, x (b, t, c), k (c, w):
-    ``ops.causal_conv(impl="direct")``; with ``segment_ids`` no tap crosses a document start."""
-    if segment_ids is None:
-        return ops.causal_conv(x, k, impl="direct")
-    # TEMPORARY until ops.causal_conv takes segment_ids: each tap masked where it would read
-    # across a document start (segments.tap_mask), summed in float32 as the direct conv does.
-    xf, kf = x.astype(jnp.float32), k.astype(jnp.float32)
-    t = x.shape[1]
-    y = xf * kf[:, 0]
-    for s in range(1, min(k.shape[1], t)):
-        shifted = jnp.pad(xf[:, :-s], ((0, 0), (s, 0), (0, 0)))
-        keep = segments.tap_mask(segment_ids, s)[..., None]
-        y = y + jnp.where(keep, shifted, 0.0) * kf[:, s]
-    return y.astype(x.dtype)
+__all__ = ["Mamba", "dt_bias_init", "s4d_real_a_log_init", "uniform_init"]
 
 
 def s4d_real_a_log_init(key, shape, dtype=jnp.float32) -> Array:
@@ -206,7 +183,7 @@ class Mamba(Mixer):
         """One scan direction over x (b, t, e) in compute dtype -> (y (b, t, e), final SSM
         state (b, e, n) float32). ``seg``: the ops' segment ids (None: one document)."""
         cd = self.dtype
-        x = short_conv(x, p["conv_kernel"].astype(cd), seg)
+        x = ops.causal_conv(x, p["conv_kernel"].astype(cd), impl="direct", segment_ids=seg)
         x = jax.nn.silu(x + p["conv_bias"].astype(cd))
         delta, A, B, C = self._ssm_inputs(p, x)
         # delta = 0 makes a padded step the identity (exp(0 A) = 1, nothing added), so the

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import dt_bias_init, short_conv, uniform_init
+from effseq.layers.mamba import dt_bias_init, uniform_init
 from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.ops import segments
@@ -224,7 +224,7 @@ class Mamba2(Mixer):
         (y (b, t, e), final SSD state (b, h, p, n) float32). ``seg``: the ops' segment ids
         (None: one document per row)."""
         k, bias = self._conv_kernel(p)
-        xbc = jax.nn.silu(short_conv(xbc, k, seg) + bias)
+        xbc = jax.nn.silu(ops.causal_conv(xbc, k, impl="direct", segment_ids=seg) + bias)
         x, dt, A, B, C = self._ssm_inputs(p, xbc, dt)
         # dt = 0 makes a padded step the identity (exp(0 A) = 1, nothing written), so the
         # backward branch starts at the last real token whatever the padding.

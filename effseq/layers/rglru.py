@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from effseq import ops
 from effseq import sharding as ax
 from effseq.layers import params
-from effseq.layers.mamba import short_conv
 from effseq.layers.masking import packing, zero_padding
 from effseq.layers.mixer import Mixer
 from effseq.ops import segments
@@ -220,7 +219,7 @@ class RGLRU(Mixer):
         ``seg``: the ops' segment ids (None: one document per row)."""
         cd = self.dtype
         x_in, y = self._branches(zero_padding(x, mask))
-        u = short_conv(x_in, self.conv_kernel.astype(cd), seg)
+        u = ops.causal_conv(x_in, self.conv_kernel.astype(cd), impl="direct", segment_ids=seg)
         u = u + self.conv_bias.astype(cd)
         first = (jnp.arange(x.shape[1]) == 0)[None]
         if seg is not None:
