@@ -22,7 +22,9 @@ Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`)
 start the state is zeroed before the step's own update. The reference and the recurrent form
 reset inside their scans; the chunked form stays chunked, multiplying every decay from s to t by
 "no start in (s, t]" (:func:`effseq.ops.segments.chunk_masks`), including in its hand-written
-backward pass.
+backward pass. Cost, fwd+bwd at b = 2, t = 4096, h = 4, k = v = 64, default chunk, on a 2-core
+CPU shared with other jobs (medians of 5, two runs): 300 / 444 ms without ids, 254 / 405 ms
+with 8 random documents per row, the same within the noise.
 
 Everything runs in float32 whatever the input dtype; ``o`` is cast back to the dtype of ``q``
 and states are returned in float32.

@@ -36,7 +36,10 @@ Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`)
 start the state is zeroed before the step's own update. The reference and the recurrent form
 reset inside their scans; the chunked form stays chunked, multiplying every decay from s to t
 (L, the decays from the chunk start, to the chunk end and across the chunk) by "no start in
-(s, t]" (:func:`effseq.ops.segments.chunk_masks`).
+(s, t]" (:func:`effseq.ops.segments.chunk_masks`). Cost, fwd+bwd at b = 2, t = 4096, h = 4,
+p = n = 64, g = 1, chunk 64, on a 2-core CPU shared with other jobs (medians of 5, two runs):
+505 / 388 ms without ids, 464 / 380 ms with 8 random documents per row, the same within the
+noise.
 
 Everything runs in float32 whatever the input dtype; y is cast back to the dtype of x and
 states are returned in float32.
