@@ -28,6 +28,7 @@ from effseq.ops.s4d import (
     s4d_final_state_reference,
     s4d_kernel,
     s4d_kernel_reference,
+    s4d_scan,
     s4d_step,
 )
 from effseq.ops.scan import linear_scan, linear_scan_reference
@@ -65,6 +66,7 @@ __all__ = [
     "s4d_final_state_reference",
     "s4d_kernel",
     "s4d_kernel_reference",
+    "s4d_scan",
     "s4d_step",
     "selective_scan",
     "selective_scan_reference",

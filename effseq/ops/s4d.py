@@ -16,7 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks
+from effseq.ops import _checks, segments
+from effseq.ops._chunking import segmented_scan
 from effseq.typing import Array
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -230,3 +231,85 @@ def s4d_step(x: Array, u_t: Array, dA: Array, dB: Array, C: Array) -> tuple[Arra
     x = dA * x.astype(jnp.complex64) + dB * u_t.astype(jnp.float32)[..., None]
     y = 2 * jnp.einsum("hn,bhn->bh", C.astype(jnp.complex64), x).real
     return x, y.astype(u_t.dtype)
+
+
+def s4d_scan(
+    u: Array,
+    dA: Array,
+    dB: Array,
+    C: Array,
+    *,
+    segment_ids: Array | None = None,
+    h0: Array | None = None,
+    reverse: bool = False,
+) -> tuple[Array, Array]:
+    """The S4D recurrence over a whole sequence, with document resets: the form of packed rows.
+
+    Forward: x_t = dA x_{t-1} + dB u_t, y_t = 2 Re(sum_n C x_t), the recurrent twin of
+    ``causal_conv(u, s4d_kernel(...))``. With ``reverse`` the recurrence runs from the end,
+    x_t = dA x_{t+1} + dB u_t, and y_t = 2 Re(sum_n C x_{t+1}) reads the state *before* u_t
+    enters, i.e. the future half of :func:`effseq.ops.bidirectional_conv` (kernel from lag 1),
+    so a bidirectional S4D layer is s4d_scan(fwd SSM) + s4d_scan(bwd SSM, reverse=True) + D u.
+
+    An FFT cannot reset per document; this runs token by token (``effseq.ops._chunking.
+    segmented_scan``: segments of 64 tokens rematerialised in the backward pass, one (b, h, n)
+    state kept per segment), reading C inside the loop so no (b, t, h, n) state sequence is
+    ever stored. O(b t h n) work.
+
+    Args:
+      u: (b, t, h) real input.
+      dA, dB: (h, n) complex, from :func:`s4d_discretize`.
+      C: (h, n) complex.
+      segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
+        None. The state is zero before each document start's update (forward) or wherever
+        t + 1 starts a document (``reverse``, :func:`~effseq.ops.segments.document_ends`).
+      h0: (b, h, n) complex initial state (the first document scanned: each row's first, its
+        last with ``reverse``), or None for zeros.
+      reverse: run backwards in time, as described above.
+
+    Returns:
+      ``(y, x_last)``: y (b, t, h) float32 and the final state (b, h, n) complex64 (the one at
+      t = 0 with ``reverse``, which includes u_0).
+    """
+    op = "s4d_scan"
+    _checks.check_rank(op, "u", u, 3, "(b, t, h)")
+    _checks.check_real(op, "u", u)
+    for name, p in (("dA", dA), ("dB", dB), ("C", C)):
+        _checks.check_rank(op, name, p, 2, "(h, n)")
+        _checks.check_complex(op, name, p)
+    dims = [("u", u, 2, "h"), ("dA", dA, 0, "h"), ("dB", dB, 0, "h"), ("C", C, 0, "h")]
+    dims += [("dA", dA, 1, "n"), ("dB", dB, 1, "n"), ("C", C, 1, "n")]
+    if h0 is not None:
+        _checks.check_rank(op, "h0", h0, 3, "(b, h, n)")
+        dims += [("u", u, 0, "b"), ("h0", h0, 0, "b"), ("h0", h0, 1, "h"), ("h0", h0, 2, "n")]
+    _checks.check_dims(op, dims)
+    b, t, h = u.shape
+    n = dA.shape[1]
+    x0 = jnp.zeros((b, h, n), jnp.complex64) if h0 is None else h0.astype(jnp.complex64)
+    if t == 0:
+        return jnp.zeros((b, 0, h), jnp.float32), x0
+    if segment_ids is None:
+        reset = jnp.zeros((b, t), jnp.float32)
+    else:
+        segments.check_segment_ids(op, segment_ids, b, t)
+        flags = segments.document_ends if reverse else segments.document_starts
+        reset = flags(segment_ids).astype(jnp.float32)
+    uf = u.astype(jnp.float32)
+    if reverse:
+        uf, reset = jnp.flip(uf, 1), jnp.flip(reset, 1)
+    dA, dB, C = (p.astype(jnp.complex64) for p in (dA, dB, C))
+    # segmented_scan pads time with zeros: live = 0 there makes the padded steps identities.
+    live = jnp.ones((b, t), jnp.float32)
+    # 2 Re(sum_n C x) as real dots; HIGHEST keeps them float32 on accelerators.
+    mm = functools.partial(jnp.einsum, "bhn,hn->bh", precision=jax.lax.Precision.HIGHEST)
+
+    def step(x, xs):
+        u_t, reset_t, live_t = xs
+        x_in = jnp.where(reset_t[:, None, None] > 0, jnp.zeros_like(x), x)
+        x_new = dA * x_in + dB * u_t[..., None]
+        read = x_in if reverse else x_new
+        y_t = 2 * (mm(read.real, C.real) - mm(read.imag, C.imag))
+        return jnp.where(live_t[:, None, None] > 0, x_new, x), y_t
+
+    y, x_last = segmented_scan(step, x0, (uf, reset, live))
+    return (jnp.flip(y, 1) if reverse else y), x_last
