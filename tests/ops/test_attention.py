@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effseq import ops
 from effseq.ops import attention, attention_reference
 from tests.ops.compare import compare_with_reference
+from tests.ops.test_packed_ops import Docs, T, check_vjp, packed_ids
 from tests.tolerances import assert_close
 
 # The package exports the function under the module's name, so reach the module directly.
@@ -164,3 +166,112 @@ def test_rejects_complex_queries():
     q = jnp.zeros((1, 3, 1, 4), jnp.complex64)
     with pytest.raises(ValueError, match=r"`q` must be real"):
         attention(q, q.real, q.real)
+
+
+# ---------------------------------------------------------------- packed rows: attention
+
+
+def _packed_qkv(t=T, b=2, h=2, dk=8, dv=4):
+    k = jax.random.split(jax.random.key(4), 3)
+    return (
+        jax.random.normal(k[0], (b, t, h, dk)),
+        jax.random.normal(k[1], (b, t, h, dk)),
+        jax.random.normal(k[2], (b, t, h, dv)),
+    )
+
+
+def _packed_kv_mask(t=T):
+    """Keys hidden: all of row 0's third document (6..15), so with causal=False its queries see
+    nothing at all, and single keys elsewhere."""
+    m = np.ones((2, t), bool)
+    m[0, 6:16] = False
+    m[1, [3, 20]] = False
+    return jnp.asarray(m)
+
+
+def _set_blocks(monkeypatch, q_block, k_block):
+    import importlib
+
+    attention_module = importlib.import_module("effseq.ops.attention")
+    monkeypatch.setattr(attention_module, "_QUERY_BLOCK", q_block)
+    monkeypatch.setattr(attention_module, "_KEY_BLOCK", k_block)
+
+
+ATTN_CASES = [
+    # impl, causal, window, masked keys, (query block, key block)
+    ("xla", True, None, False, (8, 8)),
+    ("xla", False, 5, True, (8, 8)),
+    ("blockwise", True, None, False, (8, 8)),
+    ("blockwise", True, 4, True, (16, 8)),
+    ("blockwise", False, None, True, (8, 16)),
+    ("blockwise", False, None, False, (512, 512)),
+]
+
+
+@pytest.mark.parametrize("impl,causal,window,masked,blocks", ATTN_CASES)
+def test_attention_packed_equals_documents_alone(monkeypatch, impl, causal, window, masked, blocks):
+    _set_blocks(monkeypatch, *blocks)
+    seg = packed_ids()
+    docs = Docs()
+    kv = _packed_kv_mask() if masked else jnp.ones((2, T), bool)
+
+    def packed(q, k, v):
+        return ops.attention(
+            q, k, v, causal=causal, window=window, kv_mask=kv, impl=impl, segment_ids=seg
+        )
+
+    def alone(q, k, v):
+        # The padding after each document is hidden by kv_mask.
+        kv_docs = docs.rows(kv, False)
+        o = ops.attention(
+            *(docs.rows(x) for x in (q, k, v)), causal=causal, window=window, kv_mask=kv_docs
+        )
+        return docs.packed(o)
+
+    check_vjp(packed, alone, _packed_qkv(), ["q", "k", "v"])
+
+
+@pytest.mark.parametrize("impl,causal", [("xla", False), ("blockwise", True)])
+def test_attention_packed_matches_reference(monkeypatch, impl, causal):
+    _set_blocks(monkeypatch, 8, 8)
+    seg = packed_ids()
+    kv = _packed_kv_mask()
+    check_vjp(
+        lambda q, k, v: ops.attention(
+            q, k, v, causal=causal, kv_mask=kv, impl=impl, segment_ids=seg
+        ),
+        lambda q, k, v: ops.attention_reference(
+            q, k, v, causal=causal, kv_mask=kv, segment_ids=seg
+        ),
+        _packed_qkv(),
+        ["q", "k", "v"],
+    )
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_attention_rows_seeing_no_key_are_zero_and_finite(monkeypatch, impl):
+    _set_blocks(monkeypatch, 8, 8)
+    seg = packed_ids()
+    q, k, v = _packed_qkv()
+
+    def f(q, k, v):
+        return ops.attention(
+            q, k, v, causal=False, kv_mask=_packed_kv_mask(), impl=impl, segment_ids=seg
+        )
+
+    o = jax.jit(f)(q, k, v)
+    assert np.all(np.asarray(o)[0, 6:16] == 0)
+    grads = jax.jit(jax.grad(lambda *a: f(*a).sum() ** 2, (0, 1, 2)))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[0])[0, 6:16] == 0)
+
+
+def test_attention_rejects_bad_segment_ids():
+    q, k, v = _packed_qkv()
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.attention(q, k, v, segment_ids=packed_ids()[:, :5])
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.attention(q[:, :5], k, v, segment_ids=packed_ids()[:, :5])
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.attention_reference(q, k, v, segment_ids=packed_ids().astype(jnp.float32))

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effseq import sharding
+from effseq import ops, sharding
 from effseq.ops import (
     bidirectional_conv,
     bidirectional_conv_reference,
@@ -15,6 +15,7 @@ from effseq.ops import (
     next_fast_len,
 )
 from tests.ops.compare import compare_with_reference
+from tests.ops.test_packed_ops import Docs, T, check_vjp, packed_ids
 from tests.tolerances import assert_close
 
 # (t, l): t = 1, a prime t, kernels shorter than, equal to and longer than t. "direct" sums
@@ -205,3 +206,100 @@ def test_causal_conv_step_walks_the_convolution(l, dtype):
 def test_causal_conv_step_rejects_a_window_of_the_wrong_length():
     with pytest.raises(ValueError, match="`window` holds 2 inputs; a kernel of 4 taps needs 3"):
         causal_conv_step(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3)), jnp.zeros((3, 4)))
+
+
+# ------------------------------------------------ packed rows: causal / bidirectional conv
+
+
+def _conv_inputs(l_fwd, l_bwd=None, t=T, h=3):
+    k = jax.random.split(jax.random.key(2), 3)
+    u = jax.random.normal(k[0], (2, t, h))
+    kf = jax.random.normal(k[1], (h, l_fwd)) / np.sqrt(l_fwd)
+    kb = None if l_bwd is None else jax.random.normal(k[2], (h, l_bwd)) / np.sqrt(l_bwd)
+    return u, kf, kb
+
+
+def _set_conv_block(monkeypatch, block):
+    """The masked Toeplitz form in one block (64 > t = 37) or in blocks of 8 (documents start
+    inside blocks and on a block boundary, and reach back over several blocks)."""
+    from effseq.ops import fftconv
+
+    monkeypatch.setattr(fftconv, "_CONV_BLOCK", block)
+
+
+# (impl, kernel length, block): the short-conv tap path, and the masked Toeplitz form for long
+# kernels whatever impl says (kernels shorter than, equal to and longer than t).
+CONV_CASES = [("direct", 4, 64), ("fft", 4, 8), ("fft", T, 8), ("direct", 50, 64)]
+
+
+@pytest.mark.parametrize("impl,l,block", CONV_CASES)
+def test_causal_conv_packed_equals_documents_alone(monkeypatch, impl, l, block):
+    _set_conv_block(monkeypatch, block)
+    u, kf, _ = _conv_inputs(l)
+    seg = packed_ids()
+    docs = Docs()
+
+    def packed(u, k):
+        return ops.causal_conv(u, k, impl=impl, segment_ids=seg)
+
+    def alone(u, k):
+        # Zeros after each document add nothing to a causal convolution.
+        return docs.packed(ops.causal_conv(docs.rows(u), k, impl="direct"))
+
+    check_vjp(packed, alone, (u, kf), ["u", "k"])
+
+
+@pytest.mark.parametrize("impl,l,block", CONV_CASES)
+def test_bidirectional_conv_packed_equals_documents_alone(monkeypatch, impl, l, block):
+    _set_conv_block(monkeypatch, block)
+    u, kf, kb = _conv_inputs(l, max(l - 1, 3))
+    seg = packed_ids()
+    docs = Docs()
+
+    def packed(u, kf, kb):
+        return ops.bidirectional_conv(u, kf, kb, impl=impl, segment_ids=seg)
+
+    def alone(u, kf, kb):
+        # Zeros after each document add nothing to either half.
+        return docs.packed(ops.bidirectional_conv(docs.rows(u), kf, kb, impl="direct"))
+
+    check_vjp(packed, alone, (u, kf, kb), ["u", "k_fwd", "k_bwd"])
+
+
+@pytest.mark.parametrize("impl,l", [("direct", 4), ("fft", T)])
+def test_convs_packed_match_reference(monkeypatch, impl, l):
+    _set_conv_block(monkeypatch, 8)
+    u, kf, kb = _conv_inputs(l, l)
+    seg = packed_ids()
+    check_vjp(
+        lambda u, k: ops.causal_conv(u, k, impl=impl, segment_ids=seg),
+        lambda u, k: ops.causal_conv_reference(u, k, segment_ids=seg),
+        (u, kf),
+        ["u", "k"],
+    )
+    check_vjp(
+        lambda u, kf, kb: ops.bidirectional_conv(u, kf, kb, impl=impl, segment_ids=seg),
+        lambda u, kf, kb: ops.bidirectional_conv_reference(u, kf, kb, segment_ids=seg),
+        (u, kf, kb),
+        ["u", "k_fwd", "k_bwd"],
+    )
+
+
+def test_packed_conv_with_one_document_is_the_plain_conv():
+    u, kf, kb = _conv_inputs(T, T)
+    seg = jnp.ones((2, T), jnp.int32)
+    packed = jax.jit(lambda u, kf, kb: ops.bidirectional_conv(u, kf, kb, segment_ids=seg))
+    assert_close(packed(u, kf, kb), ops.bidirectional_conv(u, kf, kb))
+
+
+def test_convs_reject_bad_segment_ids():
+    u, kf, kb = _conv_inputs(4, 4)
+    bad = packed_ids()[:, :-1]
+    for call in (
+        lambda: ops.causal_conv(u, kf, segment_ids=bad),
+        lambda: ops.causal_conv_reference(u, kf, segment_ids=bad),
+        lambda: ops.bidirectional_conv(u, kf, kb, segment_ids=bad),
+        lambda: ops.bidirectional_conv_reference(u, kf, kb, segment_ids=bad),
+    ):
+        with pytest.raises(ValueError, match="segment_ids"):
+            call()

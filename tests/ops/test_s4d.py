@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effseq import ops
 from effseq.ops import (
     causal_conv,
     s4d_discretize,
@@ -13,6 +14,7 @@ from effseq.ops import (
     s4d_step,
 )
 from tests.ops.compare import compare_with_reference
+from tests.ops.test_packed_ops import STARTS, Docs, T, bounds, check_vjp, packed_ids
 from tests.tolerances import assert_close
 
 H, N = 4, 8
@@ -201,3 +203,90 @@ def test_final_state_rejects_bad_input():
         s4d_final_state(jnp.zeros((2, H)), log_dt, A, B)
     with pytest.raises(ValueError, match="h"):
         s4d_final_state(jnp.zeros((2, 5, H + 1)), log_dt, A, B)
+
+
+# ---------------------------------------------------------------- packed rows: s4d_scan
+
+
+def _s4d_params(h=3, n=4, t=T):
+    k = jax.random.split(jax.random.key(5), 6)
+    log_dt = jnp.log(jnp.linspace(0.05, 0.3, h))
+    A = jax.lax.complex(-0.5 * jnp.ones((h, n)), jnp.pi * jnp.arange(n)[None].repeat(h, 0))
+    B = jax.lax.complex(jax.random.normal(k[0], (h, n)), jax.random.normal(k[1], (h, n)))
+    C = jax.lax.complex(jax.random.normal(k[2], (h, n)), jax.random.normal(k[3], (h, n)))
+    u = jax.random.normal(k[4], (2, t, h))
+    h0 = jax.lax.complex(*jax.random.normal(k[5], (2, 2, h, n)))
+    return log_dt, A, B, C, u, h0
+
+
+S4D_NAMES = ["log_dt", "A", "B", "C", "u", "h0"]
+
+
+def _h0_term(dA, C, h0, powers):
+    """2 Re(sum_n C dA**p h0) for powers p (l,): (1, l, h), h0 (1, h, n)."""
+    x = h0[:, None] * dA[None, None] ** powers[None, :, None, None]
+    return 2 * jnp.einsum("hn,blhn->blh", C, x).real
+
+
+@pytest.mark.parametrize(
+    "reverse,t,starts",
+    [
+        (False, T, STARTS),
+        (True, T, STARTS),
+        # Longer than one rematerialised segment (64) and not a multiple of it; documents
+        # across the segment boundary, one starting on it, one of length 1 at the end.
+        (False, 100, ([0, 3, 64, 65, 99], [0, 50])),
+        (True, 100, ([0, 3, 64, 65, 99], [0, 50])),
+    ],
+)
+def test_s4d_scan_packed_equals_kernel_path_per_document(reverse, t, starts):
+    """The reference is the S4D layer's FFT path (s4d_kernel + causal_conv, or the future half
+    of bidirectional_conv) on each document alone, plus h0's decay in the document it feeds."""
+    T = t  # noqa: N806
+    seg = packed_ids(t, starts)
+    docs = Docs(t, starts)
+    rows = bounds(starts, t)
+
+    def packed(log_dt, A, B, C, u, h0):
+        dA, dB = ops.s4d_discretize(log_dt, A, B)
+        return ops.s4d_scan(u, dA, dB, C, segment_ids=seg, h0=h0, reverse=reverse)
+
+    def alone(log_dt, A, B, C, u, h0):
+        dA, dB = ops.s4d_discretize(log_dt, A, B)
+        K = ops.s4d_kernel(log_dt, A, B, C, T)
+        u_docs = docs.rows(u)
+        if reverse:
+            y = ops.bidirectional_conv(u_docs, jnp.zeros_like(K), K, impl="fft")
+        else:
+            y = ops.causal_conv(u_docs, K, impl="fft")
+        y = docs.packed(y)
+        fixes, states = [], []
+        for r, row in enumerate(rows):
+            # h0 feeds the first document scanned; the final state is the last one's.
+            (s, e), (s_last, e_last) = (row[-1], row[0]) if reverse else (row[0], row[-1])
+            p = jnp.arange(e - s, dtype=jnp.float32)
+            p = jnp.flip(p) if reverse else p + 1
+            fixes.append(jnp.pad(_h0_term(dA, C, h0[r : r + 1], p), [(0, 0), (s, T - e), (0, 0)]))
+            u_last = u[r : r + 1, s_last:e_last]
+            state = ops.s4d_final_state(jnp.flip(u_last, 1) if reverse else u_last, log_dt, A, B)
+            if len(row) == 1:
+                state = state + dA ** (e - s) * h0[r : r + 1]
+            states.append(state)
+        return y + jnp.concatenate(fixes, 0), jnp.concatenate(states, 0)
+
+    check_vjp(packed, alone, _s4d_params(t=t), S4D_NAMES)
+
+
+def test_s4d_scan_unpacked_matches_the_convolution():
+    log_dt, A, B, C, u, _ = _s4d_params()
+    dA, dB = ops.s4d_discretize(log_dt, A, B)
+    y, x = jax.jit(ops.s4d_scan)(u, dA, dB, C)
+    assert_close(y, ops.causal_conv(u, ops.s4d_kernel(log_dt, A, B, C, T)))
+    assert_close(x, ops.s4d_final_state(u, log_dt, A, B))
+
+
+def test_s4d_scan_rejects_bad_segment_ids():
+    log_dt, A, B, C, u, _ = _s4d_params()
+    dA, dB = ops.s4d_discretize(log_dt, A, B)
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.s4d_scan(u, dA, dB, C, segment_ids=packed_ids()[:1])

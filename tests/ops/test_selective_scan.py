@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effseq import ops
 from effseq.ops import _impl
 from effseq.ops.selective_scan import (
     selective_scan,
     selective_scan_reference,
     selective_scan_step,
 )
+from tests.ops.test_packed_ops import Docs, T, check_vjp, packed_ids
 from tests.tolerances import assert_close
 
 IMPLS = ["chunked", "associative"]
@@ -270,3 +272,68 @@ def test_default_chunk_matches_reference():
     assert_close(h, h_ref, err_msg="h_last")
     for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(g, g_ref, kind="grad", err_msg=f"d{name}")
+
+
+# ---------------------------------------------------------------- packed rows: selective_scan
+
+
+def _ss_inputs(t=T, b=2, d=5, n=4):
+    k = jax.random.split(jax.random.key(1), 8)
+    u = jax.random.normal(k[0], (b, t, d))
+    delta = jax.nn.softplus(jax.random.normal(k[1], (b, t, d)))
+    A = -jnp.exp(jax.random.normal(k[2], (d, n)) * 0.5)
+    B = jax.random.normal(k[3], (b, t, n))
+    C = jax.random.normal(k[4], (b, t, n))
+    D = jax.random.normal(k[5], (d,))
+    h0 = jax.random.normal(k[6], (b, d, n))
+    return u, delta, A, B, C, D, h0
+
+
+SS_NAMES = ["u", "delta", "A", "B", "C", "D", "h0"]
+
+
+@pytest.mark.parametrize("impl,chunk", [("chunked", 8), ("chunked", 16), ("associative", None)])
+def test_selective_scan_packed_equals_documents_alone(impl, chunk):
+    seg = packed_ids()
+
+    def packed(u, delta, A, B, C, D, h0):
+        return ops.selective_scan(
+            u, delta, A, B, C, D, h0=h0, impl=impl, chunk_size=chunk, segment_ids=seg
+        )
+
+    docs = Docs()
+
+    def alone(u, delta, A, B, C, D, h0):
+        # Padding delta = 0 (decay 1, no input) carries each document's last state to the end.
+        y, last = ops.selective_scan(
+            *(docs.rows(x) for x in (u, delta)),
+            A,
+            *(docs.rows(x) for x in (B, C)),
+            D,
+            h0=docs.h0(h0),
+            impl=impl,
+            chunk_size=chunk,
+        )
+        return docs.packed(y), docs.state(last)
+
+    check_vjp(packed, alone, _ss_inputs(), SS_NAMES)
+
+
+def test_selective_scan_packed_matches_reference():
+    seg = packed_ids()
+    args = _ss_inputs()
+
+    def fast(u, delta, A, B, C, D, h0):
+        return ops.selective_scan(u, delta, A, B, C, D, h0=h0, chunk_size=8, segment_ids=seg)
+
+    def ref(u, delta, A, B, C, D, h0):
+        return ops.selective_scan_reference(u, delta, A, B, C, D, h0=h0, segment_ids=seg)
+
+    check_vjp(fast, ref, args, SS_NAMES)
+
+
+def test_selective_scan_rejects_bad_segment_ids():
+    u, delta, A, B, C, D, h0 = _ss_inputs()
+    for fn in (ops.selective_scan, ops.selective_scan_reference):
+        with pytest.raises(ValueError, match="segment_ids"):
+            fn(u, delta, A, B, C, D, segment_ids=packed_ids()[:1])
