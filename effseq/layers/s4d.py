@@ -167,20 +167,17 @@ class S4DKernel(nn.Module):
         log_dt, A, B, _ = self._ssm()
         return ops.s4d_final_state(x, log_dt, A, B, self.discretization)
 
-    def scan(self, x: Array, segment_ids: Array) -> Array:
+    def scan(self, x: Array, segment_ids: Array, reverse: bool = False) -> Array:
         """The SSM over packed rows x (b, t, h) through its recurrence, the state reset at each
-        document start of ``segment_ids``: y (b, t, h) float32, y_t = 2 Re(sum_n C x_t).
-
-        Runs :func:`effseq.ops.linear_scan` over the (b, t, h, n) complex states, which it
-        holds in memory (O(b t h n)); ``ops.s4d_scan``, which avoids that, is to replace it.
-        """
+        document start of ``segment_ids``: y (b, t, h) float32, y_t = 2 Re(sum_n C x_t)
+        (:func:`effseq.ops.s4d_scan`: C read inside the loop, so no (b, t, h, n) state
+        sequence is stored). ``reverse``: the anticausal half of a bidirectional convolution
+        (kernel from lag 1), reset where the next position starts a document."""
         dA, dB, C = self.discrete()
-        b, t, h = x.shape
-        a = jnp.broadcast_to(dA, (b, t, *dA.shape))
-        states, _ = ops.linear_scan(
-            a, dB * x.astype(jnp.float32)[..., None], segment_ids=segment_ids
+        y, _ = ops.s4d_scan(
+            x.astype(jnp.float32), dA, dB, C, segment_ids=segment_ids, reverse=reverse
         )
-        return 2 * jnp.einsum("bthn,hn->bth", states, C, precision=jax.lax.Precision.HIGHEST).real
+        return y
 
     def discrete(self) -> tuple[Array, Array, Array]:
         """(dA, dB, C), each (h, n) complex64, for :func:`effseq.ops.s4d_step`."""
@@ -300,11 +297,7 @@ class S4D(Mixer):
         """Packed rows x (b, t, d) through the recurrence(s), seg the ops' ids -> (b, t, d)."""
         y = self.kernel.scan(x, seg)
         if not self.causal:
-            # The backward kernel starts at lag 1: position i reads the reversed scan's output
-            # at i + 1, unless i + 1 starts another document.
-            z = jnp.flip(self.kernel_bwd.scan(jnp.flip(x, 1), jnp.flip(seg, 1)), 1)
-            z = jnp.pad(z[:, 1:], ((0, 0), (0, 1), (0, 0)))
-            y = y + jnp.where(segments.document_ends(seg)[..., None], 0.0, z)
+            y = y + self.kernel_bwd.scan(x, seg, reverse=True)
         return y.astype(x.dtype)
 
     def init_state(self, batch: int, max_len: int) -> Array:
