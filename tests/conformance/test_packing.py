@@ -1,0 +1,106 @@
+"""Every registered mixer on packed rows (segment_ids; id 0 = trailing padding): each document
+equals itself run alone, in any row and position, with any neighbours, on outputs and on the
+gradients of its inputs and of every parameter (the loss summed over documents); padding gets
+no gradient; a causal packed prompt prefilled, then stepped, continues each row's last
+document exactly as that document alone with the continuation appended.
+
+The fast layout (harness.FAST_LAYOUT, t = 13, chunk 4) has documents of length 1, documents
+starting at chunk boundaries and inside chunks, a row without padding, a row with one padded
+document, and ids reused non-adjacently; random layouts are slow. "Alone" is one masked batch
+of every occurrence (right padding with a mask, itself checked against the unpadded float64
+reference in test_forms).
+"""
+
+import numpy as np
+import pytest
+
+from tests.conformance import harness
+from tests.conformance.checks import assert_params
+from tests.tolerances import assert_close
+
+CASES = harness.cases()
+CAUSAL = [c for c in CASES if c[1]]
+SLOW_SEEDS = (1, 2, 3)
+
+
+def _params(cases):
+    out = [pytest.param(c, -1, id=harness.case_id(c)) for c in cases]
+    out += [
+        pytest.param(c, s, id=f"{harness.case_id(c)}-layout{s}", marks=pytest.mark.slow)
+        for c in cases
+        for s in SLOW_SEEDS
+    ]
+    return out
+
+
+def _suite(case, layout_seed):
+    t = harness.PACKED_WITH if layout_seed == -1 else None
+    s = harness.suite(*case, t, layout_seed)
+    if s.packing_error:
+        pytest.fail(s.packing_error)
+    return s
+
+
+@pytest.mark.parametrize("case, layout_seed", _params(CASES))
+def test_each_packed_document_equals_itself_alone(case, layout_seed):
+    s = _suite(case, layout_seed)
+    packed = s.forms["packed"]
+    alone, rows = s.masked("alone")
+    lengths = s.plan.layout.lengths
+    name = harness.case_id(case)
+    covered = np.zeros(packed.y.shape[:2], bool)
+    for k, (r, start, doc) in enumerate(s.plan.occurrences):
+        n = lengths[doc]
+        what = f"{name}: document {doc} (length {n}) at row {r}, position {start}"
+        sl = slice(start, start + n)
+        assert_close(packed.y[r, sl], alone.y[k, :n], "float32", "value", f"{what}: output")
+        assert_close(packed.x[r, sl], alone.x[k, :n], "float32", "grad", f"{what}: d/dx")
+        covered[r, sl] = True
+    # Padding (id 0) changes nothing, so it gets no gradient.
+    junk = packed.x[~covered]
+    assert_close(junk, np.zeros_like(junk), "float32", "grad", f"{name}: d/dx of padding")
+    assert_params(packed.params, alone.params, f"{name}: packed vs alone, summed over documents")
+
+
+@pytest.mark.parametrize("case, layout_seed", _params(CASES))
+def test_a_document_is_the_same_in_every_row_and_position(case, layout_seed):
+    s = _suite(case, layout_seed)
+    packed = s.forms["packed"]
+    lengths = s.plan.layout.lengths
+    seen: dict[str, tuple] = {}
+    repeated = 0
+    for r, start, doc in s.plan.occurrences:
+        n = lengths[doc]
+        here = (packed.y[r, start : start + n], packed.x[r, start : start + n])
+        if doc in seen:
+            repeated += 1
+            what = f"{harness.case_id(case)}: document {doc} at {seen[doc][0]} and {(r, start)}"
+            assert_close(here[0], seen[doc][1][0], "float32", "value", f"{what}: output")
+            assert_close(here[1], seen[doc][1][1], "float32", "grad", f"{what}: d/dx")
+        else:
+            seen[doc] = ((r, start), here)
+    assert repeated, "the layout repeats no document"
+
+
+@pytest.mark.parametrize("case, layout_seed", _params(CAUSAL))
+def test_packed_prefill_then_step_continues_the_last_document(case, layout_seed):
+    s = _suite(case, layout_seed)
+    got = s.forms["packed_prefill"]
+    ref, rows = s.masked("continued")
+    t = s.plan.layout.t
+    name = harness.case_id(case)
+    # The prefill's outputs are the parallel form's, on every document.
+    real = s.plan.arrays["ids"] != 0
+    packed_y = s.forms["packed"].y
+    assert_close(got.y[:, :t][real], packed_y[real], "float32", "value", f"{name}: prefill")
+    for r, (start, n) in enumerate(s.plan.last):
+        what = f"{name}: row {r}, last document (length {n} at {start}) continued"
+        y = np.concatenate([got.y[r, start : start + n], got.y[r, t:]])
+        gx = np.concatenate([got.x[r, start : start + n], got.x[r, t:]])
+        m = n + harness.CONTINUE
+        assert_close(y, ref.y[r, :m], "float32", "value", f"{what}: output")
+        assert_close(gx, ref.x[r, :m], "float32", "grad", f"{what}: d/dx")
+        # No other prompt position (earlier documents, padding) reaches the continuation.
+        other = np.concatenate([got.x[r, :start], got.x[r, start + n : t]])
+        assert_close(other, np.zeros_like(other), "float32", "grad", f"{what}: d/dx elsewhere")
+    assert_params(got.params, ref.params, f"{name}: packed prefill then step vs alone")
