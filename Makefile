@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small clean
+.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench-ops: $(STAMP)
 ## bench-models: the model-level benchmark, quick plan (results/bench/)
 bench-models: $(STAMP)
 	$(BIN)/effseq bench
+
+## bench-packing: packed vs padded training throughput per mixer (benchmarks/results/packing.*)
+bench-packing: $(STAMP)
+	$(BIN)/python -m effseq.benchmarks.packing
 
 ## bench-small: the default suite's models: step time, GFLOP/s, loop overhead (results/bench/)
 bench-small: $(STAMP)
