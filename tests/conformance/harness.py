@@ -1,6 +1,7 @@
 """The conformance suite's machinery: one small configuration per mixer, the row layouts of
-packed documents, and few jitted programs per mixer, each computing many forms' outputs and
-gradients at once, cached (:func:`suite`) so that every assertion reuses them.
+packed documents, and two jitted programs per mixer and direction (float32: every form at
+t = 1 and t = 11 and the packed rows; float64: the references), cached (:func:`suite`) so that
+every assertion reuses them.
 
 A form is (y, gradients of every parameter, gradient of its input x) for the loss
 sum(y * ct), ct a fixed random cotangent (zero on padding):
@@ -12,9 +13,11 @@ sum(y * ct), ct a fixed random cotangent (zero on padding):
   test skips, saying why;
 * ``parallel``: ``__call__(x)``; ``steps``: ``init_state`` then ``step`` token by token;
   ``prefill``: ``prefill`` of the first (t + 1) // 2 tokens, then ``step`` over the rest;
-* ``masked``: one batch, right-padded with junk under a ``mask``, holding in groups (one
-  backward each) x padded (group "mask"), every packed document occurrence alone ("alone"),
-  and each packed row's last document followed by the continuation ("continued");
+* ``masked``: one batch, right-padded with junk under a ``mask``, holding in groups x of each
+  length padded ("mask@t"), every packed document occurrence alone ("alone"), and each packed
+  row's last document followed by the continuation ("continued"); one backward for the whole
+  batch, so its parameter gradients are checked against the sum of the forms its groups
+  stand for;
 * ``packed``: rows of several documents (``segment_ids``; ids compare with the neighbour
   only; 0 = trailing padding); ``packed_prefill``: the packed rows prefilled, then
   ``CONTINUE`` steps.
@@ -42,12 +45,11 @@ MAX_LEN = 16
 # Chunk length of every chunked op: short t then spans several chunks, and documents start at
 # chunk boundaries and inside chunks.
 CHUNK = 4
-# Fast lengths: t = 1 and a prime that is not a multiple of the chunk (11 = 2 chunks + 3).
+# Fast lengths: t = 1 and a prime that is not a multiple of the chunk (11 = 2 chunks + 3);
+# both run in one program with the packed rows of FAST_LAYOUT.
 FAST_LENGTHS = (1, 11)
 # Slow lengths: shorter than a chunk, exactly one and two chunks, one past, the cache length.
 SLOW_LENGTHS = (2, 4, 5, 8, 13, 16)
-# The fast length whose program also runs FAST_LAYOUT's packed rows.
-PACKED_WITH = 11
 PAD = 3  # junk positions appended for the padded forms
 BATCH = 2
 CONTINUE = 3  # tokens stepped after a packed prompt
@@ -241,17 +243,17 @@ def random_layout(seed: int, t: int = 13) -> Layout:
 # -- the programs ---------------------------------------------------------------------------
 
 
-GROUPS = ("alone", "continued", "mask")  # of the masked batch's rows
-
-
 @dataclasses.dataclass
 class Plan:
-    """The inputs of one program. ``t`` (optional): the unpacked forms at length t.
-    ``layout`` (optional): packed rows. The masked batch ``m_*`` holds, in groups, every
-    document occurrence alone (group "alone"), each row's last document followed by the
-    continuation (group "continued", causal), and x right-padded with junk (group "mask")."""
+    """The inputs of one program: the unpacked forms at each of ``lengths``, and packed rows
+    when ``layout`` is given. The masked batch ``mx`` (rows right-padded, ``mask``) holds in
+    groups: x of each length padded with junk ("mask@t"), every packed document occurrence
+    alone ("alone"), each packed row's last document followed by the continuation
+    ("continued", causal only). It runs one backward for its whole loss (under jax.vmap, one
+    backward per group crashed XLA:CPU on Mamba-2's ops.ssd, jax 0.10.2), so its parameter
+    gradients are the sum of the groups' (:meth:`Suite.expected_masked_params`)."""
 
-    t: int | None
+    lengths: tuple[int, ...]
     layout: Layout | None
     arrays: dict[str, np.ndarray]
     groups: dict[str, list[int]]  # group -> rows of the masked batch
@@ -259,16 +261,15 @@ class Plan:
     last: list[tuple[int, int]]  # per packed row: (start, length) of its last document
 
 
-def plan(d: int, causal: bool, t: int | None, layout: Layout | None, seed: int = 0) -> Plan:
+def plan(d: int, causal: bool, lengths, layout: Layout | None, seed: int = 0) -> Plan:
     a: dict[str, np.ndarray] = {}
-    rows: list[tuple[str, np.ndarray, np.ndarray]] = []  # (group, x, ct) of the masked batch
-    if t is not None:
-        a["x"] = _normal(100 + seed, (BATCH, t, d))
-        a["ct"] = _normal(200 + seed, (BATCH, t, d))
-        junk = 3.0 + _normal(300 + seed, (BATCH, PAD, d))
-        x_pad = np.concatenate([a["x"], junk], 1)
+    rows: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # (group, x, ct, real length)
+    for t in lengths:
+        a[f"x{t}"] = x = _normal(100 + seed + t, (BATCH, t, d))
+        a[f"ct{t}"] = ct = _normal(200 + seed + t, (BATCH, t, d))
+        junk = 3.0 + _normal(300 + seed + t, (BATCH, PAD, d))
         for r in range(BATCH):
-            rows.append(("mask", x_pad[r], np.concatenate([a["ct"][r], np.zeros((PAD, d))])))
+            rows.append((f"mask@{t}", np.concatenate([x[r], junk[r]]), ct[r], t))
     occ: list = []
     last: list = []
     if layout is not None:
@@ -284,7 +285,7 @@ def plan(d: int, causal: bool, t: int | None, layout: Layout | None, seed: int =
         for r, s, doc in occ:
             n = layout.lengths[doc]
             px[r, s : s + n], pct[r, s : s + n] = x_doc[doc], ct_doc[doc]
-            rows.append(("alone", x_doc[doc], ct_doc[doc]))
+            rows.append(("alone", x_doc[doc], ct_doc[doc], n))
             last[r] = (s, n)
         a.update(px=px, pct=pct, ids=layout.ids())
         if causal:
@@ -298,27 +299,22 @@ def plan(d: int, causal: bool, t: int | None, layout: Layout | None, seed: int =
                 a["pct_last"][r, s : s + n] = pct[r, s : s + n]
                 xr = np.concatenate([px[r, s : s + n], a["xc"][r]])
                 ctr = np.concatenate([pct[r, s : s + n], a["ctc"][r]])
-                rows.append(("continued", xr, ctr))
+                rows.append(("continued", xr, ctr, n + CONTINUE))
     groups: dict[str, list[int]] = {}
-    for i, (g, _, _) in enumerate(rows):
-        groups.setdefault(g, []).append(i)
     if rows:
-        present = [g for g in GROUPS if g in groups]
-        length = max(len(x) for _, x, _ in rows)
+        length = max(len(x) for _, x, _, _ in rows)
         mx = np.zeros((len(rows), length, d), np.float32)
         mask = np.zeros((len(rows), length), bool)
-        cts = np.zeros((len(present), len(rows), length, d), np.float32)
-        for i, (g, x, ct) in enumerate(rows):
-            real = len(x) - (PAD if g == "mask" else 0)
-            mx[i, : len(x)], mask[i, :real] = x, True
-            cts[present.index(g), i, : len(ct)] = ct
-        a.update(mx=mx, mask=mask, mcts=cts)
-    return Plan(t, layout, a, groups, occ, last)
+        mct = np.zeros_like(mx)
+        for i, (g, x, ct, real) in enumerate(rows):
+            groups.setdefault(g, []).append(i)
+            mx[i, : len(x)], mct[i, : len(ct)], mask[i, :real] = x, ct, True
+        a.update(mx=mx, mask=mask, mct=mct)
+    return Plan(tuple(lengths), layout, a, groups, occ, last)
 
 
 def _program(module, plan: Plan, packing: bool):
     causal = module.causal
-    t = plan.t
 
     def program(variables, a):
         params = variables["params"]
@@ -331,21 +327,24 @@ def _program(module, plan: Plan, packing: bool):
             return y, _steps_from(module, {**variables, "params": p}, state, xc)
 
         out = {}
-        if t is not None:
-            out["parallel"] = _vjp(lambda p, x: apply(p, x), params, a["x"], a["ct"])
+        for t in plan.lengths:
+            x, ct = a[f"x{t}"], a[f"ct{t}"]
+            out[f"parallel@{t}"] = _vjp(lambda p, x: apply(p, x), params, x, ct)
             if causal:
-                steps = lambda p, x: run_steps(module, {**variables, "params": p}, x, MAX_LEN)  # noqa: E731
-                out["steps"] = _vjp(steps, params, a["x"], a["ct"])
+                v = variables
+
+                def steps(p, x, v=v):
+                    return run_steps(module, {**v, "params": p}, x, MAX_LEN)
+
+                out[f"steps@{t}"] = _vjp(steps, params, x, ct)
                 n = (t + 1) // 2  # t = 11: a 6-token prompt (not a chunk multiple), 5 steps
-                both = lambda p, x: jnp.concatenate(prefill_then_step(p, x[:, :n], x[:, n:]), 1)  # noqa: E731
-                out["prefill"] = _vjp(both, params, a["x"], a["ct"])
+
+                def both(p, x, n=n):
+                    return jnp.concatenate(prefill_then_step(p, x[:, :n], x[:, n:]), 1)
+
+                out[f"prefill@{t}"] = _vjp(both, params, x, ct)
         if "mx" in a:
-            # One forward of the masked batch, one backward per group of rows (a loop: under
-            # jax.vmap, Mamba-2's pullback crashed XLA:CPU, jax 0.10.2, a segmentation fault).
-            y, pull = jax.vjp(lambda p, x: apply(p, x, a["mask"]), params, a["mx"])
-            grads = [pull(ct.astype(y.dtype)) for ct in a["mcts"]]
-            gp, gx = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-            out["masked"] = (y, gp, gx)
+            out["masked"] = _vjp(lambda p, x: apply(p, x, a["mask"]), params, a["mx"], a["mct"])
         if packing:
             ids = a["ids"]
             out["packed"] = _vjp(
@@ -374,75 +373,91 @@ class Suite:
 
     plan: Plan
     forms: dict[str, Form]
-    reference: Form | None  # None: the mixer has no float64 form (see reference_error)
+    references: dict[int, Form] | None  # None: no float64 form (see reference_error)
     reference_error: str | None
     packing_error: str | None  # why the packed forms are missing
 
-    def expected(self) -> Form:
-        return self.reference if self.reference is not None else self.forms["parallel"]
+    def expected(self, t: int) -> Form:
+        """The float64 reference at length t, or the float32 parallel form where the mixer
+        has no float64 form."""
+        if self.references is not None:
+            return self.references[t]
+        return self.forms[f"parallel@{t}"]
 
-    def masked(self, group: str) -> tuple[Form, list[int]]:
-        """The masked batch's rows of ``group``: their outputs, gradients of x, and the
-        parameter gradients of that group's loss."""
-        m = self.forms["masked"]
-        y, gp, gx = m.y, m.params, m.x
-        g = [k for k in GROUPS if k in self.plan.groups].index(group)
-        rows = self.plan.groups[group]
-        params = {k: v[g] for k, v in gp.items()}
-        return Form(y[rows], params, gx[g][rows]), rows
+    def masked(self, group: str) -> Form:
+        """The masked batch's rows of ``group``: outputs and gradients of x (its parameter
+        gradients are the whole batch's)."""
+        m, rows = self.forms["masked"], self.plan.groups[group]
+        return Form(m.y[rows], m.params, m.x[rows])
+
+    def expected_masked_params(self) -> dict[str, np.ndarray]:
+        """What the masked batch's parameter gradients must be: the sum over its groups of
+        the forms they stand for (each length's reference, the packed rows, the packed
+        prefill then steps)."""
+        terms = [self.expected(t).params for t in self.plan.lengths]
+        if "alone" in self.plan.groups:
+            terms.append(self.forms["packed"].params)
+        if "continued" in self.plan.groups:
+            terms.append(self.forms["packed_prefill"].params)
+        return {k: sum(np.asarray(g[k], np.float64) for g in terms) for k in terms[0]}
 
 
-def _reference(module, variables, x, ct):
-    """The parallel form in float64: (Form, None), or (None, why not)."""
+def _references(module, variables, arrays, lengths):
+    """The parallel form in float64 at each length: ({t: Form}, None), or (None, why not)."""
     try:
         with jax.enable_x64(True):
             module64 = module.clone(dtype=jnp.float64, param_dtype=jnp.float64)
 
             def cast(v):
-                return jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating):
+                    return jnp.asarray(v, jnp.float64)
+                return v
 
             @jax.jit
-            def run(v, x, ct):
-                return _vjp(lambda p, x: module64.apply({**v, "params": p}, x), v["params"], x, ct)
+            def run(v, xs):
+                def f(p, x):
+                    return module64.apply({**v, "params": p}, x)
 
-            x64, ct64 = (jnp.asarray(z, jnp.float64) for z in (x, ct))
-            y, gp, gx = run(jax.tree.map(cast, variables), x64, ct64)
-            if y.dtype != jnp.float64:
-                return None, f"the float64 module returned {y.dtype}"
-            return Form(np.asarray(y), _flat(gp), np.asarray(gx)), None
+                return {t: _vjp(f, v["params"], x, ct) for t, (x, ct) in xs.items()}
+
+            xs = {t: (arrays[f"x{t}"], arrays[f"ct{t}"]) for t in lengths}
+            out = run(jax.tree.map(cast, variables), jax.tree.map(cast, xs))
+            forms = {
+                t: Form(np.asarray(y), _flat(gp), np.asarray(gx)) for t, (y, gp, gx) in out.items()
+            }
+            bad = [f.y.dtype for f in forms.values() if f.y.dtype != np.float64]
+            if bad:
+                return None, f"the float64 module returned {bad[0]}"
+            return forms, None
     except Exception as e:  # noqa: BLE001 - any failure means "no float64 form"
         return None, f"{type(e).__name__}: {e}"
 
 
-def layout_for(t: int) -> int | None:
-    """The fast programs: t = 11 shares its program with the packed rows of FAST_LAYOUT (one
-    compile); every other length runs alone."""
-    return -1 if t == PACKED_WITH else None
-
-
 @functools.cache
-def suite(name: str, causal: bool, t: int | None, layout_seed: int | None = -1) -> Suite:
-    """Every form of mixer ``name`` at length t (None: none) and packed on FAST_LAYOUT
-    (layout_seed -1), ``random_layout(layout_seed)``, or nothing (None)."""
+def suite(name: str, causal: bool, lengths=FAST_LENGTHS, layout_seed: int | None = -1) -> Suite:
+    """Every form of mixer ``name`` at each of ``lengths`` and packed on FAST_LAYOUT
+    (layout_seed -1), on ``random_layout(layout_seed)``, or not at all (None). One compiled
+    program for the float32 forms, one for the float64 references."""
     module = make(name, causal)
     v = variables(name, causal)
     if layout_seed is None or layout_seed < 0:
         layout, seed = (None if layout_seed is None else FAST_LAYOUT), 0
     else:
         layout, seed = random_layout(layout_seed), layout_seed + 1
-    p = plan(module.d_model, causal, t, layout, seed)
     forms, error = None, None
     if layout is not None:
         if not takes_segment_ids(name):
             error = f"{name}: __call__/prefill take no segment_ids yet (packing contract)"
         else:
+            p = plan(module.d_model, causal, lengths, layout, seed)
             try:
                 forms = _to_np(_program(module, p, True)(v, p.arrays))
             except Exception:  # noqa: BLE001 - a layer mid-way through the contract
                 error = f"{name} with segment_ids:\n{traceback.format_exc(limit=-4)}"
     if forms is None:  # the other forms do not wait for packing
+        p = plan(module.d_model, causal, lengths, None, seed)
         forms = _to_np(_program(module, p, False)(v, p.arrays))
-    ref, why = None, "no length"
-    if t is not None:
-        ref, why = _reference(module, v, p.arrays["x"], p.arrays["ct"])
-    return Suite(p, forms, ref, why, error)
+    refs, why = (None, "no length")
+    if lengths:
+        refs, why = _references(module, v, p.arrays, lengths)
+    return Suite(p, forms, refs, why, error)
