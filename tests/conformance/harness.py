@@ -461,3 +461,33 @@ def suite(name: str, causal: bool, lengths=FAST_LENGTHS, layout_seed: int | None
     if lengths:
         refs, why = _references(module, v, p.arrays, lengths)
     return Suite(p, forms, refs, why, error)
+
+
+# The bfloat16 checks' width: the layer-level bfloat16 tolerance (1% relative RMS) was set at
+# the layer tests' widths; at d_model 8 the error measured 0.4-1.06% (GDN, RG-LRU just over),
+# at 16 0.5-0.6%.
+BF16_D_MODEL = 16
+
+
+@functools.cache
+def bfloat16(name: str, causal: bool) -> tuple[dict[str, Form], dict[str, Form]]:
+    """The fast plan's forms at t = 11 (and packed, where the mixer packs) computed in
+    bfloat16, and the same in float32, both from the parameters rounded to bfloat16 (as the
+    layer tests compare: the error is the computation's, not the parameters' rounding)."""
+    packing = takes_segment_ids(name)
+    v = jax.tree.map(
+        lambda a: (
+            a.astype(jnp.bfloat16).astype(jnp.float32)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
+        jax.jit(make(name, causal).clone(d_model=BF16_D_MODEL).init)(
+            jax.random.key(0), jnp.zeros((1, MAX_LEN, BF16_D_MODEL), jnp.float32)
+        ),
+    )
+    out = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        module = make(name, causal, dtype).clone(d_model=BF16_D_MODEL)
+        p = plan(module.d_model, causal, (FAST_LENGTHS[-1],), FAST_LAYOUT if packing else None)
+        out.append(_to_np(_program(module, p, packing)(v, p.arrays)))
+    return out[0], out[1]
