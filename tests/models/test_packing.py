@@ -62,22 +62,33 @@ def every():
     return model, variables, tokens, seg, docs
 
 
+def _alone(docs, extra=None):
+    """Each document (followed by ``extra`` tokens) at the start of its own row, junk after it:
+    a causal model's logits there are the document's own (one program for every document)."""
+    rows = np.array(jax.random.randint(jax.random.key(9), (len(docs), T + 3), 1, V))
+    lengths = []
+    for i, (_, _, toks) in enumerate(docs):
+        toks = np.concatenate([toks, extra[i]]) if extra is not None else toks
+        rows[i, : len(toks)] = toks
+        lengths.append(len(toks))
+    return jnp.asarray(rows), np.array(lengths)
+
+
 def test_each_document_equals_itself_alone(every):
     model, variables, tokens, seg, docs = every
 
-    def loss(v, x, s):
+    def loss(v, x, s, weight):
         logits = model.apply(v, x, segment_ids=s)
-        return jnp.sum(jnp.sin(logits) * (s != 0)[..., None]), logits
+        return jnp.sum(jnp.sin(logits) * weight[..., None]), logits
 
-    packed = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (_, logits), grads = packed(variables, tokens, seg)
-    total = jax.tree.map(jnp.zeros_like, grads)
-    alone = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    for r, start, toks in docs:
-        x = jnp.asarray(toks)[None]
-        (_, own), g = alone(variables, x, jnp.ones_like(x))
-        assert_close(logits[r, start : start + len(toks)], own[0], err_msg=f"row {r} at {start}")
-        total = jax.tree.map(jnp.add, total, g)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, logits), grads = grad(variables, tokens, seg, (seg != 0).astype(jnp.float32))
+    rows, lengths = _alone(docs)
+    weight = (np.arange(rows.shape[1]) < lengths[:, None]).astype(np.float32)
+    (_, own), total = grad(variables, rows, None, jnp.asarray(weight))
+    for i, (r, start, toks) in enumerate(docs):
+        n = len(toks)
+        assert_close(logits[r, start : start + n], own[i, :n], err_msg=f"row {r} at {start}")
     # The packed loss is the sum of the documents' losses, so its gradient is their sum.
     for path, a, b in zip(
         jax.tree_util.tree_leaves_with_path(grads),
@@ -92,19 +103,20 @@ def test_packed_prefill_decodes_the_last_document_on(every):
     """Prefill of a packed, right-padded prompt, then decode steps: the logits of the last
     document's continuation, as if that document had been decoded alone."""
     model, variables, tokens, seg, docs = every
-    more = jax.random.randint(jax.random.key(5), (2, 3), 1, V)
+    more = np.asarray(jax.random.randint(jax.random.key(5), (2, 3), 1, V))
     prefill = jax.jit(lambda v, x, s: model.apply(v, x, 32, segment_ids=s, method="prefill"))
     step = jax.jit(lambda v, x, c: model.apply(v, x, c, method="decode_step"))
     _, cache = prefill(variables, tokens, seg)
     outs = []
     for i in range(more.shape[1]):
-        out, cache = step(variables, more[:, i], cache)
+        out, cache = step(variables, jnp.asarray(more[:, i]), cache)
         outs.append(out)
+    last = [[d for d in docs if d[0] == r][-1] for r in range(2)]
+    rows, lengths = _alone(last, more)
+    expected = jax.jit(model.apply)(variables, rows)
     for r in range(2):
-        last = [d for d in docs if d[0] == r][-1]
-        full = jnp.concatenate([jnp.asarray(last[2]), more[r]])[None]
-        expected = jax.jit(model.apply)(variables, full)[0, len(last[2]) :]
-        assert_close(jnp.stack([o[r] for o in outs]), expected, err_msg=f"row {r}")
+        n = len(last[r][2])
+        assert_close(jnp.stack([o[r] for o in outs]), expected[r, n : n + 3], err_msg=f"row {r}")
 
 
 def test_classifier_pools_each_document():
