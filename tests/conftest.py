@@ -26,6 +26,7 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
 # (pytest-xdist --dist loadfile); collected in name order, the slowest ones (tests/train/)
 # came last, and one worker ran them alone while the other sat idle for a minute or more.
 _LONGEST_FIRST = (
+    "tests/conformance/test_conformance.py",
     "tests/test_notebooks.py",
     "tests/compare/test_run.py",
     "tests/train/test_loop.py",

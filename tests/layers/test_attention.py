@@ -100,6 +100,8 @@ def _packed_layer(config):
     return layer, variables, x
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("config", PACKED_CONFIGS, ids=lambda c: ",".join(c) or "plain")
 def test_packed_documents_equal_each_document_alone(config):
     # No weight crosses a document, rotary positions and Primer's taps restart at each start.

@@ -54,6 +54,8 @@ def test_parallel_equals_step_and_the_quadratic_form(t):
     assert_close(y, _reference(p, x), "float32", "value")
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_prefill_then_step():
     module = _module(chunk_size=4)
     variables, x = init(module, t=11)
@@ -88,6 +90,8 @@ def test_causal_only():
         abstract_init(_module(causal=False))
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_padding_never_changes_real_outputs():
     module = _module(chunk_size=4)
     variables, x = init(module, t=13)
@@ -177,6 +181,8 @@ def test_converter_errors_name_the_key():
 PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_documents_equal_each_document_alone():
     module = _module(chunk_size=4)
     variables, x = init(module, t=19)
@@ -184,6 +190,8 @@ def test_packed_documents_equal_each_document_alone():
     assert_packed_equals_alone(module, variables, x, seg, docs)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_continues_the_last_document():
     module = _module(chunk_size=4)
     variables, x = init(module, t=19)

@@ -27,7 +27,8 @@ D_MODEL = 16
 SMALL = dict(d_model=D_MODEL, num_heads=2, chunk_size=4)  # head_dim 0.75 * 16 / 2 = 6
 
 
-@pytest.mark.parametrize("gate", ["head", "channel"])
+# gate="head" is also checked by tests/conformance; here it runs with make test-slow.
+@pytest.mark.parametrize("gate", [pytest.param("head", marks=pytest.mark.slow), "channel"])
 @pytest.mark.parametrize("t", [1, 13])
 def test_parallel_equals_step_and_prefill(t, gate):
     module = GatedDeltaNet(**SMALL, gate=gate)
@@ -56,7 +57,8 @@ def test_causal_and_causal_only():
         abstract_init(GatedDeltaNet(**SMALL, causal=False))
 
 
-@pytest.mark.parametrize("gate", ["head", "channel"])
+# gate="head" is also checked by tests/conformance; here it runs with make test-slow.
+@pytest.mark.parametrize("gate", [pytest.param("head", marks=pytest.mark.slow), "channel"])
 def test_right_padding_never_changes_real_outputs(gate):
     module = GatedDeltaNet(**SMALL, gate=gate)
     assert_right_padding_invariant(module, *init(module, t=7))
@@ -150,13 +152,16 @@ def _check_packed_prefill(module, variables, x):
     return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
 
 
-@pytest.mark.parametrize("gate", ["head", "channel"])
+# gate="head" is also checked by tests/conformance; here it runs with make test-slow.
+@pytest.mark.parametrize("gate", [pytest.param("head", marks=pytest.mark.slow), "channel"])
 def test_packed_equals_documents_alone(gate):
     module = GatedDeltaNet(**SMALL, gate=gate)
     variables, x = init(module, t=15)
     _check_packed(module, variables, x)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_then_step():
     module = GatedDeltaNet(**SMALL)
     variables, x = init(module, t=15)

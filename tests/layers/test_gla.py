@@ -17,6 +17,8 @@ from tests.tolerances import assert_close
 D_MODEL = 32
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 37])
 def test_parallel_equals_step(t):
     # chunk_size 16: t = 37 spans three chunks, the last one partial.
@@ -107,6 +109,8 @@ def test_bfloat16_compute_and_param_dtype():
 PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_documents_equal_each_document_alone():
     module = GLA(d_model=D_MODEL, chunk_size=4)
     variables, x = init(module, t=19)
@@ -114,6 +118,8 @@ def test_packed_documents_equal_each_document_alone():
     assert_packed_equals_alone(module, variables, x, seg, docs)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_continues_the_last_document():
     module = GLA(d_model=D_MODEL, chunk_size=4)
     variables, x = init(module, t=19)

@@ -19,6 +19,8 @@ from tests.tolerances import assert_close
 D_MODEL = 16
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 37])
 def test_parallel_equals_step(t):
     # chunk_size 16: t = 37 spans three chunks, the last one partial.
@@ -144,6 +146,8 @@ def _check_packed_prefill(module, variables, x):
     return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_equals_documents_alone(causal):
     module = Mamba(d_model=D_MODEL, chunk_size=4, causal=causal)
@@ -151,6 +155,8 @@ def test_packed_equals_documents_alone(causal):
     _check_packed(module, variables, x)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_then_step():
     module = Mamba(d_model=D_MODEL, chunk_size=4)
     variables, x = init(module, t=15)

@@ -27,6 +27,8 @@ D_MODEL = 16
 SMALL = dict(d_model=D_MODEL, head_dim=8, state_size=8, chunk_size=4)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 13])
 def test_parallel_equals_step_and_prefill(t):
     module = Mamba2(**SMALL)
@@ -69,7 +71,8 @@ def test_causal_and_bidirectional_dependence():
         module.apply(variables, x[:, 0], state, method="step")
 
 
-@pytest.mark.parametrize("causal", [True, False])
+# causal=True is also checked by tests/conformance; here it runs with make test-slow.
+@pytest.mark.parametrize("causal", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_right_padding_never_changes_real_outputs(causal):
     module = Mamba2(**SMALL, causal=causal)
     assert_right_padding_invariant(module, *init(module, t=7))
@@ -144,7 +147,8 @@ def _check_packed_prefill(module, variables, x):
     return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+# causal=True is also checked by tests/conformance; here it runs with make test-slow.
+@pytest.mark.parametrize("causal", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_packed_equals_documents_alone(causal):
     # Two groups of B and C (their convs are masked with x's); the backward branch runs over
     # the reversed documents.
@@ -153,6 +157,8 @@ def test_packed_equals_documents_alone(causal):
     _check_packed(module, variables, x)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_then_step():
     module = Mamba2(**SMALL)
     variables, x = init(module, t=15)

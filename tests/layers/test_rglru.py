@@ -25,6 +25,8 @@ def _module(**kw):
     return RGLRU(d_model=D_MODEL, num_heads=2, **kw)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 13])
 def test_parallel_equals_step(t):
     module = _module()
@@ -35,6 +37,8 @@ def test_parallel_equals_step(t):
     assert_close(y_steps, y, "float32", "value")
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_prefill_then_step():
     module = _module(lru_width=24, conv_width=3)
     variables, x = init(module, t=11)
@@ -74,6 +78,8 @@ def test_causal_only_and_bad_heads():
         abstract_init(RGLRU(d_model=16, num_heads=3))
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_right_padding_never_changes_real_outputs():
     module = _module()
     variables, x = init(module, t=7)
@@ -244,6 +250,8 @@ def _check_packed_prefill(module, variables, x):
     return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_equals_documents_alone():
     module = _module(conv_width=4)
     variables, x = init(module, t=15)

@@ -192,6 +192,8 @@ def test_dtypes(param_dtype):
 PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_recurrence_equals_the_fft_convolution_per_document(causal):
     # Packed rows run through the SSM recurrence with resets; each document alone through the
@@ -202,6 +204,8 @@ def test_packed_recurrence_equals_the_fft_convolution_per_document(causal):
     assert_packed_equals_alone(module, variables, x, seg, docs)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_continues_the_last_document():
     module = S4D(d_model=D_MODEL, state_size=N)
     x, variables = _init(module, t=19)

@@ -149,6 +149,8 @@ def test_dtypes(param_dtype):
 PACKED_ROWS = [[3, 1, 4, 11], [8, 6, 2]]
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_documents_equal_each_document_alone(causal):
     # Packed: the masked direct form (no tap crosses a boundary); alone: the FFT convolution.
@@ -158,6 +160,8 @@ def test_packed_documents_equal_each_document_alone(causal):
     assert_packed_equals_alone(module, variables, x, seg, docs)
 
 
+# The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
+@pytest.mark.slow
 def test_packed_prefill_keeps_the_last_document_in_the_window():
     module = _module()
     x, variables = _init(module, t=19)

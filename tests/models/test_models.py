@@ -29,6 +29,16 @@ BIDIRECTIONAL = sorted(registry.BIDIRECTIONAL)
 # level the fast suite decodes them (the stack's cache) and the rest runs with `make test-slow`.
 CAUSAL_FAST = [m if m != NEWER else pytest.param(m, marks=pytest.mark.slow) for m in CAUSAL]
 NEWER_NAMES = set(NEWER.split(","))
+# Every mixer's step, prefill and padded forms are checked layer by layer in every form by
+# tests/conformance; at model level the fast suite decodes the hybrids (the stack's cache
+# across different mixers) and checks the classifier's padding with two mixers, one of each
+# kind; each single mixer here runs with `make test-slow`.
+HYBRIDS = ("gla,attention", NEWER)
+MODEL_LEVEL = ("mamba", "attention")
+
+
+def _slow_unless(mixer, keep):
+    return pytest.param(mixer, marks=[] if mixer in keep else [pytest.mark.slow])
 
 
 def _options(mixer):
@@ -68,7 +78,7 @@ def _decoded(model, variables, tokens, prompt=0):
     return jnp.concatenate(steps, axis=1)
 
 
-@pytest.mark.parametrize("mixer", CAUSAL)
+@pytest.mark.parametrize("mixer", [_slow_unless(m, HYBRIDS) for m in CAUSAL])
 def test_decoding_equals_the_parallel_forward(mixer):
     model = _lm(mixer)
     tokens = _tokens()
@@ -83,7 +93,7 @@ PRIMER = {"rotary": True, "dconv": True, "window": 4}
 
 @pytest.mark.parametrize(
     "mixer,options",
-    [(m, None) if m != NEWER else pytest.param(m, None, marks=pytest.mark.slow) for m in CAUSAL]
+    [pytest.param(m, None, marks=[] if m == "gla,attention" else pytest.mark.slow) for m in CAUSAL]
     + [("attention", PRIMER)],
 )
 def test_prefill_then_decoding_equals_the_parallel_forward(mixer, options):
@@ -116,9 +126,7 @@ def test_logits_do_not_depend_on_later_tokens(mixer):
 @pytest.mark.parametrize(
     "mixer, bidirectional, pooling",
     [
-        pytest.param(
-            m, bi, pool, marks=[pytest.mark.slow] if pool == "last" and m in NEWER_NAMES else []
-        )
+        pytest.param(m, bi, pool, marks=[] if m in MODEL_LEVEL else [pytest.mark.slow])
         for pool in ("mean", "last")
         for bi in (False, True)
         for m in MIXERS
@@ -144,7 +152,7 @@ def test_padded_tokens_never_change_the_classifier(mixer, bidirectional, pooling
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("mixer", [_slow_unless(m, MODEL_LEVEL) for m in MIXERS])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_padding_length_never_changes_the_classifier(mixer, bidirectional):
     # The same 7 real tokens right-padded to 9 and to 16: no mixer may read the padding, not
