@@ -4,6 +4,7 @@ places every document once without overfilling a row."""
 import dataclasses
 
 import numpy as np
+import pytest
 
 from effseq.benchmarks import packing
 
@@ -16,6 +17,7 @@ def test_first_fit_places_every_document_once():
     assert rows[0] == [0, 1]  # 5 + 3 fills the first row; later documents go elsewhere
 
 
+@pytest.mark.slow  # five compiled train steps, about 20 s
 def test_tiny_run_reports_every_scheme():
     plan = dataclasses.replace(
         packing.PLANS["quick"],

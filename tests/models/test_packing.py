@@ -54,9 +54,17 @@ def _packed(seed=0):
     return jnp.asarray(tokens), jnp.asarray(seg), docs
 
 
-@pytest.fixture(scope="module")
-def every():
-    model = _lm()
+@pytest.fixture(
+    scope="module",
+    params=[
+        # Two mixers with a conv window, a chunked scan and rotary attention in the fast suite;
+        # all nine (one compile of a nine-layer stack, about 30 s more) with make test-slow.
+        pytest.param("mamba2,attention", id="mamba2,attention"),
+        pytest.param(EVERY, id="all-nine", marks=pytest.mark.slow),
+    ],
+)
+def every(request):
+    model = _lm(request.param)
     tokens, seg, docs = _packed()
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     return model, variables, tokens, seg, docs
@@ -120,20 +128,26 @@ def test_packed_prefill_decodes_the_last_document_on(every):
 
 
 def test_classifier_pools_each_document():
-    """Per-document logits of a packed row equal each document classified alone, for every
-    pooling; a row with fewer documents gets zero features for the missing ones."""
+    """Per-document logits of a packed row equal each document classified alone (each at the
+    start of its own row under a mask, which leaves a document's outputs as they are alone),
+    for every pooling; a row with fewer documents gets zero features for the missing ones."""
     tokens, seg, docs = _packed(1)
+    alone = np.zeros((len(docs), T), np.int32)
+    mask = np.zeros((len(docs), T), bool)
+    for i, (_, _, toks) in enumerate(docs):
+        alone[i, : len(toks)], mask[i, : len(toks)] = toks, True
+    bb = Backbone("mamba,attention", D, 2, causal=False, max_len=32)
     for pooling in ("mean", "last", "first"):
-        bb = Backbone("mamba,attention", D, 2, causal=False, max_len=32)
         model = SequenceClassifier(bb, num_classes=3, vocab_size=V, pooling=pooling)
-        variables = jax.jit(model.init)(jax.random.key(0), tokens)
+        if pooling == "mean":  # the parameters do not depend on the pooling
+            variables = jax.jit(model.init)(jax.random.key(0), tokens)
         apply = jax.jit(model.apply, static_argnames="num_segments")
         packed = apply(variables, tokens, segment_ids=seg, num_segments=4)
+        own = apply(variables, jnp.asarray(alone), jnp.asarray(mask))
         assert packed.shape == (2, 4, 3)
         counts = {0: 0, 1: 0}
-        for r, _, toks in docs:
-            own = apply(variables, jnp.asarray(toks)[None])
-            assert_close(packed[r, counts[r]], own[0], err_msg=f"{pooling} row {r}")
+        for i, (r, _, _) in enumerate(docs):
+            assert_close(packed[r, counts[r]], own[i], err_msg=f"{pooling} row {r}")
             counts[r] += 1
         bias_only = jnp.zeros(3)  # zero features through the head (no bias)
         assert_close(packed[1, 3], bias_only, err_msg=f"{pooling}: missing document")
