@@ -28,6 +28,7 @@ PROVENANCE_KEYS = {
 }
 
 
+@pytest.mark.slow  # about 24 s: compiles and times every mixer of a tiny plan
 def test_end_to_end_tiny_plan(tmp_path):
     result = models.run(TINY, log=lambda _: None)
     paths = models.write(result, tmp_path)

@@ -21,6 +21,7 @@ def _tiny(mixer):
     return override(c, items)
 
 
+@pytest.mark.slow  # about 23 s: a timed step and a training loop per model
 def test_run_measures_step_flops_and_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(
         small,
