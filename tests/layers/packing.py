@@ -96,3 +96,21 @@ def assert_prefill_continues_last_document(module, variables, x, seg, docs, cont
     for r, (_, s, e) in enumerate(last):
         assert_close(ys[r], ya[r, e - s : e - s + m], "float32", "value", f"row {r}")
     return state
+
+
+# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
+# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
+# padding; t is not a multiple of the chunk.
+PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
+
+
+def check_packed(module, variables, x):
+    seg, docs = layout(PACKED_ROWS, x.shape[1])
+    assert_packed_equals_alone(module, variables, x, seg, docs)
+
+
+def check_packed_prefill(module, variables, x):
+    """Returns the packed prefill's state."""
+    seg, docs = layout(PACKED_ROWS, x.shape[1])
+    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
+    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)

@@ -9,11 +9,7 @@ import pytest
 from effseq import ops
 from effseq.layers import params
 from effseq.layers.gdn import GatedDeltaNet
-from tests.layers.packing import (
-    assert_packed_equals_alone,
-    assert_prefill_continues_last_document,
-    layout,
-)
+from tests.layers.packing import check_packed, check_packed_prefill
 from tests.layers.protocol import (
     abstract_init,
     assert_causal,
@@ -134,30 +130,12 @@ def test_bfloat16_compute_and_param_dtype():
     assert_close_rms(y, y32)
 
 
-# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
-# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
-# padding; t is not a multiple of the chunk.
-PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
-
-
-def _check_packed(module, variables, x):
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    assert_packed_equals_alone(module, variables, x, seg, docs)
-
-
-def _check_packed_prefill(module, variables, x):
-    """Returns the packed prefill's state."""
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
-    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
-
-
 # gate="head" is also checked by tests/conformance; here it runs with make test-slow.
 @pytest.mark.parametrize("gate", [pytest.param("head", marks=pytest.mark.slow), "channel"])
 def test_packed_equals_documents_alone(gate):
     module = GatedDeltaNet(**SMALL, gate=gate)
     variables, x = init(module, t=15)
-    _check_packed(module, variables, x)
+    check_packed(module, variables, x)
 
 
 # The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
@@ -165,4 +143,4 @@ def test_packed_equals_documents_alone(gate):
 def test_packed_prefill_then_step():
     module = GatedDeltaNet(**SMALL)
     variables, x = init(module, t=15)
-    _check_packed_prefill(module, variables, x)
+    check_packed_prefill(module, variables, x)

@@ -8,11 +8,7 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.mamba import Mamba, dt_bias_init
-from tests.layers.packing import (
-    assert_packed_equals_alone,
-    assert_prefill_continues_last_document,
-    layout,
-)
+from tests.layers.packing import check_packed, check_packed_prefill
 from tests.layers.protocol import abstract_init, init, run_steps
 from tests.tolerances import assert_close
 
@@ -128,31 +124,13 @@ def test_bfloat16_compute_and_param_dtype():
     assert y32.dtype == jnp.float32
 
 
-# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
-# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
-# padding; t is not a multiple of the chunk.
-PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
-
-
-def _check_packed(module, variables, x):
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    assert_packed_equals_alone(module, variables, x, seg, docs)
-
-
-def _check_packed_prefill(module, variables, x):
-    """Returns the packed prefill's state."""
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
-    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
-
-
 # The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_equals_documents_alone(causal):
     module = Mamba(d_model=D_MODEL, chunk_size=4, causal=causal)
     variables, x = init(module, t=15)
-    _check_packed(module, variables, x)
+    check_packed(module, variables, x)
 
 
 # The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
@@ -160,4 +138,4 @@ def test_packed_equals_documents_alone(causal):
 def test_packed_prefill_then_step():
     module = Mamba(d_model=D_MODEL, chunk_size=4)
     variables, x = init(module, t=15)
-    _check_packed_prefill(module, variables, x)
+    check_packed_prefill(module, variables, x)

@@ -8,11 +8,7 @@ import pytest
 
 from effseq.layers import params
 from effseq.layers.mamba2 import Mamba2
-from tests.layers.packing import (
-    assert_packed_equals_alone,
-    assert_prefill_continues_last_document,
-    layout,
-)
+from tests.layers.packing import check_packed, check_packed_prefill
 from tests.layers.protocol import (
     abstract_init,
     assert_right_padding_invariant,
@@ -129,24 +125,6 @@ def test_bfloat16_compute_and_param_dtype():
     assert_close_rms(y, y32)
 
 
-# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
-# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
-# padding; t is not a multiple of the chunk.
-PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
-
-
-def _check_packed(module, variables, x):
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    assert_packed_equals_alone(module, variables, x, seg, docs)
-
-
-def _check_packed_prefill(module, variables, x):
-    """Returns the packed prefill's state."""
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
-    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
-
-
 # causal=True is also checked by tests/conformance; here it runs with make test-slow.
 @pytest.mark.parametrize("causal", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_packed_equals_documents_alone(causal):
@@ -154,7 +132,7 @@ def test_packed_equals_documents_alone(causal):
     # the reversed documents.
     module = Mamba2(**SMALL, num_groups=2, causal=causal)
     variables, x = init(module, t=15)
-    _check_packed(module, variables, x)
+    check_packed(module, variables, x)
 
 
 # The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
@@ -162,4 +140,4 @@ def test_packed_equals_documents_alone(causal):
 def test_packed_prefill_then_step():
     module = Mamba2(**SMALL)
     variables, x = init(module, t=15)
-    _check_packed_prefill(module, variables, x)
+    check_packed_prefill(module, variables, x)

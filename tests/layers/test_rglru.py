@@ -10,11 +10,7 @@ import pytest
 from effseq.convert import mixer_params
 from effseq.layers import params
 from effseq.layers.rglru import RGLRU, sqrt_bounded_grad
-from tests.layers.packing import (
-    assert_packed_equals_alone,
-    assert_prefill_continues_last_document,
-    layout,
-)
+from tests.layers.packing import check_packed, check_packed_prefill
 from tests.layers.protocol import abstract_init, assert_causal, init, run_steps
 from tests.tolerances import assert_close
 
@@ -232,36 +228,18 @@ def test_converter_errors_name_the_key():
         mixer_params("rglru", {**sd, "extra": np.zeros(1, np.float32)}, **options)
 
 
-# Packed rows (segment_ids), t = 15: documents starting inside a chunk of 4 and at a chunk
-# boundary, one of length 1, a last document shorter than a width-4 conv's window, and trailing
-# padding; t is not a multiple of the chunk.
-PACKED_ROWS = [[3, 1, 6, 2], [5, 2, 7]]
-
-
-def _check_packed(module, variables, x):
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    assert_packed_equals_alone(module, variables, x, seg, docs)
-
-
-def _check_packed_prefill(module, variables, x):
-    """Returns the packed prefill's state."""
-    seg, docs = layout(PACKED_ROWS, x.shape[1])
-    cont = jax.random.normal(jax.random.key(5), (x.shape[0], 3, x.shape[2]))
-    return assert_prefill_continues_last_document(module, variables, x, seg, docs, cont, 32)
-
-
 # The conformance suite (tests/conformance) checks this form for every mixer; make test-slow.
 @pytest.mark.slow
 def test_packed_equals_documents_alone():
     module = _module(conv_width=4)
     variables, x = init(module, t=15)
-    _check_packed(module, variables, x)
+    check_packed(module, variables, x)
 
 
 def test_packed_prefill_then_step_and_index():
     module = _module(conv_width=4)
     variables, x = init(module, t=15)
-    state = _check_packed_prefill(module, variables, x)
+    state = check_packed_prefill(module, variables, x)
     # The prefill's position counter is per row: the last document's length (2 and 7 tokens).
     np.testing.assert_array_equal(np.asarray(state["index"]), [2, 7])
     # A row of padding only: nothing seen, so the next token is a first token.
