@@ -142,10 +142,6 @@ class Based(Mixer):
         self, phi_q: Array, phi_k: Array, v1: Array, segment_ids: Array | None = None
     ) -> tuple[Array, Array]:
         log_g = jnp.zeros_like(phi_k)  # no decay: plain causal linear attention
-        if segment_ids is None:
-            return ops.gated_linear_attention(
-                phi_q, phi_k, v1, log_g, scale=1.0, chunk_size=self.chunk_size
-            )
         return ops.gated_linear_attention(
             phi_q, phi_k, v1, log_g, scale=1.0, chunk_size=self.chunk_size, segment_ids=segment_ids
         )

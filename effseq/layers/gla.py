@@ -163,12 +163,9 @@ class GLA(Mixer):
         q, k, v, log_g = self._inputs(x)
         # Padded steps keep the state as it is: no decay (log g = 0) and nothing written (k = 0).
         k, log_g = zero_padding(k, mask), zero_padding(log_g, mask)
-        if seg is None:
-            o, state = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
-        else:
-            o, state = ops.gated_linear_attention(
-                q, k, v, log_g, chunk_size=self.chunk_size, segment_ids=seg
-            )
+        o, state = ops.gated_linear_attention(
+            q, k, v, log_g, chunk_size=self.chunk_size, segment_ids=seg
+        )
         return self._output(x, o), state
 
     def init_state(self, batch: int, max_len: int) -> Array:

@@ -89,11 +89,11 @@ def make(
     min_len=0,
     length_dist="uniform",
 ):
-    """``count`` examples at once."""
+    """``count`` examples at once; with ``min_len``, lengths drawn from [min_len, seq_len],
+    each with its own query region, padded after its length."""
+    lengths = None
     if min_len:
-        return _make_varied(
-            rng, count, seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist
-        )
+        lengths = source.draw_lengths(rng, count, seq_len, min_len, length_dist)
     num_keys = (vocab_size - 2) // 2
     keys = source.distinct(rng, count, num_keys, num_kv_pairs) + 2
     values = source.distinct(rng, count, vocab_size - 2 - num_keys, num_kv_pairs) + 2 + num_keys
@@ -107,34 +107,15 @@ def make(
     # log p + Gumbel noise, which draws exactly as sequential sampling with renormalisation.
     log_p = (power_a - 1) * np.log(np.arange(1, space + 1, dtype=np.float64))
     noisy = log_p + rng.gumbel(size=(count, space))
+    if lengths is not None:
+        # Gaps beyond a row's own query region are never drawn (>= num_kv_pairs remain).
+        noisy[np.arange(space)[None, :] >= ((lengths - context) // 2)[:, None]] = -np.inf
     gaps = np.argsort(-noisy, axis=1)[:, :num_kv_pairs]
     rows = np.arange(count)[:, None]
     positions = context + 2 * gaps
     inputs[rows, positions], label[rows, positions], weights[rows, positions] = keys, values, 1.0
-    return source.labelled(inputs, label, weights)
-
-
-def _make_varied(rng, count, seq_len, vocab_size, num_kv_pairs, power_a, min_len, length_dist):
-    """``make`` with lengths drawn from [min_len, seq_len] (each its own query region)."""
-    lengths = source.draw_lengths(rng, count, seq_len, min_len, length_dist)
-    num_keys = (vocab_size - 2) // 2
-    keys = source.distinct(rng, count, num_keys, num_kv_pairs) + 2
-    values = source.distinct(rng, count, vocab_size - 2 - num_keys, num_kv_pairs) + 2 + num_keys
-    context = 2 * num_kv_pairs
-    inputs = np.full((count, seq_len), FILLER, np.int64)
-    label = np.zeros((count, seq_len), np.int64)
-    weights = np.zeros((count, seq_len))
-    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
-    space = (seq_len - context) // 2
-    log_p = (power_a - 1) * np.log(np.arange(1, space + 1, dtype=np.float64))
-    noisy = log_p + rng.gumbel(size=(count, space))
-    # Gaps beyond a row's own query region are never drawn (>= num_kv_pairs remain).
-    noisy[np.arange(space)[None, :] >= ((lengths - context) // 2)[:, None]] = -np.inf
-    gaps = np.argsort(-noisy, axis=1)[:, :num_kv_pairs]
-    rows = np.arange(count)[:, None]
-    positions = context + 2 * gaps
-    inputs[rows, positions], label[rows, positions], weights[rows, positions] = keys, values, 1.0
-    return source.pad_after(source.labelled(inputs, label, weights), lengths)
+    example = source.labelled(inputs, label, weights)
+    return example if lengths is None else source.pad_after(example, lengths)
 
 
 def load(
