@@ -2,8 +2,11 @@
 
 Layers never build a ``PartitionSpec``. They label each parameter dimension with one of the
 names below (``effseq.layers.params.param``); a rules table (a preset in :data:`RULES`) maps
-names to the axes of a mesh with axes (data, fsdp, tensor) built by :func:`make_mesh`.
-Parameter axes and activation axes are kept apart so the two can be sharded differently.
+names to the axes of a mesh with axes (data, fsdp, sequence, tensor) built by :func:`make_mesh`.
+Parameter axes and activation axes are kept apart so the two can be sharded differently: every
+preset splits activations' batch over (data, fsdp) and their time axis over ``sequence``
+(:func:`constrain`), and the ops that mix along time run their sequence-parallel forms when the
+current mesh (``jax.set_mesh``) has ``sequence`` > 1 (:mod:`effseq.ops.sequence`).
 
 The trainer initialises abstractly first, so no parameter is ever whole on one device::
 
@@ -24,6 +27,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from effseq.ops.sequence import SEQUENCE
 
 # Parameter axes.
 EMBED = "embed"  # model width d
@@ -65,11 +70,13 @@ PARAM_AXES = (
 ACTIVATION_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)
 
 # Mesh axes: pure data parallelism, data parallelism whose parameters and optimizer state are
-# sharded too (ZeRO-3 / FSDP), and tensor (Megatron-style) parallelism inside a layer.
+# sharded too (ZeRO-3 / FSDP), sequence (context) parallelism that splits every row's time
+# steps, and tensor (Megatron-style) parallelism inside a layer. Listed outermost first: the
+# axes that talk most (tensor, then sequence) get the devices that are closest.
 DATA = "data"
 FSDP = "fsdp"
 TENSOR = "tensor"
-MESH_AXES = (DATA, FSDP, TENSOR)
+MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR)
 # Every device along data and fsdp holds different examples; tensor devices share theirs.
 BATCH_MESH_AXES = (DATA, FSDP)
 
@@ -86,17 +93,20 @@ def _preset(mapped: dict[str, MeshAxes]) -> Rules:
     return tuple((name, mapped.get(name)) for name in PARAM_AXES + ACTIVATION_AXES)
 
 
+# Activations in every preset: batch over (data, fsdp), time over sequence.
+_ACTIVATIONS = {ACT_BATCH: BATCH_MESH_AXES, ACT_LENGTH: SEQUENCE}
+
 RULES: dict[str, Rules] = {
-    # Parameters replicated on every device; only the batch is split.
-    "dp": _preset({ACT_BATCH: BATCH_MESH_AXES}),
+    # Parameters replicated on every device; only the batch (and time) is split.
+    "dp": _preset(_ACTIVATIONS),
     # Every parameter that has the model width is split along it (the width is in nearly
     # every matrix and divides evenly for usual widths); the rest are small and replicated.
-    "fsdp": _preset({ACT_BATCH: BATCH_MESH_AXES, EMBED: FSDP}),
+    "fsdp": _preset({**_ACTIVATIONS, EMBED: FSDP}),
     # As fsdp, plus the hidden/head/expanded/vocabulary dimensions over tensor, so a layer's
     # two projections are split column-wise then row-wise (Shoeybi et al. 2019, Megatron-LM).
     "fsdp_tp": _preset(
         {
-            ACT_BATCH: BATCH_MESH_AXES,
+            **_ACTIVATIONS,
             EMBED: FSDP,
             MLP: TENSOR,
             HEADS: TENSOR,
@@ -121,14 +131,21 @@ def _check_size(key: str, size) -> None:
         raise ValueError(f"{key} must be positive, or -1 to fill the remaining devices, got {size}")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, *, devices=None
+) -> Mesh:
     """A mesh with axes :data:`MESH_AXES` over ``devices`` (default: all devices).
 
     At most one size may be -1: it takes whatever the others leave of the device count.
     Otherwise the product of the sizes must equal the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {f"mesh.{DATA}": data, f"mesh.{FSDP}": fsdp, f"mesh.{TENSOR}": tensor}
+    sizes = {
+        f"mesh.{DATA}": data,
+        f"mesh.{FSDP}": fsdp,
+        f"mesh.{SEQUENCE}": sequence,
+        f"mesh.{TENSOR}": tensor,
+    }
     for key, size in sizes.items():
         _check_size(key, size)
     given = ", ".join(f"{key}={size}" for key, size in sizes.items())
@@ -251,3 +268,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x, names: Sequence[str | None]):
+    """``x`` pinned to the activation sharding its dimension ``names`` get (the presets' shared
+    activation rules: batch over data and fsdp, time over sequence) when a mesh is set
+    (``jax.set_mesh``); unchanged otherwise. A dimension that does not divide into its shards
+    is left whole (e.g. an evaluation batch of 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if set(MESH_AXES) & set(getattr(mesh, "manual_axes", ())):
+        return x
+    spec = []
+    for size, name in zip(x.shape, names, strict=True):
+        axes = _as_tuple(_ACTIVATIONS.get(name)) if name is not None else ()
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        if not axes or size % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+        else:
+            spec.append(axes[0] if len(axes) == 1 else axes)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -79,24 +79,26 @@ def _reference_logits(mixer, options=None):
 @pytest.mark.parametrize(
     "sizes, shape",
     [
-        (dict(), (8, 1, 1)),
-        (dict(data=2, fsdp=-1), (2, 4, 1)),
-        (dict(data=2, fsdp=2, tensor=-1), (2, 2, 2)),
-        (dict(data=1, fsdp=4, tensor=2), (1, 4, 2)),
+        (dict(), (8, 1, 1, 1)),
+        (dict(data=2, fsdp=-1), (2, 4, 1, 1)),
+        (dict(data=2, fsdp=2, tensor=-1), (2, 2, 1, 2)),
+        (dict(data=1, fsdp=4, tensor=2), (1, 4, 1, 2)),
+        (dict(data=2, sequence=4), (2, 1, 4, 1)),
+        (dict(data=1, sequence=-1, tensor=2), (1, 1, 4, 2)),
     ],
 )
 def test_make_mesh_fills_the_minus_one(sizes, shape):
     mesh = sharding.make_mesh(**sizes)
     assert mesh.axis_names == sharding.MESH_AXES
     assert tuple(mesh.shape[a] for a in sharding.MESH_AXES) == shape
-    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert mesh.axis_types == (AxisType.Auto,) * 4
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
 def test_make_mesh_on_a_subset_of_devices():
     devices = jax.devices()[:4]
     mesh = sharding.make_mesh(data=-1, tensor=2, devices=devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 2}
     assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
 
 
@@ -105,7 +107,11 @@ def test_make_mesh_on_a_subset_of_devices():
     [
         (dict(data=-1, fsdp=-1), r"at most one.*mesh\.data=-1, mesh\.fsdp=-1"),
         (dict(data=-1, fsdp=3), r"mesh\.data=-1 cannot fill 8 devices.*mesh\.fsdp=3"),
-        (dict(data=2, fsdp=2, tensor=1), r"mesh\.data=2, mesh\.fsdp=2, mesh\.tensor=1.*count is 8"),
+        (
+            dict(data=2, fsdp=2, tensor=1),
+            r"mesh\.data=2, mesh\.fsdp=2, mesh\.sequence=1, mesh\.tensor=1.*count is 8",
+        ),
+        (dict(sequence=0), r"mesh\.sequence must be positive.*got 0"),
         (dict(data=4, fsdp=2, tensor=2), r"multiply to 16, but the device count is 8"),
         (dict(data=0), r"mesh\.data must be positive.*got 0"),
         (dict(fsdp=-2), r"mesh\.fsdp must be positive.*got -2"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks, segments
+from effseq.ops import _checks, segments, sequence
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -93,7 +93,13 @@ def linear_scan(
         )
     dtype = jnp.result_type(_acc_dtype(a), _acc_dtype(b))
     if segment_ids is not None:
-        a = _reset(op, a, segment_ids, reverse)
+        segments.check_segment_ids(op, segment_ids, a.shape[0], a.shape[1])
+    n = sequence.shards()
+    if n > 1:
+        sequence.check_length(op, a.shape[1], n)
+        return _sharded(a, b, h0, reverse, impl, segment_ids, dtype)
+    if segment_ids is not None:
+        a = _reset(a, segment_ids, reverse)
     a_t = jnp.moveaxis(a.astype(dtype), 1, 0)
     b_t = jnp.moveaxis(b.astype(dtype), 1, 0)
     hs = linear_scan_time_major(a_t, b_t, None if h0 is None else h0.astype(dtype), impl, reverse)
@@ -101,9 +107,29 @@ def linear_scan(
     return jnp.moveaxis(hs, 0, 1), h_last
 
 
-def _reset(op: str, a: Array, segment_ids: Array, reverse: bool) -> Array:
+def _sharded(a, b, h0, reverse, impl, segment_ids, dtype):
+    """:func:`linear_scan` with time split over the sequence axis (:mod:`effseq.ops.sequence`):
+    each shard's slice from zero, summarised by its decay product, folded, then rerun."""
+    if h0 is None:
+        h0 = jnp.zeros((a.shape[0], *a.shape[2:]), dtype)
+
+    def local(a, b, h0, seg):
+        _, from_zero = linear_scan(a, b, reverse=reverse, impl=impl, segment_ids=seg)
+        decay = a if seg is None else _reset(a, seg, reverse)
+        edge = sequence.boundary_cut(seg, reverse=reverse)
+        transition = sequence.cut(jnp.prod(decay.astype(dtype), axis=1), edge)
+        incoming, last = sequence.carry(transition, from_zero, h0.astype(dtype), reverse=reverse)
+        hs, _ = linear_scan(
+            a, b, sequence.cut(incoming, edge), reverse=reverse, impl=impl, segment_ids=seg
+        )
+        return hs, last
+
+    time, whole = sequence.TIME, sequence.WHOLE
+    return sequence.run(local, (time, time, whole, time), (time, whole))(a, b, h0, segment_ids)
+
+
+def _reset(a: Array, segment_ids: Array, reverse: bool) -> Array:
     """``a`` with the decays that would cross a document boundary set to 0 (constant mask)."""
-    segments.check_segment_ids(op, segment_ids, a.shape[0], a.shape[1])
     flag_fn = segments.document_ends if reverse else segments.document_starts
     flags = flag_fn(segment_ids)
     flags = flags.reshape(flags.shape + (1,) * (a.ndim - 2))
