@@ -102,6 +102,9 @@ def get_config() -> ConfigDict:
     c.mesh.data = -1  # -1: all devices left over by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Sequence (context) parallelism: every row's time steps split over this many devices,
+    # each op exchanging exactly what crosses the cut (effseq.ops.sequence).
+    c.mesh.sequence = 1
     c.mesh.rules = "dp"  # dp | fsdp | fsdp_tp (effseq.sharding.RULES)
 
     c.distributed = ConfigDict()

@@ -14,6 +14,8 @@ from effseq.models.blocks import ResidualBlock
 
 # Stacks of at most this many scanned groups are unrolled (see Stack.setup).
 UNROLL_UP_TO = 4
+# The residual stream's sharding: batch over data and fsdp, time over sequence.
+_STREAM = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED)
 
 
 class _Group(nn.Module):
@@ -29,7 +31,7 @@ class _Group(nn.Module):
 
     def __call__(self, x, mask, segment_ids, deterministic):
         for blk in self.blocks:
-            x = blk(x, mask, deterministic, segment_ids)
+            x = sharding.constrain(blk(x, mask, deterministic, segment_ids), _STREAM)
         return x, None
 
     def step(self, x_t, states):
@@ -85,6 +87,7 @@ class Stack(nn.Module):
     def __call__(self, x, mask=None, deterministic: bool = True, segment_ids=None):
         """x (b, t, d); mask (b, t) bool or None; segment_ids (b, t) int or None (packed
         documents, :mod:`effseq.ops.segments`)."""
+        x = sharding.constrain(x, _STREAM)
         return self.groups(x, mask, segment_ids, deterministic)[0]
 
     def init_state(self, batch: int, max_len: int):

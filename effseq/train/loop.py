@@ -94,6 +94,33 @@ def check_batch(config, mesh) -> None:
         )
 
 
+class _InMesh:
+    """A jitted function whose calls and ``lower`` (ahead-of-time compiles) run under
+    ``jax.set_mesh(mesh)``."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def check_sequence(info, mesh) -> None:
+    """The task's rows split into mesh.sequence equal pieces (sequence parallelism)."""
+    n = mesh.shape[sharding.SEQUENCE]
+    if n > 1 and info.max_length % n:
+        raise ValueError(
+            f"mesh.sequence={n} must divide the task's sequence length {info.max_length} "
+            f"(task {info.name!r}): every device holds an equal slice of each row"
+        )
+
+
 class Setup:
     """Everything a run builds before its first step (shared by train and eval)."""
 
@@ -105,8 +132,11 @@ class Setup:
         self.data_dir = task.data_dir or None
         self._datasets = {}
         m = config.mesh
-        self.mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+        self.mesh = sharding.make_mesh(
+            m.data, m.fsdp, m.tensor, m.get("sequence", 1), devices=devices
+        )
         self.rules = sharding.get_rules(m.rules)
+        check_sequence(self.info, self.mesh)
         if not for_eval_only:
             check_batch(config, self.mesh)
         tc = config.train
@@ -138,18 +168,26 @@ class Setup:
         )
         self.abstract_state = abstract
         self.target = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
-        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self._init = self._in_mesh(jax.jit(init, out_shardings=self.state_shardings))
         self._example, self._rng = example, rng
         self.num_params = build.param_count(abstract.params)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.stacked_batch_sharding = jax.NamedSharding(
             self.mesh, jax.P(None, *self.batch_sharding.spec)
         )
-        self.eval_fn = jax.jit(
-            functools.partial(step_lib.eval_step, loss_fn=self.loss_fn),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=replicated,
+        self.eval_fn = self._in_mesh(
+            jax.jit(
+                functools.partial(step_lib.eval_step, loss_fn=self.loss_fn),
+                in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=replicated,
+            )
         )
+
+    def _in_mesh(self, jitted):
+        """``jitted`` called (so traced) with this run's mesh set: the ops read its
+        ``sequence`` axis to pick their sequence-parallel forms (:mod:`effseq.ops.sequence`),
+        and activations are constrained to its axes (:func:`effseq.sharding.constrain`)."""
+        return _InMesh(jitted, self.mesh)
 
     def init_state(self):
         return self._init(self._rng, self._example)
@@ -169,11 +207,13 @@ class Setup:
             step, batch_sharding = step_lib.train_step, self.batch_sharding
         else:
             step, batch_sharding = step_lib.train_steps, self.stacked_batch_sharding
-        return jax.jit(
-            functools.partial(step, **kwargs),
-            in_shardings=(self.state_shardings, batch_sharding),
-            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-            donate_argnums=(0,),
+        return self._in_mesh(
+            jax.jit(
+                functools.partial(step, **kwargs),
+                in_shardings=(self.state_shardings, batch_sharding),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
         )
 
     def global_batch(self, local: dict) -> dict:
@@ -652,8 +692,8 @@ def _init_from(setup: Setup, state, source: str, devices, log):
     source = pathlib.Path(source)
     config = saved_config(source, "train.init_from")
     # Restore onto this run's mesh, so the shared parameters already have its shardings.
-    for key in ("data", "fsdp", "tensor", "rules"):
-        config.mesh[key] = setup.config.mesh[key]
+    for key in ("data", "fsdp", "tensor", "sequence", "rules"):
+        config.mesh[key] = setup.config.mesh.get(key, 1)
     other = Setup(config, devices=devices, for_eval_only=True)
     ckpts = checkpoint.Checkpoints(source, config.train.keep_checkpoints, writer=False)
     restored = ckpts.restore_best(other.target)
@@ -733,7 +773,7 @@ def evaluate_workdir(
         from effseq.configs import override
 
         config = override(config, list(overrides))
-    sizes = [config.mesh[k] for k in ("data", "fsdp", "tensor")]
+    sizes = [config.mesh.get(k, 1) for k in ("data", "fsdp", "tensor", "sequence")]
     if devices is None and min(sizes) > 0 and np.prod(sizes) < jax.device_count():
         # An explicit smaller mesh: evaluate on the first of the devices.
         devices = jax.devices()[: int(np.prod(sizes))]

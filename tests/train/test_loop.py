@@ -96,17 +96,20 @@ def one_device_losses(tmp_path_factory):
 @pytest.mark.parametrize(
     "rules,mesh",
     [
-        # The fast suite trains on the mesh that uses all three axes (data, fsdp, tensor);
-        # the single-axis meshes run with -m slow.
-        pytest.param("dp", (8, 1, 1), marks=pytest.mark.slow),
-        pytest.param("fsdp", (2, 4, 1), marks=pytest.mark.slow),
-        ("fsdp_tp", (2, 2, 2)),
+        # The fast suite trains on the mesh that uses the three parameter/batch axes (data,
+        # fsdp, tensor) and on one that splits time (sequence) with data; the single-axis
+        # meshes run with -m slow. mesh = (data, fsdp, tensor, sequence).
+        pytest.param("dp", (8, 1, 1, 1), marks=pytest.mark.slow),
+        pytest.param("fsdp", (2, 4, 1, 1), marks=pytest.mark.slow),
+        ("fsdp_tp", (2, 2, 2, 1)),
+        ("fsdp", (2, 1, 1, 4)),
+        pytest.param("dp", (1, 1, 1, 8), marks=pytest.mark.slow),
+        pytest.param("fsdp_tp", (1, 2, 2, 2), marks=pytest.mark.slow),
     ],
 )
 def test_eight_devices_match_one_and_keep_their_shardings(tmp_path, one_device_losses, rules, mesh):
-    many = tiny(
-        **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], "mesh.rules": rules}
-    )
+    keys = ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence")
+    many = tiny(**dict(zip(keys, mesh, strict=True)), **{"mesh.rules": rules})
     train_and_evaluate(many, tmp_path / "many")
     a, b = one_device_losses, losses(tmp_path / "many")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
@@ -116,8 +119,14 @@ def test_eight_devices_match_one_and_keep_their_shardings(tmp_path, one_device_l
     state = setup.init_state()
     train_fn = setup.train_fn()
     batches = setup.batches("train", train=True)
+    batch = setup.global_batch(next(batches))
+    if mesh[3] > 1:  # the time axis really was split: the ops ran their sharded forms
+        with jax.set_mesh(setup.mesh):
+            text = str(jax.make_jaxpr(train_fn.jitted)(state, batch))
+        assert text.count("shard_map") >= 2, "the train step has no sequence shard_map"
     for _ in range(2):
-        state, _ = train_fn(state, setup.global_batch(next(batches)))
+        state, _ = train_fn(state, batch)
+        batch = setup.global_batch(next(batches))
     jax.tree.map(
         lambda x, s: _same_sharding(x, s), state, setup.state_shardings, is_leaf=_is_sharding
     )
