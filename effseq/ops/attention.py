@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effseq.ops import _checks, segments
+from effseq.ops import _checks, segments, sequence
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -117,11 +117,27 @@ def attention(
         query of the block may see any key, so a causal row of n documents costs about the
         blocks its documents cover instead of all of them.
 
+    Under a mesh whose ``sequence`` axis has n > 1 devices (:mod:`effseq.ops.sequence`),
+    self-attention (``q`` and ``k`` of one length t, no ``q_offset``; anything else raises
+    ValueError) runs as ring attention: each device keeps its t / n queries while the keys,
+    values, ``kv_mask`` and document indices pass round the ring (``ppermute``) n - 1 times,
+    combined by the online softmax of ``"blockwise"`` (``impl`` is not used there). A ``window``
+    reaching r = ceil((window - 1) / (t / n)) shards back takes r passes (causal), or r each
+    way (non-causal, while 2r + 1 <= n). Causal attention is load-imbalanced: every device
+    works through every pass, a block wholly in its future fully masked (a zigzag layout would
+    balance it; not done). Gradients are autodiff through the ring (key and value cotangents
+    travel back round it), which keeps every received block and its softmax statistics: about
+    the whole row's keys and values per device.
+
     Returns:
       o (b, t, h, v) in q's dtype. Scores, softmax and sums are float32. A query that sees no
       key at all (only possible through ``kv_mask``) gets zeros.
     """
     _validate(q, k, v, causal, window, scale, kv_mask)
+    n = sequence.shards()
+    if n > 1:
+        resolve_impl("attention", impl)  # validated only: the ring has one implementation
+        return _sharded(q, k, v, causal, window, scale, q_offset, kv_mask, segment_ids, n)
     if impl is None and segment_ids is not None and q.shape[1] > _QUERY_BLOCK:
         impl = "blockwise"
     impl = resolve_impl("attention", impl)
@@ -196,6 +212,29 @@ _attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
 
 
 def _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask):
+    return _normalise(_key_blocks(q, k, v, q_pos, causal, window, scale, kv_mask))
+
+
+def _softmax_init(b, h, t, dv):
+    """The empty running softmax: max -inf, normaliser 0, numerator 0 (all float32)."""
+    return (
+        jnp.full((b, h, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, h, t), jnp.float32),
+        jnp.zeros((b, h, t, dv), jnp.float32),
+    )
+
+
+def _normalise(carry):
+    """(b, t, h, v): the running softmax's numerator over its normaliser."""
+    _, l, acc = carry
+    # l = 0 only where a query saw no key: its numerator is 0 too, so divide by 1 there.
+    return jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2)
+
+
+def _key_blocks(q, k, v, q_pos, causal, window, scale, kv_mask, carry=None, q_doc=None, k_doc=None):
+    """The running softmax ``carry`` (a fresh one for None) over all keys of ``k``, walked in
+    blocks of ``_KEY_BLOCK``. ``q_pos`` counts from ``k``'s first key. ``q_doc`` (b, t) and
+    ``k_doc`` (b, s): document indices, or None for no document mask."""
     b, s, h, dv = v.shape
     block = min(_KEY_BLOCK, s)
     nblocks = -(-s // block)
@@ -203,42 +242,33 @@ def _attention_blockwise(q, k, v, q_pos, causal, window, scale, kv_mask):
     k_blocks = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, -1)
     v_blocks = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nblocks, block, h, dv)
     m_blocks = jnp.pad(kv_mask, ((0, 0), (0, pad))).reshape(b, nblocks, block)
-    t = q.shape[1]
+    d_blocks = None
+    if k_doc is not None:
+        # Padding keys are hidden by m_blocks already; -1 keeps them out of every document too.
+        d_blocks = jnp.pad(k_doc, ((0, 0), (0, pad)), constant_values=-1)
+        d_blocks = jnp.moveaxis(d_blocks.reshape(b, nblocks, block), 1, 0)
+    if carry is None:
+        carry = _softmax_init(b, h, q.shape[1], dv)
 
     @jax.checkpoint
     def step(carry, xs):
-        m, l, acc = carry  # running max (b,h,t), normaliser (b,h,t), numerator (b,h,t,v)
-        k_blk, v_blk, m_blk, start = xs
-        k_pos = start + jnp.arange(block)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k_blk, preferred_element_type=jnp.float32)
+        k_blk, v_blk, m_blk, d_blk, start = xs
         # Padding keys of the last block are False in m_blk (jnp.pad fills False).
-        mask = _allowed(q_pos, k_pos, causal, window)[None, None] & m_blk[:, None, None, :]
-        scores = jnp.where(mask, scores * scale, -jnp.inf)
-        m_new = jnp.maximum(m, scores.max(-1))
-        # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not nan.
-        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(scores - shift[..., None])
-        correction = jnp.exp(m - shift)
-        l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bhts,bshd->bhtd", p, v_blk.astype(jnp.float32)
-        )
-        return (m_new, l, acc), None
+        mask = _allowed(q_pos, start + jnp.arange(block), causal, window)[None, None]
+        mask = mask & m_blk[:, None, None, :]
+        if d_blk is not None:
+            mask = mask & (q_doc[:, None, :, None] == d_blk[:, None, None, :])
+        return _online_softmax_step(carry, q, k_blk, v_blk, mask, scale), None
 
-    init = (
-        jnp.full((b, h, t), -jnp.inf, jnp.float32),
-        jnp.zeros((b, h, t), jnp.float32),
-        jnp.zeros((b, h, t, dv), jnp.float32),
-    )
     xs = (
         jnp.moveaxis(k_blocks, 1, 0),
         jnp.moveaxis(v_blocks, 1, 0),
         jnp.moveaxis(m_blocks, 1, 0),
+        d_blocks,
         jnp.arange(nblocks) * block,
     )
-    (_, l, acc), _ = jax.lax.scan(step, init, xs)
-    # l = 0 only where a query saw no key: its numerator is 0 too, so divide by 1 there.
-    return jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2)
+    carry, _ = jax.lax.scan(step, carry, xs)
+    return carry
 
 
 def _online_softmax_step(carry, q, k_blk, v_blk, mask, scale):
@@ -307,6 +337,106 @@ def _attention_blockwise_packed(q, k, v, q_pos, causal, window, scale, kv_mask, 
 
     _, o = jax.lax.scan(query_block, None, (q_blocks, dq_blocks, qpos_blocks))  # (nq, b, qb, h, v)
     return jnp.moveaxis(o, 0, 1).reshape(b, nq * qb, h, dv)[:, :t]
+
+
+def _ring_passes(causal: bool, window: int | None, t_local: int, n: int) -> tuple[int, int]:
+    """(from the left, from the right): how many times each shard receives its neighbours' keys.
+
+    Query p sees keys down to p - window + 1 (and up to p + window - 1 without ``causal``), so a
+    window reaches ceil((window - 1) / t_local) shards either way. A full ring (n - 1 passes
+    from the left) covers every shard once; passing both ways saves steps only while the two
+    reaches do not overlap (the same block would be counted twice)."""
+    if window is None:
+        return n - 1, 0
+    reach = -(-(window - 1) // t_local)
+    if causal:
+        return min(reach, n - 1), 0
+    if 2 * reach + 1 > n:
+        return n - 1, 0
+    return reach, reach
+
+
+def _ring(x, step: int):
+    """Shard i receives shard (i - step) mod n's ``x`` (a cyclic ppermute over the sequence)."""
+    n = sequence.count()
+    return jax.lax.ppermute(x, sequence.SEQUENCE, [(i, (i + step) % n) for i in range(n)])
+
+
+def _global_documents(seg):
+    """(b, t_local) int32: the shard's slice of the whole row's document index
+    (:func:`effseq.ops.segments.document_index`), from each shard's count of document starts."""
+    starts = segments.document_starts(seg)
+    # A document starting exactly on this shard's first step is seen only across the edge.
+    starts = starts.at[:, 0].set(sequence.boundary_cut(seg))
+    starts = starts.astype(jnp.int32)
+    counts = jax.lax.all_gather(starts.sum(1), sequence.SEQUENCE)  # (n, b)
+    earlier = jnp.arange(counts.shape[0])[:, None] < sequence.index()
+    return jnp.sum(jnp.where(earlier, counts, 0), axis=0)[:, None] + jnp.cumsum(starts, axis=1)
+
+
+def _sharded(q, k, v, causal, window, scale, q_offset, kv_mask, segment_ids, n):
+    """Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers"): each
+    shard keeps its queries; keys, values, key mask and document indices go round the ring."""
+    op = "attention"
+    if q_offset is not None:
+        raise ValueError(
+            f"{op}: `q_offset` is not supported with the time axis sharded (mesh.sequence = {n}): "
+            "the sequence-parallel form is self-attention over the sharded sequence, with query i "
+            "at position i; decode without the sequence axis"
+        )
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"{op}: with the time axis sharded (mesh.sequence = {n}) `q` and `k` must have the "
+            f"same length (self-attention over the sharded sequence), got `q` {tuple(q.shape)} and "
+            f"`k` {tuple(k.shape)}"
+        )
+    b, t = q.shape[:2]
+    if segment_ids is not None:
+        segments.check_segment_ids(op, segment_ids, b, t)
+    sequence.check_length(op, t, n)
+    t_local = t // n
+    left, right = _ring_passes(causal, window, t_local, n)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def local(q, k, v, kv_mask, seg):
+        h, dv = v.shape[2], v.shape[3]
+        if kv_mask is None:
+            kv_mask = jnp.ones((b, t_local), bool)
+        doc = None if seg is None else _global_documents(seg)
+        me = sequence.index()
+        q_pos = me * t_local + jnp.arange(t_local)
+
+        def attend(carry, blk, source):
+            k_blk, v_blk, m_blk, d_blk = blk
+            # Positions count from the block's first key, source * t_local in the whole row.
+            q_rel = q_pos - source * t_local
+            args = (causal, window, scale, m_blk, carry, doc, d_blk)
+            return _key_blocks(q, k_blk, v_blk, q_rel, *args)
+
+        def sweep(carry, step, first, last):
+            """Attends to the blocks of sources me - step * r for r = first..last. Each pass sends
+            the block on before using it, so the transfer can overlap the block's work."""
+            blk = (k, v, kv_mask, doc)
+            if first:
+                blk = _ring(blk, step)
+
+            def ring_step(state, r):
+                carry, blk = state
+                return (attend(carry, blk, (me - step * r) % n), _ring(blk, step)), None
+
+            if last > first:
+                xs = jnp.arange(first, last)
+                (carry, blk), _ = jax.lax.scan(ring_step, (carry, blk), xs)
+            return attend(carry, blk, (me - step * last) % n)
+
+        carry = sweep(_softmax_init(b, h, t_local, dv), 1, 0, left)
+        if right:
+            carry = sweep(carry, -1, 1, right)
+        return _normalise(carry).astype(q.dtype)
+
+    time = sequence.TIME
+    run = sequence.run(local, (time, time, time, time, time), time)
+    return run(q, k, v, kv_mask, segment_ids)
 
 
 def attention_reference(
