@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks, segments
+from effseq.ops import _checks, segments, sequence
 from effseq.ops._impl import resolve_impl
 from effseq.typing import Array
 
@@ -233,11 +233,22 @@ def causal_conv(
     Causality: ``"direct"`` is exactly causal (the gradient of y_t w.r.t. later inputs is 0).
     ``"fft"`` is causal up to float32 roundoff: an FFT spreads rounding errors over every
     position, so that gradient is a few ulps of the kernel's scale, not exactly 0.
+
+    Sequence parallel (a mesh whose ``sequence`` axis n > 1, :mod:`effseq.ops.sequence`): t must
+    divide by n. A kernel reaching l - 1 <= t / n steps back takes a halo of the left
+    neighbour's last l - 1 inputs (and ids), one neighbour exchange, and runs the local op on
+    t / n + l - 1 steps. A longer kernel switches the whole rows to channel sharding with an
+    all-to-all (h must divide by n), convolves each shard's h / n channels over all t steps and
+    switches back: two all-to-alls of the activations (plus an all-gather of ``segment_ids``).
     """
     op = "causal_conv"
     _validate(op, u, {"k": k})
     impl = resolve_impl(op, impl)
     _check_segments(op, u, segment_ids)
+    n = sequence.shards()
+    if n > 1:
+        sequence.check_length(op, u.shape[1], n)
+        return _causal_sharded(u, k, impl, segment_ids, n)
     t = u.shape[1]
     uf = u.astype(jnp.float32)
     kf = k.astype(jnp.float32)
@@ -255,6 +266,107 @@ def causal_conv(
         n = next_fast_len(t + l - 1)
         y = _conv_fft(uf, _fit(kf, l), n, t)
     return y.astype(u.dtype)
+
+
+# Sequence parallelism: which exchange a sharded conv uses, decided here only. ``reach`` is
+# how many steps beyond its own slice a shard's outputs read (in one direction). While it is
+# at most the t / n steps one neighbour holds, a halo is the cheaper exchange on every count:
+# one hop of at most one slice's worth of inputs, no constraint on h, and the local op stays
+# the unsharded one on t / n + reach steps. Past that, the halo would have to come from
+# several shards (all of them for S4D or SGConv kernels as long as the sequence); the
+# all-to-all moves each slice once each way whatever the kernel length, so it takes over.
+def _halo_fits(reach: int, t_local: int) -> bool:
+    return reach <= t_local
+
+
+def _check_channels(op: str, h: int, n: int) -> None:
+    if h % n:
+        raise ValueError(
+            f"{op}: a kernel longer than each shard's slice runs channel-sharded, and its "
+            f"h = {h} channels do not divide into mesh.sequence = {n} shards; use a channel "
+            f"count divisible by it, fewer shards, or a kernel of at most t / {n} + 1 taps"
+        )
+
+
+def _halo_ids(seg: Array, width: int, *, reverse: bool = False) -> Array:
+    """The ids of :func:`sequence.halo`'s inputs. At the row's ends, where the halo is the
+    op's zero padding, they repeat the shard's own edge id so no document start appears."""
+    got = sequence.halo(seg, width, reverse=reverse)
+    if reverse:
+        outer, own = sequence.index() == sequence.count() - 1, seg[:, -1:]
+    else:
+        outer, own = sequence.index() == 0, seg[:, :1]
+    return jnp.where(outer, jnp.broadcast_to(own, got.shape), got)
+
+
+def _extend(u: Array, seg: Array | None, left: int, right: int):
+    """u (and ids) with ``left`` steps of halo before and ``right`` after."""
+    parts, seg_parts = [u], [seg]
+    if left:
+        parts.insert(0, sequence.halo(u, left))
+        seg_parts.insert(0, None if seg is None else _halo_ids(seg, left))
+    if right:
+        parts.append(sequence.halo(u, right, reverse=True))
+        seg_parts.append(None if seg is None else _halo_ids(seg, right, reverse=True))
+    ext = jnp.concatenate(parts, 1) if len(parts) > 1 else u
+    if seg is None or len(seg_parts) == 1:
+        return ext, seg
+    return ext, jnp.concatenate(seg_parts, 1)
+
+
+def _causal_sharded(u, k, impl, segment_ids, n):
+    """:func:`causal_conv` with time split over the sequence axis."""
+    t = u.shape[1]
+    t_local = t // n
+    reach = min(k.shape[-1], t) - 1
+    time, whole = sequence.TIME, sequence.WHOLE
+    if _halo_fits(reach, t_local):
+
+        def local(u, k, seg):
+            ext, ext_seg = _extend(u, seg, reach, 0)
+            return causal_conv(ext, k, impl=impl, segment_ids=ext_seg)[:, reach:]
+
+    else:
+        _check_channels("causal_conv", u.shape[-1], n)
+
+        def local(u, k, seg):
+            # Ids have no channel axis to trade for time: every shard takes the whole rows' ids
+            # (b x t integers, small next to the b x t x h / n activations it receives).
+            seg = None if seg is None else sequence.gather_time(seg)
+            y = causal_conv(
+                sequence.to_channels(u), sequence.channel_block(k), impl=impl, segment_ids=seg
+            )
+            return sequence.to_time(y)
+
+    return sequence.run(local, (time, whole, time), time)(u, k, segment_ids)
+
+
+def _bidirectional_sharded(u, k_fwd, k_bwd, impl, segment_ids, n):
+    """:func:`bidirectional_conv` with time split over the sequence axis."""
+    t = u.shape[1]
+    t_local = t // n
+    # The unsharded op cuts k_fwd to t taps and k_bwd (lags 1..l) to t - 1.
+    left, right = min(k_fwd.shape[-1], t) - 1, min(k_bwd.shape[-1], t - 1)
+    time, whole = sequence.TIME, sequence.WHOLE
+    if _halo_fits(max(left, right), t_local):
+
+        def local(u, kf, kb, seg):
+            ext, ext_seg = _extend(u, seg, left, right)
+            y = bidirectional_conv(ext, kf, kb, impl=impl, segment_ids=ext_seg)
+            return y[:, left : left + t_local]
+
+    else:
+        _check_channels("bidirectional_conv", u.shape[-1], n)
+
+        def local(u, kf, kb, seg):
+            seg = None if seg is None else sequence.gather_time(seg)
+            block = sequence.channel_block
+            y = bidirectional_conv(
+                sequence.to_channels(u), block(kf), block(kb), impl=impl, segment_ids=seg
+            )
+            return sequence.to_time(y)
+
+    return sequence.run(local, (time, whole, whole, time), time)(u, k_fwd, k_bwd, segment_ids)
 
 
 def causal_conv_step(window: Array, u_t: Array, k: Array) -> tuple[Array, Array]:
@@ -320,11 +432,19 @@ def bidirectional_conv(
 
     Returns:
       y (b, t, h) in u's dtype.
+
+    Sequence parallel: as :func:`causal_conv`, with halos from both neighbours when both
+    kernels fit (``k_fwd``'s l - 1 steps from the left, ``k_bwd``'s l steps from the right, as
+    it starts at lag 1), else the all-to-all to channel sharding and back.
     """
     op = "bidirectional_conv"
     _validate(op, u, {"k_fwd": k_fwd, "k_bwd": k_bwd})
     impl = resolve_impl(op, impl)
     _check_segments(op, u, segment_ids)
+    n = sequence.shards()
+    if n > 1:
+        sequence.check_length(op, u.shape[1], n)
+        return _bidirectional_sharded(u, k_fwd, k_bwd, impl, segment_ids, n)
     t = u.shape[1]
     uf = u.astype(jnp.float32)
     if segment_ids is not None:
