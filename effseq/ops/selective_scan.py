@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from effseq.ops import _checks, segments
+from effseq.ops import _checks, segments, sequence
 from effseq.ops._impl import resolve_impl
 from effseq.ops.scan import linear_scan_time_major
 from effseq.typing import Array
@@ -418,7 +418,16 @@ def selective_scan(
 
     Raises:
       ValueError: wrong ranks, dimensions that disagree, complex inputs, a bad ``chunk_size``,
-        bad ``segment_ids`` or an unknown ``impl``.
+        bad ``segment_ids``, an unknown ``impl``, or (under a ``sequence`` mesh axis) a length
+        that does not split into equal shards.
+
+    Sequence parallelism: under a mesh whose ``sequence`` axis n > 1 splits time
+    (:mod:`effseq.ops.sequence`), each shard runs its slice from a zero state (same ``impl``
+    and ``chunk_size``), summarises it as h_out = exp(A sum_t delta_t) h_in + h_from_zero (the
+    product of its decays in one exponential; zero where a document starts in the slice or on
+    its first step), all-gathers the n summaries, folds them to the state entering it and the
+    final state, and reruns its slice from that state. Two local passes, forward and backward
+    (the first one's outputs are dropped), and one all-gather of (b, d, n) states per call.
     """
     op = "selective_scan"
     impl = resolve_impl(op, impl)
@@ -434,6 +443,10 @@ def selective_scan(
     h0 = jnp.zeros((b, d, n), jnp.float32) if h0 is None else _f32(h0)
     if t == 0:
         return jnp.zeros((b, 0, d), u.dtype), h0
+    shards = sequence.shards()
+    if shards > 1:
+        sequence.check_length(op, t, shards)
+        return _sharded(u, delta, A, B, C, D, h0, impl, chunk_size, segment_ids)
     u32, delta32, A32, B32, C32 = (_f32(x) for x in (u, delta, A, B, C))
     if impl == "chunked":
         if chunk_size is None:
@@ -444,3 +457,28 @@ def selective_scan(
     if D is not None:
         y = y + _f32(D) * u32
     return y.astype(u.dtype), h_last
+
+
+def _sharded(u, delta, A, B, C, D, h0, impl, chunk_size, segment_ids):
+    """:func:`selective_scan` with time split over the sequence axis: each shard's slice from
+    zero, summarised by the product of its decays, folded, then rerun from the state carried
+    in. ``h0`` is float32 (b, d, n)."""
+
+    def local(u, delta, B, C, seg, A, D, h0):
+        kw = dict(impl=impl, chunk_size=chunk_size, segment_ids=seg)
+        _, from_zero = selective_scan(u, delta, A, B, C, **kw)
+        # prod_t exp(delta_t A) = exp(A sum_t delta_t): one (b, d, n) exponential, where the
+        # product would need every step's (b, d, n) decay.
+        transition = jnp.exp(jnp.sum(_f32(delta), axis=1)[..., None] * _f32(A))
+        edge = sequence.boundary_cut(seg)
+        if seg is not None:
+            # A document starting inside the slice (or on its first step) forgets the state
+            # carried in, so that state does not reach the slice's end.
+            transition = sequence.cut(transition, edge | sequence.any_start(seg))
+        incoming, last = sequence.carry(transition, from_zero, h0)
+        y, _ = selective_scan(u, delta, A, B, C, D, h0=sequence.cut(incoming, edge), **kw)
+        return y, last
+
+    time, whole = sequence.TIME, sequence.WHOLE
+    specs = (time, time, time, time, time, whole, whole, whole)
+    return sequence.run(local, specs, (time, whole))(u, delta, B, C, segment_ids, A, D, h0)
