@@ -118,8 +118,9 @@ def attention(
         blocks its documents cover instead of all of them.
 
     Under a mesh whose ``sequence`` axis has n > 1 devices (:mod:`effseq.ops.sequence`),
-    self-attention (``q`` and ``k`` of one length t, no ``q_offset``; anything else raises
-    ValueError) runs as ring attention: each device keeps its t / n queries while the keys,
+    self-attention (``q`` and ``k`` of one length t, no ``q_offset``) runs as ring attention
+    (decoding calls, a few queries against a cache with ``q_offset``, and cross-attention carry
+    no sharded time axis and run as they are): each device keeps its t / n queries while the keys,
     values, ``kv_mask`` and document indices pass round the ring (``ppermute``) n - 1 times,
     combined by the online softmax of ``"blockwise"`` (``impl`` is not used there). A ``window``
     reaching r = ceil((window - 1) / (t / n)) shards back takes r passes (causal), or r each
@@ -135,9 +136,9 @@ def attention(
     """
     _validate(q, k, v, causal, window, scale, kv_mask)
     n = sequence.shards()
-    if n > 1:
+    if n > 1 and q_offset is None and q.shape[1] == k.shape[1]:
         resolve_impl("attention", impl)  # validated only: the ring has one implementation
-        return _sharded(q, k, v, causal, window, scale, q_offset, kv_mask, segment_ids, n)
+        return _sharded(q, k, v, causal, window, scale, kv_mask, segment_ids, n)
     if impl is None and segment_ids is not None and q.shape[1] > _QUERY_BLOCK:
         impl = "blockwise"
     impl = resolve_impl("attention", impl)
@@ -374,22 +375,10 @@ def _global_documents(seg):
     return jnp.sum(jnp.where(earlier, counts, 0), axis=0)[:, None] + jnp.cumsum(starts, axis=1)
 
 
-def _sharded(q, k, v, causal, window, scale, q_offset, kv_mask, segment_ids, n):
+def _sharded(q, k, v, causal, window, scale, kv_mask, segment_ids, n):
     """Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers"): each
     shard keeps its queries; keys, values, key mask and document indices go round the ring."""
     op = "attention"
-    if q_offset is not None:
-        raise ValueError(
-            f"{op}: `q_offset` is not supported with the time axis sharded (mesh.sequence = {n}): "
-            "the sequence-parallel form is self-attention over the sharded sequence, with query i "
-            "at position i; decode without the sequence axis"
-        )
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"{op}: with the time axis sharded (mesh.sequence = {n}) `q` and `k` must have the "
-            f"same length (self-attention over the sharded sequence), got `q` {tuple(q.shape)} and "
-            f"`k` {tuple(k.shape)}"
-        )
     b, t = q.shape[:2]
     if segment_ids is not None:
         segments.check_segment_ids(op, segment_ids, b, t)

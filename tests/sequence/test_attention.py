@@ -10,6 +10,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from effseq.ops import attention
@@ -90,13 +91,23 @@ def test_window_within_shard_needs_no_pass():
     assert "shard_map" in jaxpr and "ppermute" not in jaxpr
 
 
+def test_decoding_calls_run_unsharded():
+    """Queries against a cache (q_offset) or of another length carry no sharded time axis:
+    they run as the plain op does, with the same result."""
+    q, k, v = _qkv(t=16)
+    cases = [((q[:, :1], k, v), dict(q_offset=9)), ((q[:, :8], k, v), {})]
+    for args, kw in cases:
+        expected = attention(*args, **kw)
+        with jax.set_mesh(mesh(2)):
+            jaxpr = str(jax.make_jaxpr(lambda *a, kw=kw: attention(*a, **kw))(*args))
+            got = jax.jit(lambda *a, kw=kw: attention(*a, **kw))(*args)
+        assert "shard_map" not in jaxpr
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 def test_rejects_what_does_not_shard():
     q, k, v = _qkv(t=16)
     with jax.set_mesh(mesh(2)):
-        with pytest.raises(ValueError, match="q_offset"):
-            attention(q, k, v, q_offset=3)
-        with pytest.raises(ValueError, match="same length"):
-            attention(q[:, :8], k, v)
         with pytest.raises(ValueError, match="mesh.sequence = 2"):
             attention(*_qkv(t=15))
         with pytest.raises(ValueError, match="segment_ids"):
