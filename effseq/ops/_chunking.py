@@ -90,3 +90,15 @@ def segmented_scan(step: Callable, h0, xs: tuple[Array, ...]) -> tuple[Array, Ar
     h, y = jax.lax.scan(run_segment, h0, tuple(segments(z) for z in xs))
     y = y.reshape(n * segment, *y.shape[2:])[:t]
     return jnp.moveaxis(y, 0, 1), h
+
+
+def open_first_gate(log_g: Array, edge: Array | None) -> Array:
+    """``log_g`` (b, t, ...) with step 0's log gate set to 0 in the rows where ``edge`` (b,) is
+    True: a document starting on a sequence shard's first step (:func:`effseq.ops.sequence.
+    boundary_cut`) decays only the zeroed state there, and the unsharded op gives that gate
+    exactly zero gradient; the local op cannot see the start, so this does. None: unchanged."""
+    if edge is None:
+        return log_g
+    first = jnp.arange(log_g.shape[1]) == 0
+    mask = jnp.logical_and(edge[:, None], first[None, :])
+    return jnp.where(mask.reshape(mask.shape + (1,) * (log_g.ndim - 2)), 0.0, log_g)

@@ -58,11 +58,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effseq.ops import _checks
+from effseq.ops import _checks, sequence
 from effseq.ops._chunking import (
     default_scale,
     float_chunk_masks,
     from_chunks,
+    open_first_gate,
     packed_starts,
     reset_at_start,
     segmented_scan,
@@ -243,6 +244,13 @@ def gated_delta_rule(
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``S_last`` is its last one's. None: one document per row.
 
+    Sequence parallelism: under a mesh whose ``sequence`` axis splits t (it must divide), a
+    slice maps the state entering it to M S + F with a dense (k, k) M. Each shard gets M and F
+    from one local run with v + k value columns (from the state [0 | I], values [v | 0]), the
+    shards all-gather them (:func:`effseq.ops.sequence.carry`), and each runs its slice again
+    from the state entering it: two local passes, the first (v + k) / v times as wide in the
+    values, one all-gather of (b, h, k, k + v) and n (k, k) x (k, v) products per shard.
+
     Returns:
       ``(o, S_last)``: o (b, t, h, v) in the dtype of ``q``; the final state (b, h, k, v) in
       float32.
@@ -258,6 +266,10 @@ def gated_delta_rule(
     h0 = jnp.zeros((b, h, dk, dv), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
+    n = sequence.shards()
+    if n > 1:
+        sequence.check_length(op, t, n)
+        return _sharded(q, k, v, log_g, beta, h0, scale, chunk_size, impl, segment_ids)
     args = (
         q.astype(f32) * default_scale(scale, dk),
         k.astype(f32),
@@ -271,6 +283,54 @@ def gated_delta_rule(
     else:
         o, S = _chunked(*args, chunk_size=chunk_size, starts=starts)
     return o.astype(q.dtype), S
+
+
+def _sharded(q, k, v, log_g, beta, h0, scale, chunk_size, impl, segment_ids):
+    """:func:`gated_delta_rule` with time split over the sequence axis
+    (:mod:`effseq.ops.sequence`). A slice maps the state entering it to M S + F with a dense
+    (k, k) M acting on the key axis: the state update is linear in S and M does not depend on
+    v, so one local run from [0 | I] with values [v | 0] gives F (its first v columns) and M
+    (its last k) together. The summaries are folded across shards and each slice runs again
+    from the state entering it."""
+    scale = default_scale(scale, q.shape[-1])
+
+    def local(q, k, v, log_g, beta, h0, seg, scale):
+        edge = sequence.boundary_cut(seg)
+        log_g = open_first_gate(log_g, edge)
+
+        def run(S, v):
+            return gated_delta_rule(
+                q,
+                k,
+                v,
+                log_g,
+                beta,
+                scale=scale,
+                h0=S,
+                chunk_size=chunk_size,
+                impl=impl,
+                segment_ids=seg,
+            )
+
+        b, _, h, dk = k.shape
+        dv = v.shape[-1]
+        # A start inside the slice resets the run, so M comes out 0 there by itself.
+        eye = jnp.broadcast_to(jnp.eye(dk, dtype=h0.dtype), (b, h, dk, dk))
+        unit = jnp.concatenate([jnp.zeros_like(h0), eye], axis=-1)
+        _, summary = run(unit, jnp.concatenate([v, jnp.zeros((*v.shape[:3], dk), v.dtype)], -1))
+        M = sequence.cut(summary[..., dv:], edge)
+        incoming, last = sequence.carry(M, summary[..., :dv], h0, apply=_left_multiply)
+        o, _ = run(sequence.cut(incoming, edge), v)
+        return o, last
+
+    time, whole = sequence.TIME, sequence.WHOLE
+    specs = (time, time, time, time, time, whole, time, whole)
+    return sequence.run(local, specs, (time, whole))(q, k, v, log_g, beta, h0, segment_ids, scale)
+
+
+def _left_multiply(M: Array, S: Array) -> Array:
+    """M S on the key axis: M (b, h, k, k), S (b, h, k, v)."""
+    return jnp.einsum("bhij,bhjv->bhiv", M, S, precision=jax.lax.Precision.HIGHEST)
 
 
 def _recurrent(q, k, v, g, beta, h0, *, starts=None):

@@ -39,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effseq.ops import _checks
+from effseq.ops import _checks, sequence
 from effseq.ops._chunking import (
     default_scale,
     float_chunk_masks,
     from_chunks,
+    open_first_gate,
     packed_starts,
     reset_at_start,
     segmented_scan,
@@ -178,6 +179,12 @@ def gated_linear_attention(
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``S_last`` is its last one's. None: one document per row.
 
+    Sequence parallelism: under a mesh whose ``sequence`` axis splits t (it must divide), each
+    shard runs its slice from a zero state, the shards all-gather their final states and
+    per-key-channel decays exp(sum of log gates) (:func:`effseq.ops.sequence.carry`), and each
+    runs its slice again from the state entering it: two local passes (the first's outputs are
+    dropped) and one all-gather of (b, h, k) + (b, h, k, v) per shard.
+
     Returns:
       ``(o, S_last)``: o (b, t, h, v) in the dtype of ``q``; the final state (b, h, k, v) in
       float32.
@@ -195,6 +202,10 @@ def gated_linear_attention(
     h0 = jnp.zeros((b, h, dk, dv), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
+    n = sequence.shards()
+    if n > 1:
+        sequence.check_length(op, t, n)
+        return _sharded(q, k, v, log_g, h0, scale, chunk_size, impl, segment_ids)
     q32 = q.astype(f32) * default_scale(scale, dk)
     args = (q32, k.astype(f32), v.astype(f32), log_g.astype(f32), h0)
     if impl == "recurrent":
@@ -202,6 +213,48 @@ def gated_linear_attention(
     else:
         o, S = _chunked(*args, chunk_size=chunk_size, starts=starts)
     return o.astype(q.dtype), S
+
+
+def _sharded(q, k, v, log_g, h0, scale, chunk_size, impl, segment_ids):
+    """:func:`gated_linear_attention` with time split over the sequence axis
+    (:mod:`effseq.ops.sequence`): each shard's slice from a zero state, summarised by its
+    per-key-channel decay exp(sum of log gates), folded across shards, then run again from the
+    state entering it."""
+    scale = default_scale(scale, q.shape[-1])
+
+    def local(q, k, v, log_g, h0, seg, scale):
+        edge = sequence.boundary_cut(seg)
+        log_g = open_first_gate(log_g, edge)
+
+        def run(S):
+            return gated_linear_attention(
+                q,
+                k,
+                v,
+                log_g,
+                scale=scale,
+                h0=S,
+                chunk_size=chunk_size,
+                impl=impl,
+                segment_ids=seg,
+            )
+
+        _, from_zero = run(jnp.zeros_like(h0))
+        # A document starting in the slice (or on its first step) drops whatever came in.
+        decay = sequence.cut(jnp.exp(jnp.sum(log_g.astype(jnp.float32), axis=1)), edge)
+        decay = sequence.cut(decay, sequence.any_start(seg))
+        incoming, last = sequence.carry(decay, from_zero, h0, apply=_decay_rows)
+        o, _ = run(sequence.cut(incoming, edge))
+        return o, last
+
+    time, whole = sequence.TIME, sequence.WHOLE
+    specs = (time, time, time, time, whole, time, whole)
+    return sequence.run(local, specs, (time, whole))(q, k, v, log_g, h0, segment_ids, scale)
+
+
+def _decay_rows(decay: Array, S: Array) -> Array:
+    """diag(decay) S: decay (b, h, k) on the key axis of S (b, h, k, v)."""
+    return decay[..., None] * S
 
 
 def default_chunk_size() -> int:

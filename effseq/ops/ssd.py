@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effseq.ops import _checks
+from effseq.ops import _checks, sequence
 from effseq.ops._chunking import (
     float_chunk_masks,
     packed_starts,
@@ -225,6 +225,12 @@ def ssd(
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``h_last`` is its last one's. None: one document per row.
 
+    Sequence parallelism: under a mesh whose ``sequence`` axis splits t (it must divide), each
+    shard runs its slice from a zero state, the shards all-gather their final states and
+    per-head decays exp(A * sum of dt) (:func:`effseq.ops.sequence.carry`), and each runs its
+    slice again from the state entering it: two local passes (the first's outputs are dropped)
+    and one all-gather of (b, h) + (b, h, p, n) per shard.
+
     Returns:
       ``(y, h_last)``: y (b, t, h, p) in the dtype of ``x``; the final state (b, h, p, n) in
       float32.
@@ -240,6 +246,10 @@ def ssd(
     h0 = jnp.zeros((b, h, p, n), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, p), x.dtype), h0
+    shards = sequence.shards()
+    if shards > 1:
+        sequence.check_length(op, t, shards)
+        return _sharded(x, dt, A, B, C, D, h0, chunk_size, impl, segment_ids)
     args = tuple(z.astype(f32) for z in (x, dt, A, B, C))
     D = None if D is None else D.astype(f32)
     if impl == "recurrent":
@@ -247,6 +257,34 @@ def ssd(
     else:
         y, H = _chunked(*args, D, h0, chunk_size=chunk_size, starts=starts)
     return y.astype(x.dtype), H
+
+
+def _sharded(x, dt, A, B, C, D, h0, chunk_size, impl, segment_ids):
+    """:func:`ssd` with time split over the sequence axis (:mod:`effseq.ops.sequence`): each
+    shard's slice from a zero state, summarised by its per-head decay exp(A * sum of dt),
+    folded across shards, then run again from the state entering it."""
+
+    def local(x, dt, A, B, C, D, h0, seg):
+        def run(H):
+            return ssd(x, dt, A, B, C, D, h0=H, chunk_size=chunk_size, impl=impl, segment_ids=seg)
+
+        _, from_zero = run(jnp.zeros_like(h0))
+        edge = sequence.boundary_cut(seg)
+        # A document starting in the slice (or on its first step) drops whatever came in.
+        log_decay = jnp.sum(dt.astype(jnp.float32) * A.astype(jnp.float32), axis=1)
+        decay = sequence.cut(sequence.cut(jnp.exp(log_decay), edge), sequence.any_start(seg))
+        incoming, last = sequence.carry(decay, from_zero, h0, apply=_decay_heads)
+        y, _ = run(sequence.cut(incoming, edge))
+        return y, last
+
+    time, whole = sequence.TIME, sequence.WHOLE
+    specs = (time, time, whole, time, time, whole, whole, time)
+    return sequence.run(local, specs, (time, whole))(x, dt, A, B, C, D, h0, segment_ids)
+
+
+def _decay_heads(decay: Array, H: Array) -> Array:
+    """decay (b, h) times each head's state H (b, h, p, n)."""
+    return decay[..., None, None] * H
 
 
 def _recurrent(x, dt, A, B, C, D, h0, *, starts=None):
