@@ -5,10 +5,14 @@ whose boundaries fall inside shards, exactly on shard edges, and one-token docum
 The op has no grouped-query form (keys must have as many heads as queries), so there is no GQA
 case to cover."""
 
+import contextlib
 import importlib
+import io
 import itertools
+import re
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,6 +75,24 @@ def test_causal_window_over_shards():
     _check(8, window=6, kv_mask=KV_MASK)
 
 
+def _residual_elements(n, **kw):
+    """Elements the sharded attention keeps for its backward pass, all shards together."""
+    q, k, v = _qkv()
+    out = io.StringIO()
+    with jax.set_mesh(mesh(n)), contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(lambda *a: attention(*a, **kw), q, k, v)
+    shapes = re.findall(r"^\w+\[([\d,]*)\]", out.getvalue(), re.M)
+    assert shapes, out.getvalue()
+    return sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
+
+
+def test_gradient_keeps_only_local_residuals():
+    """The backward recomputes from q, k, v, o and the log-sum-exp: what is kept does not grow
+    with the shard count, where autodiff through the ring kept every received block."""
+    kw = dict(segment_ids=SEGMENTS, kv_mask=KV_MASK)
+    assert _residual_elements(2, **kw) == _residual_elements(8, **kw)
+
+
 def test_ring_passes():
     passes = attention_module._ring_passes
     assert passes(True, None, 8, 4) == (3, 0)
@@ -131,3 +153,11 @@ def test_matrix(n, causal, window, packed, masked):
         segment_ids=SEGMENTS if packed else None,
         kv_mask=KV_MASK if masked else None,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n,causal,window", [(4, True, None), (8, True, 13), (8, False, 5)])
+def test_key_blocks_inside_shards(monkeypatch, n, causal, window):
+    # The backward walks each ring block in key blocks of 3 (the last one partial) too.
+    monkeypatch.setattr(attention_module, "_KEY_BLOCK", 3)
+    _check(n, causal=causal, window=window, segment_ids=SEGMENTS, kv_mask=KV_MASK)
