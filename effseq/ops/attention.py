@@ -458,7 +458,8 @@ def _sharded(q, k, v, causal, window, scale, kv_mask, segment_ids, n):
         if kv_mask is None:
             kv_mask = jnp.ones(k.shape[:2], bool)
         doc = None if seg is None else _global_documents(seg)
-        return _ring_attention(q, k, v, kv_mask, doc, causal, window, scale, passes)
+        me = sequence.index()
+        return _ring_attention(q, k, v, kv_mask, doc, me, causal, window, scale, passes)
 
     time = sequence.TIME
     run = sequence.run(local, (time, time, time, time, time), time)
@@ -472,11 +473,11 @@ def _sweeps(passes):
     return [(1, 0, left)] + ([(-1, 1, right)] if right else [])
 
 
-def _ring_forward(q, k, v, kv_mask, doc, causal, window, scale, passes):
-    """The running softmax carry (m, l, acc) of this shard's queries over every key the ring
-    brings them."""
+def _ring_forward(q, k, v, kv_mask, doc, me, causal, window, scale, passes):
+    """The running softmax carry (m, l, acc) of this shard's queries (shard ``me``) over every
+    key the ring brings them."""
     b, t_local, h, dv = q.shape[:3] + v.shape[3:]
-    n, me = sequence.count(), sequence.index()
+    n = sequence.count()
     q_pos = me * t_local + jnp.arange(t_local)
 
     def attend(carry, blk, source):
@@ -504,25 +505,25 @@ def _ring_forward(q, k, v, kv_mask, doc, causal, window, scale, passes):
     return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ring_attention(q, k, v, kv_mask, doc, causal, window, scale, passes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ring_attention(q, k, v, kv_mask, doc, me, causal, window, scale, passes):
     """(b, t_local, h, v) this shard's attention output (inside the shard_map).
 
     The gradient is written out (:func:`_ring_attention_bwd`) rather than left to autodiff,
     which would keep every block the ring brings, with its softmax statistics, as residuals:
     about the whole row's keys and values on every device, which is what sharding the
     sequence is meant to avoid."""
-    carry = _ring_forward(q, k, v, kv_mask, doc, causal, window, scale, passes)
+    carry = _ring_forward(q, k, v, kv_mask, doc, me, causal, window, scale, passes)
     return _normalise(carry).astype(q.dtype)
 
 
-def _ring_attention_fwd(q, k, v, kv_mask, doc, causal, window, scale, passes):
-    carry = _ring_forward(q, k, v, kv_mask, doc, causal, window, scale, passes)
+def _ring_attention_fwd(q, k, v, kv_mask, doc, me, causal, window, scale, passes):
+    carry = _ring_forward(q, k, v, kv_mask, doc, me, causal, window, scale, passes)
     o = _normalise(carry).astype(q.dtype)
     m, l, _ = carry
     # The row's log-sum-exp; 0 where a query sees no key (its probabilities come out 0 anyway).
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
-    return o, (q, k, v, kv_mask, doc, o, lse)
+    return o, (q, k, v, kv_mask, doc, me, o, lse)
 
 
 def _ring_attention_bwd(causal, window, scale, passes, residuals, do):
@@ -530,9 +531,9 @@ def _ring_attention_bwd(causal, window, scale, passes, residuals, do):
     shard recomputes its queries' probabilities for the block it holds from the saved
     log-sum-exp, keeps dq, and adds the block's dk, dv to accumulators that travel with the
     block. After the last pass the accumulators are one ppermute away from home."""
-    q, k, v, kv_mask, doc, o, lse = residuals
+    q, k, v, kv_mask, doc, me, o, lse = residuals
     t_local = q.shape[1]
-    n, me = sequence.count(), sequence.index()
+    n = sequence.count()
     q_pos = me * t_local + jnp.arange(t_local)
     do = do.astype(jnp.float32)
     # rowsum(P * dP) over the whole row, which no single block sees: rowsum(dO * O).
@@ -567,7 +568,7 @@ def _ring_attention_bwd(causal, window, scale, passes, residuals, do):
         if last:
             acc = _ring(acc, -step * last)
         dk, dv = dk + acc[0], dv + acc[1]
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)

@@ -68,6 +68,10 @@ def check_length(op: str, length: int, n: int, *, min_local: int = 1) -> None:
         )
 
 
+# This shard's index while a shard_map body of :func:`run` is traced (innermost last).
+_INDEX: list[Array] = []
+
+
 def run(local: Callable, in_specs, out_specs) -> Callable:
     """``local`` under ``jax.shard_map`` manual over :data:`SEQUENCE` only.
 
@@ -75,14 +79,45 @@ def run(local: Callable, in_specs, out_specs) -> Callable:
     whole (parameters, initial states, final states). Replication checking is off: the bodies
     return final states that are equal on every shard by construction (:func:`carry`).
     """
-    return jax.shard_map(
-        local, in_specs=in_specs, out_specs=out_specs, axis_names={SEQUENCE}, check_vma=False
+
+    def body(shard, *args):
+        _INDEX.append(shard[0])
+        try:
+            return local(*args)
+        finally:
+            _INDEX.pop()
+
+    mapped = jax.shard_map(
+        body,
+        in_specs=(PartitionSpec(SEQUENCE), *in_specs),
+        out_specs=out_specs,
+        axis_names={SEQUENCE},
+        check_vma=False,
     )
+
+    def call(*args):
+        # Each shard's index enters as data (an iota split over the axis) rather than through
+        # lax.axis_index: under a shard_map manual over some axes only, axis_index lowers to
+        # XLA's PartitionId, which the SPMD partitioner refused ("UNIMPLEMENTED: PartitionId
+        # ... ambiguous") once a program held several such shard_maps (a 5-mixer model's
+        # logits and prefill in one jit, jax 0.10.2 CPU).
+        return mapped(jnp.arange(shards(), dtype=jnp.int32), *args)
+
+    return call
 
 
 def index() -> Array:
-    """This shard's position along the sequence axis (0 = the earliest time steps)."""
-    return jax.lax.axis_index(SEQUENCE)
+    """This shard's position along the sequence axis (0 = the earliest time steps).
+
+    Call it while :func:`run`'s body is traced; a function traced later (a custom VJP's
+    backward) must take the index from its residuals.
+    """
+    if not _INDEX:
+        raise RuntimeError(
+            "effseq.ops.sequence.index() is only known while a sequence.run body is traced; "
+            "pass it to later-traced functions (custom VJP backwards) as a residual"
+        )
+    return _INDEX[-1]
 
 
 def count() -> int:
