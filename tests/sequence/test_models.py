@@ -2,8 +2,8 @@
 mixer (packed rows, a short convolution in front of each mixer; prefill then decode) and a
 classifier holding every bidirectional one, pooling each packed document, give the unsharded
 logits and the gradients of every parameter, on mesh.sequence = 4 x data = 2 (8 fake CPU
-devices). One compile each: the fast representatives of tests/conformance/test_sharded.py,
-which checks each mixer's forms on its own."""
+devices). Slow (a minute of compiling each on a 2-core CPU): the fast suite checks each mixer
+in tests/conformance/test_sharded.py and a sharded training run in tests/train/test_loop.py."""
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ def _init(model, tokens):
     return variables, variables["params"]
 
 
+@pytest.mark.slow
 def test_language_model_with_every_mixer_packed():
     model, tokens, ids = _lm(), _tokens(), _ids()
     variables, params = _init(model, tokens)
@@ -84,7 +85,8 @@ def test_language_model_unpacked(sequence, data):
     )
 
 
-@pytest.mark.parametrize("pooling", ["mean", pytest.param("last", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_bidirectional_classifier_pools_each_packed_document(pooling):
     bidirectional = "s4d,sgconv,mamba,attention,mamba2"
     bb = Backbone(bidirectional, D, 5, causal=False, max_len=T, mixer_options=OPTIONS)
