@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing clean
+.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing bench-sequence clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench-models: $(STAMP)
 ## bench-packing: packed vs padded training throughput per mixer (benchmarks/results/packing.*)
 bench-packing: $(STAMP)
 	$(BIN)/python -m effseq.benchmarks.packing
+
+## bench-sequence: per-device memory and step time vs length for mesh.sequence = 1, 2, 4, 8
+## (8 fake CPU devices here; real ones on an accelerator mesh) (benchmarks/results/sequence.*)
+bench-sequence: $(STAMP)
+	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/python -m effseq.benchmarks.sequence
 
 ## bench-small: the default suite's models: step time, GFLOP/s, loop overhead (results/bench/)
 bench-small: $(STAMP)
