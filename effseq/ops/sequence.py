@@ -53,18 +53,12 @@ def shards() -> int:
     return int(mesh.shape[SEQUENCE])
 
 
-def check_length(op: str, length: int, n: int, *, min_local: int = 1) -> None:
-    """Raises ValueError unless ``length`` splits into ``n`` equal shards of >= ``min_local``."""
+def check_length(op: str, length: int, n: int) -> None:
+    """Raises ValueError unless ``length`` splits into ``n`` equal shards."""
     if length % n:
         raise ValueError(
             f"{op}: sequence length {length} does not divide into mesh.sequence = {n} shards; "
             "pad the rows to a multiple of it (or run without the sequence axis)"
-        )
-    if length // n < min_local:
-        raise ValueError(
-            f"{op}: each of the mesh.sequence = {n} shards holds {length // n} steps, fewer than "
-            f"the {min_local} this op needs (a convolution's width - 1 halo comes from one "
-            "neighbour); use fewer shards or longer rows"
         )
 
 

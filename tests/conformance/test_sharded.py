@@ -90,7 +90,7 @@ def _program(module, forms):
             def prefill_then_step(p, xs):
                 x, xc = xs
                 y, state = apply(p, x, MAX_LEN, method="prefill", segment_ids=ids)
-                rest = _steps(module, {**variables, "params": p}, state, xc)
+                rest = harness._steps_from(module, {**variables, "params": p}, state, xc)
                 return jnp.concatenate([y, rest], 1)
 
             y, pull = jax.vjp(prefill_then_step, params, (a["x"], a["xc"]))
@@ -99,15 +99,6 @@ def _program(module, forms):
         return out
 
     return program
-
-
-def _steps(module, variables, state, x):
-    def body(state, x_t):
-        y_t, state = module.apply(variables, x_t, state, method="step")
-        return state, y_t
-
-    _, ys = jax.lax.scan(body, state, jnp.moveaxis(x, 1, 0))
-    return jnp.moveaxis(ys, 0, 1)
 
 
 # Caches as long as the longest sharded prompt (t = 32) and its continuation.
