@@ -239,7 +239,9 @@ def gated_delta_rule(
       chunk_size: chunk length c of the chunked form: t is padded to a multiple of c with steps
         that leave the state unchanged (a sequence shorter than c runs as one chunk of length
         t). Ignored by ``"recurrent"``.
-      impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+      impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (the Pallas kernel of
+        :mod:`effseq.ops.pallas.delta`: one gate per head, no ``segment_ids``); None picks
+        the default (see ``ops._impl``).
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``S_last`` is its last one's. None: one document per row.
@@ -270,6 +272,17 @@ def gated_delta_rule(
     if n > 1:
         sequence.check_length(op, t, n)
         return _sharded(q, k, v, log_g, beta, h0, scale, chunk_size, impl, segment_ids)
+    if impl == "pallas":
+        if segment_ids is not None:
+            raise ValueError(
+                f"{op}: impl='pallas' does not support packed rows (segment_ids); use "
+                "impl='chunked' (the default) or 'recurrent', which do"
+            )
+        from effseq.ops.pallas.delta import gated_delta_rule_pallas
+
+        return gated_delta_rule_pallas(
+            q, k, v, log_g, beta, h0, default_scale(scale, dk), chunk_size=chunk_size
+        )
     args = (
         q.astype(f32) * default_scale(scale, dk),
         k.astype(f32),

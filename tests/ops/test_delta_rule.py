@@ -241,8 +241,8 @@ def test_bad_chunk_size_and_impl_raise():
     for chunk_size in (0, 16.0, True):
         with pytest.raises(ValueError, match="`chunk_size` must be a positive Python int"):
             gated_delta_rule(q, k, v, log_g, beta, chunk_size=chunk_size)
-    with pytest.raises(ValueError, match="unknown impl='pallas'"):
-        gated_delta_rule(q, k, v, log_g, beta, impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl='triton'"):
+        gated_delta_rule(q, k, v, log_g, beta, impl="triton")
 
 
 def test_step_bad_inputs_raise():

@@ -1,0 +1,107 @@
+"""gated_delta_rule(impl="pallas") (effseq.ops.pallas.delta) against the reference scan.
+
+The kernel runs in Pallas's interpret mode on a CPU (values, gradients through the custom VJP)
+and is cross-lowered for the cuda platform through Triton (``lower_for_gpu``), which applies
+Triton's block-shape and op rules without a GPU. Shapes are tiny: interpret mode is slow.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effseq.ops.delta_rule import gated_delta_rule, gated_delta_rule_reference
+from effseq.ops.pallas import _common, delta
+from tests.ops.compare import compare_with_reference
+
+NAMES = ("q", "k", "v", "log_g", "beta", "h0")
+
+
+def _inputs(b, t, h, dk, dv, *, gates="realistic", per_channel=False, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, h, dk))
+    k = jax.random.normal(ks[1], (b, t, h, dk))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # as the layer gives them
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    shape = (b, t, h, dk) if per_channel else (b, t, h)
+    if gates == "realistic":
+        log_g = jax.nn.log_sigmoid(2.0 * jax.random.normal(ks[3], shape)) / 4
+    else:  # "mixed": exp(-20) and ~1 side by side, decays of ~1 right after tiny ones
+        k1, k2 = jax.random.split(ks[3])
+        tiny = -1e-4 * jax.random.uniform(k1, shape)
+        log_g = jnp.where(jax.random.bernoulli(k2, 0.5, shape), -20.0, tiny)
+    beta = jax.random.uniform(ks[4], (b, t, h))
+    h0 = jax.random.normal(ks[5], (b, h, dk, dv))
+    return q, k, v, log_g, beta, h0
+
+
+def _pallas(chunk_size):
+    def fast(q, k, v, log_g, beta, h0):
+        return gated_delta_rule(q, k, v, log_g, beta, h0=h0, chunk_size=chunk_size, impl="pallas")
+
+    return fast
+
+
+def _reference(q, k, v, log_g, beta, h0):
+    return gated_delta_rule_reference(q, k, v, log_g, beta, h0=h0)
+
+
+@pytest.mark.parametrize(
+    "shape,chunk_size,gates",
+    [
+        ((2, 37, 2, 16, 32), 16, "realistic"),  # a partial last chunk, two chunks of padding
+        ((1, 10, 2, 12, 20), 16, "mixed"),  # shorter than a chunk; k, v padded to 16, 32
+    ],
+    ids=["t37-c16", "t10-padded-dims-mixed-gates"],
+)
+def test_matches_reference(shape, chunk_size, gates):
+    args = _inputs(*shape, gates=gates)
+    (o, S), _ = compare_with_reference(_pallas(chunk_size), _reference, args, jit=True, names=NAMES)
+    assert o.dtype == jnp.float32 and S.dtype == jnp.float32
+
+
+def test_without_h0_and_value_tiles(monkeypatch):
+    # No h0 (zeros, whose gradient is not asked for), the value axis split over two tiles.
+    monkeypatch.setattr(delta, "BLOCK_V", 16)
+
+    def fast(q, k, v, log_g, beta):
+        return gated_delta_rule(q, k, v, log_g, beta, chunk_size=16, impl="pallas")
+
+    args = _inputs(1, 20, 2, 16, 32, seed=1)[:5]
+    compare_with_reference(fast, gated_delta_rule_reference, args, jit=True, names=NAMES[:5])
+
+
+def test_bfloat16_inputs():
+    args = _inputs(1, 37, 2, 16, 16, seed=2)
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in args[:5]) + (args[5],)
+    (o, S), grads = compare_with_reference(
+        _pallas(16), _reference, bf16, dtype="bfloat16", jit=True, names=NAMES
+    )
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [x.dtype for x in bf16]
+
+
+def test_clear_errors():
+    q, k, v, log_g, beta, _ = _inputs(1, 8, 2, 16, 16)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="impl='pallas'.*segment_ids"):
+        gated_delta_rule(q, k, v, log_g, beta, impl="pallas", segment_ids=ids)
+    for bad in (24, 8):
+        with pytest.raises(ValueError, match="impl='pallas' needs chunk_size to be a power"):
+            gated_delta_rule(q, k, v, log_g, beta, impl="pallas", chunk_size=bad)
+    kda = _inputs(1, 8, 2, 16, 16, per_channel=True)[3]
+    with pytest.raises(ValueError, match="impl='pallas' supports one gate per head"):
+        gated_delta_rule(q, k, v, kda, beta, impl="pallas")
+
+
+def test_lowers_for_gpu_through_triton():
+    q, k, v, log_g, beta, h0 = _inputs(1, 40, 2, 16, 32)
+    fast = _pallas(16)
+    text = _common.lower_for_gpu(fast, q, k, v, log_g, beta, h0)
+    assert "__gpu$xla.gpu.triton" in text
+
+    def loss(*args):
+        o, S = fast(*args)
+        return o.sum() + S.sum()
+
+    text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), q, k, v, log_g, beta, h0)
+    assert "__gpu$xla.gpu.triton" in text
