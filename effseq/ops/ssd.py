@@ -31,6 +31,10 @@ Forms of the same maths:
   so every exponent is <= 0 and decays of exp(-20) per step neither overflow nor cancel); each
   chunk's contribution to the state; the states passed chunk to chunk by a linear scan; and each
   chunk's read of the state entering it. Differentiated by plain autodiff.
+* ``impl="pallas"``: the same chunked maths as one Pallas kernel (:mod:`effseq.ops.pallas.ssd`:
+  Triton on NVIDIA GPUs, interpret mode on a CPU, where it is only for checking); its gradient
+  recomputes through the chunked form. Unpacked rows only (``segment_ids`` raise); chunk_size
+  a power of two >= 16.
 
 Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
 start the state is zeroed before the step's own update. The reference and the recurrent form
@@ -41,8 +45,9 @@ p = n = 64, g = 1, chunk 64, on a 2-core CPU shared with other jobs (medians of 
 505 / 388 ms without ids, 464 / 380 ms with 8 random documents per row, the same within the
 noise.
 
-Everything runs in float32 whatever the input dtype; y is cast back to the dtype of x and
-states are returned in float32.
+Everything runs in float32 whatever the input dtype (except that the Pallas kernel feeds
+bfloat16 x, B and C to its matrix products as they are, accumulating in float32); y is cast
+back to the dtype of x and states are returned in float32.
 """
 
 from __future__ import annotations
@@ -220,7 +225,8 @@ def ssd(
       chunk_size: chunk length c of the chunked form; t is padded to a multiple of c with
         dt = 0 steps (identities), and a sequence shorter than c runs as one chunk of length
         t. Ignored by ``"recurrent"``.
-      impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+      impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (no ``segment_ids``; chunk_size a
+        power of two >= 16); None picks the default (see ``ops._impl``).
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``h_last`` is its last one's. None: one document per row.
@@ -243,6 +249,11 @@ def ssd(
     b, t, h, p = x.shape
     n = B.shape[-1]
     starts = packed_starts(op, segment_ids, b, t)
+    if impl == "pallas" and segment_ids is not None:
+        raise ValueError(
+            f"{op}: impl='pallas' does not support packed rows (segment_ids); use "
+            "impl='chunked' or impl='recurrent', which do"
+        )
     h0 = jnp.zeros((b, h, p, n), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, p), x.dtype), h0
@@ -250,6 +261,10 @@ def ssd(
     if shards > 1:
         sequence.check_length(op, t, shards)
         return _sharded(x, dt, A, B, C, D, h0, chunk_size, impl, segment_ids)
+    if impl == "pallas":
+        from effseq.ops.pallas.ssd import ssd_pallas
+
+        return ssd_pallas(x, dt, A, B, C, D, h0, chunk_size=chunk_size)
     args = tuple(z.astype(f32) for z in (x, dt, A, B, C))
     D = None if D is None else D.astype(f32)
     if impl == "recurrent":

@@ -232,8 +232,8 @@ def test_bad_chunk_size_raises(chunk_size):
 
 def test_unknown_impl_raises():
     x, dt, A, B, C, _, _ = _inputs(5)
-    with pytest.raises(ValueError, match="unknown impl='pallas'"):
-        ssd(x, dt, A, B, C, impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl='triton'"):
+        ssd(x, dt, A, B, C, impl="triton")
 
 
 def test_step_bad_inputs_raise():
