@@ -21,6 +21,12 @@ Implementations (``impl=``, resolved by :func:`effseq.ops._impl.resolve_impl`):
   reverse-mode autodiff (grad, vjp) but not forward mode (jvp, jacfwd).
 * ``"associative"``: the whole sequence in one ``lax.associative_scan`` (log depth), differentiated
   by plain autodiff; for accelerators, where depth matters more than memory traffic.
+* ``"pallas"``: the Pallas kernels of :mod:`effseq.ops.pallas.selective` (Triton on NVIDIA GPUs,
+  interpret mode on a CPU, where they are slow and only for checking): a forward kernel that
+  keeps each (batch, channel tile)'s state in registers and walks time step by step, saving the
+  state at every chunk start, and a reverse-time backward kernel that recomputes each chunk's
+  states from those checkpoints and runs the adjoint recurrence. Forward and backward are both
+  Pallas (only the sums of per-tile partial gradients of A, B, C, D are XLA). Never a default.
 """
 
 from __future__ import annotations
@@ -404,20 +410,24 @@ def selective_scan(
       C: (b, t, n) input-dependent output projection.
       D: (d,) skip weight, or None for no skip term.
       h0: (b, d, n) initial state, or None for zeros.
-      impl: ``"chunked"`` or ``"associative"``; None picks the default (``"chunked"``).
-      chunk_size: steps per chunk of the chunked path (a positive int; ignored otherwise), or
-        None for :func:`default_chunk_size` (8 to 64 on CPU, sized to the cache; 64 elsewhere).
+      impl: ``"chunked"``, ``"associative"`` or ``"pallas"``; None picks the default
+        (``"chunked"``).
+      chunk_size: steps per chunk of the chunked path (a positive int), or None for
+        :func:`default_chunk_size` (8 to 64 on CPU, sized to the cache; 64 elsewhere). With
+        ``impl="pallas"``: the steps between the kernel's state checkpoints, a power of two
+        (None: 16). Ignored by ``"associative"``.
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
         None. The state is zero before each document start's update (its decay
         exp(delta A) is taken as 0, exact for this multiplicative recurrence; it gets zero
-        gradient); ``h0`` feeds each row's first document, ``h_last`` is its last one's. Both
-        impls stay chunked / associative on packed rows.
+        gradient); ``h0`` feeds each row's first document, ``h_last`` is its last one's. Every
+        impl supports packed rows (the Pallas kernels zero the decay in the kernel).
 
     Returns:
       ``(y, h_last)``: y (b, t, d) in ``u``'s dtype and the final state (b, d, n) in float32.
 
     Raises:
-      ValueError: wrong ranks, dimensions that disagree, complex inputs, a bad ``chunk_size``,
+      ValueError: wrong ranks, dimensions that disagree, complex inputs, a bad ``chunk_size``
+        (with ``impl="pallas"``: not a power of two),
         bad ``segment_ids``, an unknown ``impl``, or (under a ``sequence`` mesh axis) a length
         that does not split into equal shards.
 
@@ -447,6 +457,12 @@ def selective_scan(
     if shards > 1:
         sequence.check_length(op, t, shards)
         return _sharded(u, delta, A, B, C, D, h0, impl, chunk_size, segment_ids)
+    if impl == "pallas":
+        # Imported here: Pallas is only loaded when asked for.
+        from effseq.ops.pallas.selective import selective_scan_pallas
+
+        # u, delta, B, C go in their own dtype (bfloat16 halves the kernels' reads).
+        return selective_scan_pallas(u, delta, A, B, C, D, h0, chunk_size=chunk_size, keep=keep)
     u32, delta32, A32, B32, C32 = (_f32(x) for x in (u, delta, A, B, C))
     if impl == "chunked":
         if chunk_size is None:
