@@ -19,7 +19,7 @@ Split between XLA and Pallas (forward):
   batched matmuls; a c-row forward substitution inside a Triton kernel would need a masked
   update of the whole (c, c) tile per row, and T is state-independent, so it stays with the
   other all-chunks-at-once work).
-* Pallas, one kernel (``_chunk_loop``), the fla-style "fused chunk" form: grid over
+* Pallas, one kernel (``_forward_kernel``), the fla-style "fused chunk" form: grid over
   (batch, head, value tiles of width ``block_v``), all independent; inside, a
   ``lax.fori_loop`` over the chunks carries S (k x block_v, float32) and per chunk forms W,
   U0, U, P (q k^T times the masked decays, exp of compensated log-gate differences, -inf
@@ -28,9 +28,17 @@ Split between XLA and Pallas (forward):
   per value tile, and W and P, recomputed per value tile, are O(c^2 k) per chunk against the
   O(c k v) of the state products, a small share at the usual k = v.
 
-Backward: XLA. A ``jax.custom_vjp`` whose backward recomputes through the op's XLA chunked path
-(``jax.vjp`` of ``delta_rule._chunked``, the same float32 maths) and returns the gradients of
-q, k, v, log_g, beta, h0 and the scale. No part of the backward is Pallas yet.
+Backward: Pallas for the chunk loop, autodiff for the XLA terms. The kernel is a
+``jax.custom_vjp``: its forward also saves the state entering every chunk ((b, h, n k, v)
+float32, as fla's chunked kernels do), and a second kernel (``_backward_kernel``, same grid)
+walks the chunks in reverse carrying dL/dS in float32, recomputes each chunk's W, U and P and
+forms the gradients of the scaled query, k, v, beta, the running log gates, T and h0 (the
+formulas are in its docstring; the gradients other than dv and dh0 sum over the value axis,
+so each value tile writes its share and XLA adds the shares). JAX's autodiff then takes dT
+and the log-gate gradient back through the XLA terms (the UT transform's inverse, A, the
+running sums) to k, beta and log_g, as it does for the XLA chunked path.
+``BACKWARD = "xla"`` switches to the first version, which recomputes the whole backward
+through the XLA chunked path (``jax.vjp`` of ``delta_rule._chunked``), kept as a cross-check.
 
 Dtypes: q, k, v reach the kernel in their own dtype (q k^T, the one product of inputs alone,
 runs on bf16 operands as they are); gates, beta, T and the state are float32, products
@@ -63,60 +71,275 @@ from effseq.ops.pallas import _common
 OP = "gated_delta_rule"
 # Value-tile width of the grid: the state tile is (k, BLOCK_V) float32.
 BLOCK_V = 64
+# "pallas": the chunk loop's backward is a Pallas kernel, the XLA terms (T, the running log
+# gates) are differentiated by autodiff; "xla": the whole backward recomputes through the XLA
+# chunked path (the first version, kept as a cross-check).
+BACKWARD = "pallas"
 
 
 def _next_pow2(n: int, least: int = _common.MIN_DOT) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-def _chunk_loop(
-    q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref, h0_ref, scale_ref,
-    o_ref, s_ref, *, c: int, n: int,
-):  # fmt: skip
-    """One (batch, head, value tile): the chunks in order, the state carried in float32.
+def _chunk(refs, i, c: int):
+    """Chunk ``i``'s inputs and the state-independent quantities built from them, float32.
 
-    Refs: q, k (tp, k), v (tp, bv), beta, pre, lo (tp,), T (tp, c) (row t of chunk i holds
-    row t of that chunk's T), h0 (k, bv), scale (1,); out o (tp, bv), S_last (k, bv).
+    Returns a dict: q, k (as stored), kf (k in float32), v (float32), beta, F = Gamma_t,
+    E = Gamma_c / Gamma_t (c,), gc = Gamma_c (1,), X = diag(beta) (K * Gamma), Y = diag(beta) V,
+    T (c, c), D[t, s] = Gamma_t / Gamma_s for s <= t else 0 (c, c).
     """
+    q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs
     f32 = jnp.float32
-    scale = scale_ref[...]  # (1,), broadcasts
+    span = pl.ds(pl.multiple_of(i * c, c), c)
+    end = pl.ds(i * c + c - 1, 1)
+    pre, lo = pre_ref[span], lo_ref[span]
+    pre_end, lo_end = pre_ref[end], lo_ref[end]  # (1,)
+    beta = beta_ref[span]
+    x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], beta=beta, span=span)
+    x["kf"] = x["k"].astype(f32)
+    x["v"] = v_ref[span, :].astype(f32)
+    x["F"] = jnp.exp(pre + lo)
+    x["E"] = jnp.exp((pre_end - pre) + (lo_end - lo))
+    x["gc"] = jnp.exp(pre_end + lo_end)
+    x["X"] = (beta * x["F"])[:, None] * x["kf"]
+    x["Y"] = beta[:, None] * x["v"]
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    causal = rows >= cols
+    expo = (pre[:, None] - pre[None, :]) + (lo[:, None] - lo[None, :])
+    # -inf above the diagonal before the exp: those entries are exactly 0, nothing overflows.
+    x["D"] = jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
+    return x
+
+
+def _forward_kernel(*refs, c: int, n: int, kp: int, save_states: bool):
+    """One (batch, head, value tile): the chunks in order, the state carried in float32.
+
+    Refs: q, k (tp, kp), v (tp, bv), beta, pre, lo (tp,), T (tp, c) (row t of chunk i holds
+    row t of that chunk's T), h0 (kp, bv), scale (1,); out o (tp, bv), S_last (kp, bv) and,
+    with ``save_states``, the state entering every chunk (n kp, bv) for the backward.
+    """
+    inputs, (h0_ref, scale_ref), outs = refs[:7], refs[7:9], refs[9:]
+    o_ref, s_ref = outs[:2]
+    scale = scale_ref[...]  # (1,), broadcasts
 
     def body(i, S):
-        span = pl.ds(pl.multiple_of(i * c, c), c)
-        end = pl.ds(i * c + c - 1, 1)
-        q = q_ref[span, :]
-        k = k_ref[span, :]
-        v = v_ref[span, :]
-        beta = beta_ref[span]
-        pre = pre_ref[span]
-        lo = lo_ref[span]
-        T = t_ref[span, :]
-        pre_end = pre_ref[end]  # (1,)
-        lo_end = lo_ref[end]
-        from_start = jnp.exp(pre + lo)  # Gamma_t
-        to_end = jnp.exp((pre_end - pre) + (lo_end - lo))  # Gamma_c / Gamma_t
-        kf = k.astype(f32)
-        bk = beta[:, None] * kf
-        W = _common.dot(T, bk * from_start[:, None])  # (c, k)
-        U = _common.dot(T, beta[:, None] * v.astype(f32)) - _common.dot(W, S)  # (c, bv)
-        expo = (pre[:, None] - pre[None, :]) + (lo[:, None] - lo[None, :])
-        decay = jnp.exp(jnp.where(causal, expo, -jnp.inf))
-        P = _common.dot(q, k, trans_b=True) * (decay * scale[:, None])
-        Qg = q.astype(f32) * (from_start * scale)[:, None]
+        x = _chunk(inputs, i, c)
+        if save_states:
+            outs[2][pl.ds(pl.multiple_of(i * kp, kp), kp), :] = S
+        W = _common.dot(x["T"], x["X"])  # (c, kp)
+        U = _common.dot(x["T"], x["Y"]) - _common.dot(W, S)  # (c, bv): the corrections
+        P = _common.dot(x["q"], x["k"], trans_b=True) * (x["D"] * scale[:, None])
+        Qg = x["q"].astype(jnp.float32) * (x["F"] * scale)[:, None]
         o = _common.dot(Qg, S) + _common.dot(P, U)
-        o_ref[span, :] = o.astype(o_ref.dtype)
-        gamma_c = jnp.exp(pre_end + lo_end)  # (1,)
-        return gamma_c[:, None] * S + _common.dot(kf * to_end[:, None], U, trans_a=True)
+        o_ref[x["span"], :] = o.astype(o_ref.dtype)
+        return x["gc"][:, None] * S + _common.dot(x["kf"] * x["E"][:, None], U, trans_a=True)
 
-    S = lax.fori_loop(0, n, body, h0_ref[...].astype(f32))
-    s_ref[...] = S
+    s_ref[...] = lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
+
+
+def _backward_kernel(*refs, c: int, n: int, kp: int):
+    """One (batch, head, value tile): the chunks in reverse, carrying dL/dS in float32.
+
+    Per chunk, with S the saved state entering it, the forward's W, U, P, Qg recomputed and
+    dO, dS' the gradients of its outputs and of the state leaving it:
+
+        dU = P^T dO + (K * E) dS'               dS = Qg^T dO + Gamma_c dS' - W^T dU
+        dQg = dO S^T, dP = dO U^T, d(K * E) = U dS'^T, dGamma_c = <S, dS'>, dW = -dU S^T
+        dT = dW X^T + dU Y^T, dX = T^T dW, dY = T^T dU
+
+    and from those the gradients of the scaled query, k, v, beta, the running log gates
+    (Gamma = exp of them) and T. Every one but dv and dh0 sums over the value axis, so this
+    tile's share is written and the wrapper adds the tiles up.
+
+    Refs: the forward's seven inputs, scale (1,), states (n kp, bv), dO (tp, bv),
+    dS_last (kp, bv); out dq~, dk (tp, kp), dv (tp, bv), dbeta, dgamma (tp,), dT (tp, c),
+    dh0 (kp, bv).
+    """
+    f32 = jnp.float32
+    inputs, (scale_ref, st_ref, do_ref, ds_ref) = refs[:7], refs[7:11]
+    dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref, dh0_ref = refs[11:]
+    scale = scale_ref[...]
+    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+
+    def body(j, dS):
+        i = n - 1 - j
+        x = _chunk(inputs, i, c)
+        span, T, kf, F, E = x["span"], x["T"], x["kf"], x["F"], x["E"]
+        S = st_ref[pl.ds(pl.multiple_of(i * kp, kp), kp), :]
+        dO = do_ref[span, :].astype(f32)
+        qs = x["q"].astype(f32) * scale[:, None]  # q~ = scale q
+        W = _common.dot(T, x["X"])
+        U = _common.dot(T, x["Y"]) - _common.dot(W, S)
+        P = _common.dot(x["q"], x["k"], trans_b=True) * (x["D"] * scale[:, None])
+        Qg = qs * F[:, None]
+        KE = kf * E[:, None]
+        dU = _common.dot(P, dO, trans_a=True) + _common.dot(KE, dS)
+        dQg = _common.dot(dO, S, trans_b=True)
+        dP = _common.dot(dO, U, trans_b=True)
+        dKE = _common.dot(U, dS, trans_b=True)
+        dW = -_common.dot(dU, S, trans_b=True)
+        dt_ref[span, :] = _common.dot(dW, x["X"], trans_b=True) + _common.dot(
+            dU, x["Y"], trans_b=True
+        )
+        dX = _common.dot(T, dW, trans_a=True)
+        dY = _common.dot(T, dU, trans_a=True)
+        dPD = dP * x["D"]
+        dq_ref[span, :] = _common.dot(dPD, kf) + dQg * F[:, None]
+        dk_ref[span, :] = (
+            _common.dot(dPD, qs, trans_a=True) + dKE * E[:, None] + dX * (x["beta"] * F)[:, None]
+        )
+        dv_ref[span, :] = (x["beta"][:, None] * dY).astype(dv_ref.dtype)
+        dbeta_ref[span] = jnp.sum(dX * kf, axis=1) * F + jnp.sum(dY * x["v"], axis=1)
+        M = dP * P
+        to_end = jnp.sum(dKE * KE, axis=1)
+        at_end = jnp.sum(to_end) + jnp.sum(S * dS) * x["gc"]  # (1,)
+        dgamma_ref[span] = (
+            jnp.sum(M, axis=1)
+            - jnp.sum(M, axis=0)
+            + jnp.sum(dQg * Qg, axis=1)
+            - to_end
+            + jnp.sum(dX * x["X"], axis=1)
+            + jnp.where(last, at_end, 0.0)
+        )
+        return (
+            _common.dot(Qg, dO, trans_a=True)
+            + x["gc"][:, None] * dS
+            - _common.dot(W, dU, trans_a=True)
+        )
+
+    dh0_ref[...] = lax.fori_loop(0, n, body, ds_ref[...].astype(f32))
+
+
+class _Layout:
+    """Block specs of the (b, h, value tile) grid for padded shapes; static."""
+
+    def __init__(self, b: int, h: int, tp: int, c: int, kp: int, vp: int, bv: int):
+        self.b, self.h, self.tp, self.c, self.kp, self.vp, self.bv = b, h, tp, c, kp, vp, bv
+        self.n = tp // c
+        self.grid = (b, h, vp // bv)
+
+    def seq(self, width: int, tiled: bool = False):  # (b, tp, h, width)
+        if tiled:
+            return pl.BlockSpec((None, self.tp, None, width), lambda b, h, v: (b, 0, h, v))
+        return pl.BlockSpec((None, self.tp, None, width), lambda b, h, v: (b, 0, h, 0))
+
+    def step(self):  # (b, tp, h)
+        return pl.BlockSpec((None, self.tp, None), lambda b, h, v: (b, 0, h))
+
+    def state(self, rows: int):  # (b, h, rows, vp)
+        return pl.BlockSpec((None, None, rows, self.bv), lambda b, h, v: (b, h, 0, v))
+
+    def scalar(self):
+        return pl.BlockSpec((1,), lambda b, h, v: (0,))
+
+    def share(self, width: int | None):  # (nv, b, tp, h[, width]): one value tile's share
+        if width is None:
+            return pl.BlockSpec((None, None, self.tp, None), lambda b, h, v: (v, b, 0, h))
+        return pl.BlockSpec((None, None, self.tp, None, width), lambda b, h, v: (v, b, 0, h, 0))
+
+    def inputs(self):
+        return [
+            self.seq(self.kp),
+            self.seq(self.kp),
+            self.seq(self.bv, tiled=True),
+            self.step(),
+            self.step(),
+            self.step(),
+            self.seq(self.c),
+        ]
+
+
+def _forward_call(lay: _Layout, q, k, v, beta, pre, lo, T, h0, scale, *, save_states: bool):
+    f32 = jnp.float32
+    b, h, tp, kp, vp = lay.b, lay.h, lay.tp, lay.kp, lay.vp
+    out_shape = [
+        jax.ShapeDtypeStruct((b, tp, h, vp), q.dtype),
+        jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+    ]
+    out_specs = [lay.seq(lay.bv, tiled=True), lay.state(kp)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, lay.n * kp, vp), f32))
+        out_specs.append(lay.state(lay.n * kp))
+    return _common.call(
+        functools.partial(_forward_kernel, c=lay.c, n=lay.n, kp=kp, save_states=save_states),
+        out_shape=tuple(out_shape),
+        grid=lay.grid,
+        in_specs=[*lay.inputs(), lay.state(kp), lay.scalar()],
+        out_specs=tuple(out_specs),
+        name="gated_delta_rule_fwd",
+    )(q, k, v, beta, pre, lo, T, h0, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel(lay: _Layout, q, k, v, beta, pre, lo, T, h0, scale):
+    """The chunk loop on padded inputs: (o (b, tp, h, vp), S_last (b, h, kp, vp))."""
+    return tuple(_forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=False))
+
+
+def _kernel_fwd(lay, q, k, v, beta, pre, lo, T, h0, scale):
+    o, S, states = _forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=True)
+    return (o, S), (q, k, v, beta, pre, lo, T, scale, states)
+
+
+def _kernel_bwd(lay, residuals, cotangents):
+    q, k, v, beta, pre, lo, T, scale, states = residuals
+    dO, dS = cotangents
+    f32 = jnp.float32
+    b, h, tp, kp, vp = lay.b, lay.h, lay.tp, lay.kp, lay.vp
+    nv = lay.grid[2]
+    shares = lambda *shape: jax.ShapeDtypeStruct((nv, b, tp, h, *shape), f32)  # noqa: E731
+    dq, dk, dv, dbeta, dgamma, dT, dh0 = _common.call(
+        functools.partial(_backward_kernel, c=lay.c, n=lay.n, kp=kp),
+        out_shape=(
+            shares(kp),
+            shares(kp),
+            jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype),
+            shares(),
+            shares(),
+            shares(lay.c),
+            jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+        ),
+        grid=lay.grid,
+        in_specs=[
+            *lay.inputs(),
+            lay.scalar(),
+            lay.state(lay.n * kp),
+            lay.seq(lay.bv, tiled=True),
+            lay.state(kp),
+        ],
+        out_specs=(
+            lay.share(kp),
+            lay.share(kp),
+            lay.seq(lay.bv, tiled=True),
+            lay.share(None),
+            lay.share(None),
+            lay.share(lay.c),
+            lay.state(kp),
+        ),
+        name="gated_delta_rule_bwd",
+    )(q, k, v, beta, pre, lo, T, scale, states, dO, dS)
+    dq = dq.sum(0)  # the gradient of the scaled query q~ = scale q
+    dscale = jnp.sum(dq * q.astype(f32)).reshape(1)
+    dgamma = dgamma.sum(0)  # o and S depend on pre + lo only
+    return (
+        (dq * scale).astype(q.dtype),
+        dk.sum(0).astype(k.dtype),
+        dv,
+        dbeta.sum(0),
+        dgamma,
+        dgamma,
+        dT.sum(0),
+        dh0,
+        dscale,
+    )
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def _forward(q, k, v, log_g, beta, h0, scale, *, chunk_size: int, block_v: int):
-    """The Pallas forward on unpadded inputs; returns (o in q's dtype, S_last float32)."""
+    """Pads, forms the XLA terms, runs the kernel, unpads; differentiable (Pallas backward
+    for the kernel, autodiff for the XLA terms). Returns (o in q's dtype, S_last float32)."""
     from effseq.ops.delta_rule import (
         _cumulative_log_gates,
         _decayed_products,
@@ -130,7 +353,7 @@ def _forward(q, k, v, log_g, beta, h0, scale, *, chunk_size: int, block_v: int):
     n = -(-t // c)
     tp = n * c
     kp, vp = _next_pow2(dk), _next_pow2(dv)
-    bv = min(block_v, vp)
+    lay = _Layout(b, h, tp, c, kp, vp, min(block_v, vp))
 
     q = _common.pad_axis(_common.pad_axis(q, 1, c), 3, kp)
     k = _common.pad_axis(_common.pad_axis(k, 1, c), 3, kp)
@@ -140,51 +363,24 @@ def _forward(q, k, v, log_g, beta, h0, scale, *, chunk_size: int, block_v: int):
     h0 = _common.pad_axis(_common.pad_axis(h0.astype(f32), 2, kp), 3, vp)
 
     # XLA: compensated running log gates per chunk, A and T = (I + A)^-1, for all chunks.
-    chunked = lambda x: x.reshape(b, n, c, h, *x.shape[3:])  # noqa: E731
-    g_c = jnp.moveaxis(chunked(g), 3, 2)[..., None]  # (b, n, h, c, 1)
-    pre, lo = _cumulative_log_gates(g_c)
-    k_c = jnp.moveaxis(chunked(k.astype(f32)), 3, 2)  # (b, n, h, c, kp)
-    beta_c = jnp.moveaxis(chunked(beta), 3, 2)  # (b, n, h, c)
-    A = _decayed_products(beta_c[..., None] * k_c, k_c, pre, lo, strict=True)
+    chunked = lambda x: jnp.moveaxis(x.reshape(b, n, c, h, *x.shape[3:]), 3, 2)  # noqa: E731
+    pre, lo = _cumulative_log_gates(chunked(g)[..., None])  # (b, n, h, c, 1)
+    k_c = chunked(k.astype(f32))  # (b, n, h, c, kp)
+    A = _decayed_products(chunked(beta)[..., None] * k_c, k_c, pre, lo, strict=True)
     T = _unit_lower_inverse(A)  # (b, n, h, c, c)
     unchunk = lambda x: jnp.moveaxis(x, 2, 3).reshape(b, tp, h, *x.shape[4:])  # noqa: E731
     T = unchunk(T)  # (b, tp, h, c)
     pre, lo = unchunk(pre[..., 0]), unchunk(lo[..., 0])  # (b, tp, h)
     scale = jnp.reshape(jnp.asarray(scale, f32), (1,))
-
-    seq = lambda width, tile: pl.BlockSpec(  # noqa: E731
-        (None, tp, None, width), lambda bi, hi, vi: (bi, 0, hi, tile(vi))
-    )
-    per_step = pl.BlockSpec((None, tp, None), lambda bi, hi, vi: (bi, 0, hi))
-    state = pl.BlockSpec((None, None, kp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
-    whole = lambda vi: 0  # noqa: E731
-    same = lambda vi: vi  # noqa: E731
-    o, S = _common.call(
-        functools.partial(_chunk_loop, c=c, n=n),
-        out_shape=(
-            jax.ShapeDtypeStruct((b, tp, h, vp), q.dtype),
-            jax.ShapeDtypeStruct((b, h, kp, vp), f32),
-        ),
-        grid=(b, h, vp // bv),
-        in_specs=[
-            seq(kp, whole),
-            seq(kp, whole),
-            seq(bv, same),
-            per_step,
-            per_step,
-            per_step,
-            seq(c, whole),
-            state,
-            pl.BlockSpec((1,), lambda bi, hi, vi: (0,)),
-        ],
-        out_specs=(seq(bv, same), state),
-        name="gated_delta_rule_fwd",
-    )(q, k, v, beta, pre, lo, T, h0, scale)
+    if BACKWARD == "xla":
+        o, S = _forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=False)
+    else:
+        o, S = _kernel(lay, q, k, v, beta, pre, lo, T, h0, scale)
     return o[:, :t, :, :dv], S[:, :, :dk, :dv]
 
 
 def _xla(q, k, v, log_g, beta, h0, scale, *, chunk_size: int):
-    """The XLA chunked path on the same inputs: what the backward differentiates."""
+    """The XLA chunked path on the same inputs: what the XLA backward differentiates."""
     from effseq.ops.delta_rule import _chunked
 
     f32 = jnp.float32
@@ -201,22 +397,22 @@ def _xla(q, k, v, log_g, beta, h0, scale, *, chunk_size: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _op(q, k, v, log_g, beta, h0, scale, chunk_size, block_v):
+def _recompute_op(q, k, v, log_g, beta, h0, scale, chunk_size, block_v):
     return _forward(q, k, v, log_g, beta, h0, scale, chunk_size=chunk_size, block_v=block_v)
 
 
-def _op_fwd(q, k, v, log_g, beta, h0, scale, chunk_size, block_v):
+def _recompute_fwd(q, k, v, log_g, beta, h0, scale, chunk_size, block_v):
     out = _forward(q, k, v, log_g, beta, h0, scale, chunk_size=chunk_size, block_v=block_v)
     return out, (q, k, v, log_g, beta, h0, scale)
 
 
-def _op_bwd(chunk_size, block_v, residuals, cotangents):
+def _recompute_bwd(chunk_size, block_v, residuals, cotangents):
     del block_v
     _, vjp = jax.vjp(functools.partial(_xla, chunk_size=chunk_size), *residuals)
     return vjp(cotangents)
 
 
-_op.defvjp(_op_fwd, _op_bwd)
+_recompute_op.defvjp(_recompute_fwd, _recompute_bwd)
 
 
 def gated_delta_rule_pallas(
@@ -237,7 +433,9 @@ def gated_delta_rule_pallas(
             "impl='chunked' or 'recurrent' for those"
         )
     scale = jnp.asarray(scale, jnp.float32)
-    return _op(q, k, v, log_g, beta, h0, scale, chunk_size, block_v)
+    if BACKWARD == "xla":
+        return _recompute_op(q, k, v, log_g, beta, h0, scale, chunk_size, block_v)
+    return _forward(q, k, v, log_g, beta, h0, scale, chunk_size=chunk_size, block_v=block_v)
 
 
 __all__ = ["gated_delta_rule_pallas"]

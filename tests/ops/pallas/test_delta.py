@@ -105,3 +105,10 @@ def test_lowers_for_gpu_through_triton():
 
     text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), q, k, v, log_g, beta, h0)
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.slow
+def test_xla_recompute_backward(monkeypatch):
+    # The first version's backward (recompute through the XLA chunked path), kept as a switch.
+    monkeypatch.setattr(delta, "BACKWARD", "xla")
+    compare_with_reference(_pallas(16), _reference, _inputs(2, 37, 2, 16, 32), jit=True)
