@@ -17,6 +17,9 @@ Forms of the same maths:
   non-positive argument (stable for gates as small as exp(-20) per step). Its backward pass is
   written by hand (``jax.custom_vjp``), so it supports reverse-mode autodiff only; forward mode
   (``jax.jvp``, ``jax.jacfwd``) needs ``impl="recurrent"``.
+* ``impl="pallas"``: the chunked form's forward as one Pallas kernel (Triton on NVIDIA GPUs,
+  interpret mode on a CPU), :mod:`effseq.ops.pallas.gla`; its backward recomputes through the
+  chunked form. Unpacked rows only; never a default (not yet measured on a GPU).
 
 Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
 start the state is zeroed before the step's own update. The reference and the recurrent form
@@ -173,8 +176,11 @@ def gated_linear_attention(
       chunk_size: chunk length c of the chunked form: t is zero-padded to a multiple of c (a
         sequence shorter than c runs as one shorter chunk) and each chunk is split into
         sub-chunks of the largest divisor of c up to 8. None: :func:`default_chunk_size`.
-        Ignored by ``"recurrent"``.
-      impl: ``"chunked"`` or ``"recurrent"``; None picks the default (see ``ops._impl``).
+        Ignored by ``"recurrent"``. ``"pallas"`` needs a power of two >= 16 and uses
+        sub-chunks of 16.
+      impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (the Pallas kernel of
+        :mod:`effseq.ops.pallas.gla`: forward in Pallas, backward through the chunked form;
+        no ``segment_ids``); None picks the default (see ``ops._impl``).
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``S_last`` is its last one's. None: one document per row.
@@ -199,6 +205,11 @@ def gated_linear_attention(
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     starts = packed_starts(op, segment_ids, b, t)
+    if impl == "pallas" and segment_ids is not None:
+        raise ValueError(
+            f"{op}: impl='pallas' does not support packed rows (segment_ids); "
+            "impl='chunked' (the default) and impl='recurrent' do"
+        )
     h0 = jnp.zeros((b, h, dk, dv), f32) if h0 is None else h0.astype(f32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), h0
@@ -206,6 +217,12 @@ def gated_linear_attention(
     if n > 1:
         sequence.check_length(op, t, n)
         return _sharded(q, k, v, log_g, h0, scale, chunk_size, impl, segment_ids)
+    if impl == "pallas":
+        from effseq.ops.pallas.gla import gated_linear_attention_pallas
+
+        return gated_linear_attention_pallas(
+            q, k, v, log_g, h0, default_scale(scale, dk), chunk_size=chunk_size
+        )
     q32 = q.astype(f32) * default_scale(scale, dk)
     args = (q32, k.astype(f32), v.astype(f32), log_g.astype(f32), h0)
     if impl == "recurrent":

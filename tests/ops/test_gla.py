@@ -268,8 +268,8 @@ def test_bad_chunk_size_raises(chunk_size):
 
 def test_unknown_impl_raises():
     q, k, v, log_g, _ = _inputs(5)
-    with pytest.raises(ValueError, match="unknown impl='pallas'"):
-        gated_linear_attention(q, k, v, log_g, impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl='triton'"):
+        gated_linear_attention(q, k, v, log_g, impl="triton")
 
 
 def test_step_bad_inputs_raise():
