@@ -46,28 +46,29 @@ def _reference(q, k, v, log_g, beta, h0):
 
 
 @pytest.mark.parametrize(
-    "shape,chunk_size,gates",
+    "shape,chunk_size,gates,with_h0,block_v",
     [
-        ((2, 37, 2, 16, 32), 16, "realistic"),  # a partial last chunk, two chunks of padding
-        ((1, 10, 2, 12, 20), 16, "mixed"),  # shorter than a chunk; k, v padded to 16, 32
+        # A partial last chunk (t 37 = 2 chunks of 16 + 5), h0 given, one value tile.
+        ((2, 37, 2, 16, 32), 16, "realistic", True, 64),
+        # Shorter than a chunk; k 12 and v 20 padded to 16 and 32; exp(-20) gates next to ~1;
+        # no h0 (zeros); the value axis over two tiles of 16.
+        ((1, 10, 2, 12, 20), 16, "mixed", False, 16),
     ],
-    ids=["t37-c16", "t10-padded-dims-mixed-gates"],
+    ids=["t37-c16-h0", "t10-padded-mixed-gates-no-h0-two-tiles"],
 )
-def test_matches_reference(shape, chunk_size, gates):
+def test_matches_reference(monkeypatch, shape, chunk_size, gates, with_h0, block_v):
+    monkeypatch.setattr(delta, "BLOCK_V", block_v)
     args = _inputs(*shape, gates=gates)
-    (o, S), _ = compare_with_reference(_pallas(chunk_size), _reference, args, jit=True, names=NAMES)
+    if with_h0:
+        fast, reference, names = _pallas(chunk_size), _reference, NAMES
+    else:
+        args, names, reference = args[:5], NAMES[:5], gated_delta_rule_reference
+
+        def fast(q, k, v, log_g, beta):
+            return gated_delta_rule(q, k, v, log_g, beta, chunk_size=chunk_size, impl="pallas")
+
+    (o, S), _ = compare_with_reference(fast, reference, args, jit=True, names=names)
     assert o.dtype == jnp.float32 and S.dtype == jnp.float32
-
-
-def test_without_h0_and_value_tiles(monkeypatch):
-    # No h0 (zeros, whose gradient is not asked for), the value axis split over two tiles.
-    monkeypatch.setattr(delta, "BLOCK_V", 16)
-
-    def fast(q, k, v, log_g, beta):
-        return gated_delta_rule(q, k, v, log_g, beta, chunk_size=16, impl="pallas")
-
-    args = _inputs(1, 20, 2, 16, 32, seed=1)[:5]
-    compare_with_reference(fast, gated_delta_rule_reference, args, jit=True, names=NAMES[:5])
 
 
 def test_bfloat16_inputs():
@@ -112,3 +113,13 @@ def test_xla_recompute_backward(monkeypatch):
     # The first version's backward (recompute through the XLA chunked path), kept as a switch.
     monkeypatch.setattr(delta, "BACKWARD", "xla")
     compare_with_reference(_pallas(16), _reference, _inputs(2, 37, 2, 16, 32), jit=True)
+
+
+@pytest.mark.slow
+@pytest.mark.devices(2)
+def test_sequence_sharded():
+    # Time split over mesh.sequence = 2: the op's _sharded runs the kernel on each local slice
+    # (with k extra value columns for the slice's transition) and equals the unsharded kernel.
+    from tests.sequence.harness import compare_sharded
+
+    compare_sharded(_pallas(16), _inputs(1, 32, 2, 16, 16), 2, names=NAMES)
