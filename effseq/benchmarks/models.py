@@ -3,6 +3,7 @@
     effseq bench                    # quick plan (CPU-sized), results/bench/
     effseq bench --plan full        # 512..16k, benchmarks/results/ (the README's; --out DIR)
     effseq bench --plan small       # the default suite's models (effseq/benchmarks/small.py)
+    effseq bench --plan gpu         # every mixer's op at GPU shapes vs cuDNN (gpu.py)
     python -m effseq.benchmarks.models [same options]   # the same, without the CLI
 
 Every mixer runs in the same causal LanguageModel (4 layers, width 256, GLU MLP, tied
@@ -781,7 +782,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="effseq bench", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-    p.add_argument("--plan", choices=sorted(PLANS) + ["small"], default="quick")
+    p.add_argument("--plan", choices=sorted(PLANS) + ["small", "gpu"], default="quick")
     p.add_argument("--mixers", type=_names, help="comma-separated subset of " + ",".join(MIXERS))
     p.add_argument("--lengths", type=_ints, help="training lengths, e.g. 1024,2048")
     p.add_argument("--contexts", type=_ints, help="decoding contexts, e.g. 1024,16384")
@@ -879,18 +880,22 @@ def write(result: dict, out: pathlib.Path, plots: bool = True) -> list[pathlib.P
     return paths
 
 
-def _wants_small(argv) -> bool:
+def _wants_plan(argv, name: str) -> bool:
     args = list(sys.argv[1:] if argv is None else argv)
-    return "--plan=small" in args or any(
-        a == "--plan" and b == "small" for a, b in zip(args, args[1:], strict=False)
+    return f"--plan={name}" in args or any(
+        a == "--plan" and b == name for a, b in zip(args, args[1:], strict=False)
     )
 
 
 def main(argv=None) -> int:
-    if _wants_small(argv):  # the default suite's small models: small.py
+    if _wants_plan(argv, "small"):  # the default suite's small models: small.py
         from effseq.benchmarks import small
 
         return small.main(argv)
+    if _wants_plan(argv, "gpu"):  # every mixer's op at GPU shapes vs cuDNN attention: gpu.py
+        from effseq.benchmarks import gpu
+
+        return gpu.main(argv)
     args = parse_args(argv)
     plan = plan_from_args(args)
     out = args.out or (RESULTS if args.plan == "full" else QUICK_RESULTS)

@@ -138,7 +138,9 @@ def loglog_slope(xs, ys) -> float:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
+        # The checkout this effseq was imported from, wherever the command runs.
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
