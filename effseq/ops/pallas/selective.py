@@ -13,8 +13,9 @@ is a ``lax.fori_loop`` over chunks of ``chunk_size`` steps, each chunk staticall
 per-step row loads do not wait on the state carried through the loop.
 
 Forward (Pallas, one kernel): y (in u's dtype, with the skip term D ⊙ u added in the kernel),
-the final state, and the state at the start of every chunk (the checkpoints the backward pass
-needs: b·(t/c)·d·n float32, i.e. n/c times the size of u).
+the final state, and, when differentiated, the state at the start of every chunk (the
+checkpoints the backward pass needs: b·(t/c)·d·n float32, n/c times the elements of u; a call
+that is not differentiated does not write them).
 
 Backward (Pallas, one kernel, reverse time): per (batch, channel tile), the chunks in reverse;
 each chunk's states are recomputed from its checkpoint into registers (c + 1 states), then the
@@ -57,8 +58,9 @@ from effseq.typing import Array
 __all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "selective_scan_pallas"]
 
 # Steps per chunk (unrolled in the kernels; the backward keeps c + 1 states of the tile live)
-# and channels per program. Not yet tuned on a GPU (issue 19): 16 steps of a (32, 16) float32
-# tile are 68 live states x 4 registers per thread at 4 warps in the backward pass.
+# and channels per program. Not yet tuned on a GPU (issue 19): with chunks of 16, a (32, 16)
+# float32 tile at 4 warps is 4 registers per thread per state, 17 states = 68 registers in the
+# backward pass.
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 32
 
@@ -73,16 +75,18 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
-def _forward_kernel(*refs, chunk, n_chunks, has_keep):
-    """One (batch row, channel tile): y, the final state and every chunk's start state."""
+def _forward_kernel(*refs, chunk, n_chunks, has_keep, save_starts):
+    """One (batch row, channel tile): y, the final state and (``save_starts``) every chunk's
+    start state."""
     u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, *refs = refs
     keep_ref = refs.pop(0) if has_keep else None
-    y_ref, h_last_ref, h_starts_ref = refs
+    y_ref, h_last_ref, *h_starts_ref = refs
     A = _f32(a_ref[...])
     D = _f32(d_ref[...])
 
     def chunk_body(i, h):
-        h_starts_ref[i] = h
+        if save_starts:
+            h_starts_ref[0][i] = h
         for j in range(chunk):
             k = i * chunk + j
             u, dt = _f32(u_ref[k]), _f32(dt_ref[k])
@@ -120,10 +124,15 @@ def _backward_kernel(*refs, chunk, n_chunks, has_keep):
             if has_keep:
                 decay = decay * keep_ref[k]
             xs.append(decay * xs[-1] + (dt * u)[:, None] * b[None, :])
-            rows.append((u, dt, b, decay))
+            rows.append((u, dt, b))
         for j in reversed(range(chunk)):
             k = i * chunk + j
-            u, dt, b, decay = rows[j]
+            u, dt, b = rows[j]
+            # Recomputed rather than kept from the loop above: c more live (block_d, n) tiles
+            # would double the registers the chunk's states already take.
+            decay = jnp.exp(dt[:, None] * A)
+            if has_keep:
+                decay = decay * keep_ref[k]
             gy = _f32(gy_ref[k])
             g = g + gy[:, None] * _f32(c_ref[k])[None, :]  # g_k
             g_log_decay = g * decay * xs[j]  # dL/d(delta_k A), elementwise
@@ -145,7 +154,7 @@ def _backward_kernel(*refs, chunk, n_chunks, has_keep):
     gd_ref[...] = g_D
 
 
-def _specs(b, t, dp, n, block_d, has_keep):
+def _specs(t, n, block_d, has_keep):
     """BlockSpecs of the inputs both kernels share: u, delta, A, B, C, D (and keep)."""
     seq_d = pl.BlockSpec((None, t, block_d), lambda i, j: (i, 0, j))
     seq_n = pl.BlockSpec((None, t, n), lambda i, j: (i, 0, 0))
@@ -165,41 +174,50 @@ def _state_spec(block_d, n):
     return pl.BlockSpec((None, block_d, n), lambda i, j: (i, j, 0))
 
 
-def _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d):
+def _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d, save_starts):
+    """The forward kernel: (y, h_last, h_starts or None). Checkpoints are only written when
+    the backward pass will need them (``save_starts``)."""
     b, t, dp = u.shape
     n = A.shape[1]
     n_chunks = t // chunk
     has_keep = keep is not None
-    specs, keep_spec = _specs(b, t, dp, n, block_d, has_keep)
-    kernel = functools.partial(_forward_kernel, chunk=chunk, n_chunks=n_chunks, has_keep=has_keep)
-    return _common.call(
+    specs, keep_spec = _specs(t, n, block_d, has_keep)
+    kernel = functools.partial(
+        _forward_kernel,
+        chunk=chunk,
+        n_chunks=n_chunks,
+        has_keep=has_keep,
+        save_starts=save_starts,
+    )
+    out_shape = [
+        jax.ShapeDtypeStruct((b, t, dp), u.dtype),
+        jax.ShapeDtypeStruct((b, dp, n), jnp.float32),
+    ]
+    out_specs = [pl.BlockSpec((None, t, block_d), lambda i, j: (i, 0, j)), _state_spec(block_d, n)]
+    if save_starts:
+        out_shape.append(jax.ShapeDtypeStruct((b, n_chunks, dp, n), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, n_chunks, block_d, n), lambda i, j: (i, 0, j, 0)))
+    y, h_last, *h_starts = _common.call(
         kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((b, t, dp), u.dtype),
-            jax.ShapeDtypeStruct((b, dp, n), jnp.float32),
-            jax.ShapeDtypeStruct((b, n_chunks, dp, n), jnp.float32),
-        ],
+        out_shape=out_shape,
         grid=(b, dp // block_d),
         in_specs=[*specs, _state_spec(block_d, n), *keep_spec],
-        out_specs=[
-            pl.BlockSpec((None, t, block_d), lambda i, j: (i, 0, j)),
-            _state_spec(block_d, n),
-            pl.BlockSpec((None, n_chunks, block_d, n), lambda i, j: (i, 0, j, 0)),
-        ],
+        out_specs=out_specs,
         name="selective_scan_fwd",
     )(u, delta, A, B, C, D, h0, *([keep] if has_keep else []))
+    return y, h_last, (h_starts[0] if save_starts else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _scan(u, delta, A, B, C, D, h0, keep, chunk, block_d):
     """Padded inputs (t a multiple of ``chunk``, d of ``block_d``, n a power of two) ->
     (y in u's dtype, final state float32)."""
-    y, h_last, _ = _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d)
+    y, h_last, _ = _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d, False)
     return y, h_last
 
 
 def _scan_fwd(u, delta, A, B, C, D, h0, keep, chunk, block_d):
-    y, h_last, h_starts = _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d)
+    y, h_last, h_starts = _forward(u, delta, A, B, C, D, h0, keep, chunk, block_d, True)
     return (y, h_last), (u, delta, A, B, C, D, h0, keep, h_starts)
 
 
@@ -210,7 +228,7 @@ def _scan_bwd(chunk, block_d, res, cts):
     n = A.shape[1]
     n_tiles = dp // block_d
     has_keep = keep is not None
-    specs, keep_spec = _specs(b, t, dp, n, block_d, has_keep)
+    specs, keep_spec = _specs(t, n, block_d, has_keep)
     kernel = functools.partial(
         _backward_kernel, chunk=chunk, n_chunks=t // chunk, has_keep=has_keep
     )

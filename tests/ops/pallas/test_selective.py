@@ -54,15 +54,21 @@ def _inputs(t, dtype="float32", seed=0):
     return make_inputs(t, dtype, d=D_MODEL, n=N_STATE, seed=seed)
 
 
-@pytest.mark.parametrize("t", [37, 5])
-def test_matches_reference(t):
-    # Through the public op (one tile of 8 channels) and the kernels' wrapper with two tiles.
-    for fast in (_pallas(), _tiled):
-        (y, h_last), _ = compare_with_reference(
-            fast, _reference(), _inputs(t, seed=t), jit=True, names=NAMES
-        )
-        assert y.shape == (2, t, D_MODEL) and h_last.shape == (2, D_MODEL, N_STATE)
-        assert y.dtype == h_last.dtype == jnp.float32
+def test_matches_reference_two_tiles():
+    # The kernels' wrapper with two channel tiles of 4 (d = 6 padded to 8), n = 5 padded to 8,
+    # and t = 37: four chunks of 8 and a padded fifth.
+    (y, h_last), _ = compare_with_reference(
+        _tiled, _reference(), _inputs(37, seed=37), jit=True, names=NAMES
+    )
+    assert y.shape == (2, 37, D_MODEL) and h_last.shape == (2, D_MODEL, N_STATE)
+
+
+def test_matches_reference_short():
+    # Through the public op: t = 5, shorter than one chunk (cut to 8, then padded).
+    (y, h_last), _ = compare_with_reference(
+        _pallas(), _reference(), _inputs(5, seed=5), jit=True, names=NAMES
+    )
+    assert y.dtype == h_last.dtype == jnp.float32
 
 
 def test_bfloat16_inputs():
@@ -98,7 +104,8 @@ def test_packed_rows():
 
 
 def test_default_chunk_and_empty():
-    u, delta, A, B, C, D, h0 = _inputs(20, seed=4)
+    # chunk_size None: the default 16, cut to 8 for t = 5 (forward only).
+    u, delta, A, B, C, D, h0 = _inputs(5, seed=4)
     y, h_last = jax.jit(functools.partial(selective_scan, impl="pallas"))(u, delta, A, B, C, D)
     y_ref, h_ref = selective_scan_reference(u, delta, A, B, C, D)
     assert_close(y, y_ref, err_msg="y")
@@ -150,3 +157,25 @@ def test_lowers_for_gpu():
     assert text.count("__gpu$xla.gpu.triton") == 1
     text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(7))), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.devices(2)
+def test_sequence_sharded():
+    # Under a mesh with sequence = 2 the op runs the Pallas kernels on each local slice (the
+    # shared _sharded path); packed rows with a boundary on the shard edge.
+    from tests.sequence.test_scans import SEGMENTS, _check_selective
+
+    _check_selective(2, "pallas", jnp.asarray(SEGMENTS))
+
+
+@pytest.mark.slow
+def test_default_tiles_mamba_sizes():
+    # The defaults the op uses on a GPU: chunks of 16 and tiles of 32 channels; d = 80 (three
+    # tiles, the last half padding), n = 16, t = 50 (three chunks and a padded fourth).
+    args = make_inputs(50, d=80, n=16, seed=11)
+
+    def fast(u, delta, A, B, C, D, h0):
+        return selective_scan(u, delta, A, B, C, D, h0=h0, impl="pallas")
+
+    compare_with_reference(fast, _reference(), args, jit=True, names=NAMES)
