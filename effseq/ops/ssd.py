@@ -31,10 +31,10 @@ Forms of the same maths:
   so every exponent is <= 0 and decays of exp(-20) per step neither overflow nor cancel); each
   chunk's contribution to the state; the states passed chunk to chunk by a linear scan; and each
   chunk's read of the state entering it. Differentiated by plain autodiff.
-* ``impl="pallas"``: the same chunked maths as one Pallas kernel (:mod:`effseq.ops.pallas.ssd`:
-  Triton on NVIDIA GPUs, interpret mode on a CPU, where it is only for checking); its gradient
-  recomputes through the chunked form. Unpacked rows only (``segment_ids`` raise); chunk_size
-  a power of two >= 16.
+* ``impl="pallas"``: the same chunked maths as Pallas kernels, forward and backward
+  (:mod:`effseq.ops.pallas.ssd`: Triton on NVIDIA GPUs, interpret mode on a CPU, where it is
+  only for checking). Unpacked rows only (``segment_ids`` raise); chunk_size a power of two
+  >= 16.
 
 Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
 start the state is zeroed before the step's own update. The reference and the recurrent form

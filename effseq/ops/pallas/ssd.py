@@ -15,10 +15,12 @@ Forward (Pallas): one "fused chunk" kernel on a grid (b, h, p tiles), every prog
 the chunks of its row in order with a ``lax.fori_loop`` that carries its (p tile, n) slice of
 H in float32. One kernel rather than two (chunk states, then outputs) because a head's state
 is small (p tile x n floats) and the walk keeps it in registers: x, B and C are read once and
-y written once, with no (nc, p, n) intermediate in memory. The price is parallelism, which
-only comes from b * h * (p / p tile) programs. The group of B and C a head reads
-(i // (h // g)) comes from the head index in their ``BlockSpec`` index map, so B and C are
-never copied per head. D x is added inside the kernel, before the one cast of y to x's dtype.
+y written once; without gradients no (nc, p, n) array of chunk states is ever in memory
+(with them, the states entering the chunks are written out for the backward). The price
+is parallelism, which only comes from b * h * (p / p tile) programs. The group of B and C
+a head reads (i // (h // g)) comes from the head index in their ``BlockSpec`` index map, so
+B and C are never copied per head. D x is added inside the kernel, before the one cast of y
+to x's dtype.
 
 Every exponent is a sum of exactly the terms it spans, never a difference of running sums
 (the masked cumulative sum of the paper's Listing 1, as the XLA path does): with decays of
@@ -29,7 +31,9 @@ Dtypes: x, B and C enter the kernel in their own dtype (bf16 feeds the tensor co
 is): C B^T takes them as they are, and the intra-chunk product and the state update take the
 decay-weighted scores and dt x rounded to x's dtype. Decays, dt, D and the state are float32,
 as are the products with the state; every product accumulates in float32
-(:func:`effseq.ops.pallas._common.dot`).
+(:func:`effseq.ops.pallas._common.dot`). The backward likewise takes the (c, c) decay-weighted
+matrices and dy in x's dtype into its products with B, C and dy, and keeps everything that
+touches the state gradient in float32.
 
 Padding (exact): t is padded up to a multiple of c with dt = 0, x = B = C = 0 steps, which
 leave the state unchanged (decay exp(0) = 1, nothing written) and whose outputs are dropped;
@@ -37,9 +41,16 @@ p and n are padded up to powers of two >= 16 with zero columns of x / B / C / h0
 column of B or C neither writes nor reads a state column, a zero column of x writes a zero
 state row, and the padded rows and columns of y and of the state are sliced off.
 
-Backward: a ``jax.custom_vjp`` whose backward is NOT Pallas: it recomputes through the XLA
-chunked path (``effseq.ops.ssd._chunked``) and takes its ``jax.vjp``, so every input's
-gradient (x, dt, A, B, C, D, h0) is the chunked path's. The residuals are the inputs only.
+Backward (Pallas, with small XLA reductions around it): a ``jax.custom_vjp``. The forward
+keeps the state entering each chunk (b, h, nc, p, n) float32 as a residual besides the
+inputs; a second fused-chunk kernel on the same grid walks the chunks in reverse, carrying
+the gradient of the state leaving the chunk (p tile, n) float32 from that of h_last down to
+that of h0, and writes dx (complete), each p tile's share of dB, dC (per head), of x . du
+and of the log decays' gradient. XLA then sums the shares over p tiles and over the heads
+of each group, forms d(dt) = x . du + A da, dA = sum dt da and dD = sum dy x. The decays'
+gradient is taken over exactly the exponent terms containing each step (the segment-sum
+part as a product with a 0/1 triangle at ``Precision.HIGHEST``), never as a difference of
+sums, so decays of exp(-20) beside ~1 lose nothing.
 """
 
 from __future__ import annotations
@@ -65,110 +76,285 @@ def _next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-def _kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref, *, nc, c):
-    """One (batch, head, p tile): x_ref (T, bp); a_ref, dt_ref (T,) float32; b_ref, c_ref
-    (T, n); d_ref (1,) float32 or None; h0_ref, h_ref (bp, n) float32; y_ref (T, bp)."""
-    f32 = jnp.float32
-    cd = x_ref.dtype  # dtype of the second-stage dot operands
+def _chunk_decays(ak, c):
+    """Decays of one chunk from its log decays ak (c,): the masked segment-sum matrix L
+    (c, c), to_end (c,), from_start (c,), the whole chunk's decay (scalar), and the mask
+    ``causal`` (j <= i). Each exponent is a sum of exactly the terms it spans."""
     row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     causal = col <= row
-    strict = col < row
+    # terms[i, j] = a_i where j < i: its cumulative sum down the rows is the segment sum
+    # seg[i, j] = a_{j+1} + ... + a_i, its column sums a_{j+1} + ... + a_c.
+    terms = jnp.where(col < row, ak[:, None], 0.0)
+    L = jnp.where(causal, jnp.exp(jnp.cumsum(terms, axis=0)), 0.0)
+    to_end = jnp.exp(jnp.sum(terms, axis=0))  # [j] = exp(a_{j+1} + ... + a_c)
+    from_start = jnp.exp(jnp.cumsum(ak))  # [i] = exp(a_1 + ... + a_i)
+    total = jnp.exp(jnp.sum(ak))
+    return L, to_end, from_start, total, causal
+
+
+def _fwd_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref, hs_ref, *, nc, c):
+    """One (batch, head, p tile): x_ref (T, bp); a_ref, dt_ref (T,) float32; b_ref, c_ref
+    (T, n); d_ref (1,) float32 or None; h0_ref, h_ref (bp, n) float32; y_ref (T, bp);
+    hs_ref (nc, bp, n) float32 (the state entering each chunk, kept for the backward) or
+    None."""
+    f32 = jnp.float32
+    cd = x_ref.dtype  # dtype of the second-stage dot operands
 
     def body(k, H):
         s = pl.ds(pl.multiple_of(k * c, c), c)
+        if hs_ref is not None:
+            hs_ref[pl.ds(k, 1), :, :] = H[None]
         xk = x_ref[s, :]  # (c, bp)
-        ak = a_ref[s]  # (c,) log decays, <= 0
-        dtk = dt_ref[s]
         Bk = b_ref[s, :]  # (c, n)
         Ck = c_ref[s, :]
-        # terms[i, j] = a_i where j < i: the column sums of its cumulative sum down the rows
-        # are the segment sums seg[i, j] = a_{j+1} + ... + a_i, each a sum of its own terms.
-        terms = jnp.where(strict, ak[:, None], 0.0)
-        seg = jnp.cumsum(terms, axis=0)
-        decay = jnp.where(causal, jnp.exp(seg), 0.0)  # (c, c)
-        to_end = jnp.exp(jnp.sum(terms, axis=0))  # [j] = exp(a_{j+1} + ... + a_c)
-        from_start = jnp.exp(jnp.cumsum(ak))  # [i] = exp(a_1 + ... + a_i)
-        total = jnp.exp(jnp.sum(ak))
-        u = xk.astype(f32) * dtk[:, None]  # dt x, (c, bp)
-        scores = _common.dot(Ck, Bk, trans_b=True) * decay  # (c, c) float32
+        L, to_end, from_start, total, _ = _chunk_decays(a_ref[s], c)
+        u = xk.astype(f32) * dt_ref[s][:, None]  # dt x, (c, bp)
+        scores = _common.dot(Ck, Bk, trans_b=True) * L  # (c, c) float32
         y = _common.dot(scores.astype(cd), u.astype(cd))
         y = y + from_start[:, None] * _common.dot(Ck.astype(f32), H, trans_b=True)
         if d_ref is not None:
             y = y + d_ref[...][None, :] * xk.astype(f32)
         y_ref[s, :] = y.astype(y_ref.dtype)
         w = (u * to_end[:, None]).astype(cd)
-        return total * H + _common.dot(w, Bk.astype(cd), trans_a=True)
+        return total * H + _common.dot(w, Bk, trans_a=True)
 
     h_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...].astype(f32))
 
 
-def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int):
-    """The Pallas forward on unpadded inputs; returns (y in x's dtype, H float32)."""
-    f32 = jnp.float32
-    b, t, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    r = h // g
-    c = min(chunk_size, max(_common.MIN_DOT, _next_pow2(t)))
-    nc = -(-t // c)
-    pp = max(_common.MIN_DOT, _next_pow2(p))
-    bp = min(P_TILE, pp)
-    npad = max(_common.MIN_DOT, _next_pow2(n))
+def _bwd_kernel(
+    x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, hs_ref, dy_ref, dh_ref,
+    dx_ref, db_ref, dc_ref, ddt_ref, da_ref, dh0_ref, *, nc, c,
+):  # fmt: skip
+    """The gradient of one (batch, head, p tile), chunks in reverse order, carrying G, the
+    gradient of the state leaving the chunk (bp, n) float32, from dh_ref (of h_last) down to
+    dh0_ref (of h0). Inputs as in :func:`_fwd_kernel`; hs_ref (nc, bp, n) the states entering
+    the chunks, dy_ref (T, bp) the gradient of y. Out: dx_ref (T, bp) in x's dtype; this p
+    tile's share of the B and C gradients db_ref, dc_ref (T, n), of sum_p x du (ddt_ref (T,))
+    and of the log decays' gradient (da_ref (T,)), all float32, summed over tiles and heads
+    by the wrapper.
 
+    With S = C B^T, u = dt x, P = L * (dy u^T) and H the state entering the chunk:
+    dC = P B + from_start * (dy H), dB = P^T C + to_end * (u G), du = (L * S)^T dy +
+    to_end * (B G^T), dx = dt du + D dy, d(dt) = x . du + A da, and the gradient of the state
+    entering the chunk total G + (from_start * dy)^T C. The log decays' gradient da_m sums
+    the gradients of the exponents that contain a_m (seg[i, j] for j < m <= i, from_start_i
+    for i >= m, to_end_j for j < m, the total), each over exactly those terms.
+    """
+    f32 = jnp.float32
+    cd = x_ref.dtype
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    strict_upper = (row < col).astype(jnp.float32)  # [j, m] = j < m
+
+    def body(kk, G):
+        k = nc - 1 - kk
+        s = pl.ds(pl.multiple_of(k * c, c), c)
+        H = hs_ref[pl.ds(k, 1), :, :][0]  # (bp, n)
+        xk = x_ref[s, :]
+        Bk = b_ref[s, :]
+        Ck = c_ref[s, :]
+        dyk = dy_ref[s, :]
+        dtk = dt_ref[s]
+        L, to_end, from_start, total, causal = _chunk_decays(a_ref[s], c)
+        u = xk.astype(f32) * dtk[:, None]
+        dy32 = dyk.astype(f32)
+        S = _common.dot(Ck, Bk, trans_b=True)  # (c, c)
+        LS = S * L
+        P = _common.dot(dyk.astype(cd), u.astype(cd), trans_b=True) * L  # L * (dy u^T)
+        BG = _common.dot(Bk.astype(f32), G, trans_b=True)  # (c, bp)
+        CH = _common.dot(Ck.astype(f32), H, trans_b=True)  # (c, bp)
+        dc_ref[s, :] = _common.dot(P.astype(cd), Bk) + from_start[:, None] * _common.dot(dy32, H)
+        db_ref[s, :] = _common.dot(P.astype(cd), Ck, trans_a=True) + to_end[:, None] * _common.dot(
+            u, G
+        )
+        du = _common.dot(LS.astype(cd), dyk.astype(cd), trans_a=True) + to_end[:, None] * BG
+        dx = dtk[:, None] * du
+        if d_ref is not None:
+            dx = dx + d_ref[...][None, :] * dy32
+        dx_ref[s, :] = dx.astype(dx_ref.dtype)
+        ddt_ref[s] = jnp.sum(xk.astype(f32) * du, axis=1)
+        # Gradients of the log decays: a_m is in seg[i, j] for j < m <= i, in from_start_i
+        # for m <= i, in to_end_j for j < m, and in the chunk's total; each sum below spans
+        # exactly those terms (no differences of larger sums, which would cancel where
+        # strong and weak decays meet).
+        M = S * P  # d seg[i, j] = L S (dy u^T)
+        spans = jnp.dot(M, strict_upper, precision=lax.Precision.HIGHEST)  # sum_{j < m} M[i, j]
+        d_read = from_start * jnp.sum(dy32 * CH, axis=1)  # d from_start_i (log)
+        d_to_end = to_end * jnp.sum(u * BG, axis=1)  # d to_end_j (log)
+        d_total = total * jnp.sum(H * G)
+        da = jnp.sum(jnp.where(causal, spans + d_read[:, None], 0.0), axis=0)  # over i >= m
+        da = da + jnp.sum(jnp.where(col < row, d_to_end[None, :], 0.0), axis=1) + d_total
+        da_ref[s] = da
+        return total * G + _common.dot((from_start[:, None] * dy32).astype(cd), Ck, trans_a=True)
+
+    dh0_ref[...] = lax.fori_loop(0, nc, body, dh_ref[...].astype(f32))
+
+
+class _Dims:
+    """Padded sizes: chunk c, chunks nc, T = nc c, p padded to pp in tiles of bp, n to npad;
+    r heads per group."""
+
+    def __init__(self, x, B, chunk_size):
+        b, t, h, p = x.shape
+        self.b, self.t, self.h, self.p = b, t, h, p
+        self.g, self.n = B.shape[2], B.shape[3]
+        self.r = h // self.g
+        self.c = min(chunk_size, max(_common.MIN_DOT, _next_pow2(t)))
+        self.nc = -(-t // self.c)
+        self.T = self.nc * self.c
+        self.pp = max(_common.MIN_DOT, _next_pow2(p))
+        self.bp = min(P_TILE, self.pp)
+        self.tiles = self.pp // self.bp
+        self.npad = max(_common.MIN_DOT, _next_pow2(self.n))
+
+
+def _padded_inputs(d: _Dims, x, dt, A, B, C):
+    """x (b, T, h, pp) and B, C (b, T, g, npad) in their common dtype; a = dt A and dt as
+    (b, h, T) float32. Padding: dt = 0, x = B = C = 0 steps and zero p / n columns."""
+    f32 = jnp.float32
     cd = jnp.result_type(x.dtype, B.dtype, C.dtype)
-    x = _common.pad_axis(_common.pad_axis(x.astype(cd), 1, c), 3, pp)
-    B, C = (_common.pad_axis(_common.pad_axis(z.astype(cd), 1, c), 3, npad) for z in (B, C))
+    x = _common.pad_axis(_common.pad_axis(x.astype(cd), 1, d.c), 3, d.pp)
+    B, C = (_common.pad_axis(_common.pad_axis(z.astype(cd), 1, d.c), 3, d.npad) for z in (B, C))
     dt = dt.astype(f32)
     a = jnp.moveaxis(dt * A.astype(f32), 1, 2)  # (b, h, t): per-step log decay
-    a, dt = (_common.pad_axis(z, 2, c) for z in (a, jnp.moveaxis(dt, 1, 2)))
-    h0 = _common.pad_axis(_common.pad_axis(h0.astype(f32), 2, pp), 3, npad)
-    T = nc * c
+    a, dt = (_common.pad_axis(z, 2, d.c) for z in (a, jnp.moveaxis(dt, 1, 2)))
+    return x, a, dt, B, C
 
-    in_specs = [
-        pl.BlockSpec((None, T, None, bp), lambda i, j, k: (i, 0, j, k)),  # x
-        pl.BlockSpec((None, None, T), lambda i, j, k: (i, j, 0)),  # a
-        pl.BlockSpec((None, None, T), lambda i, j, k: (i, j, 0)),  # dt
-        pl.BlockSpec((None, T, None, npad), lambda i, j, k: (i, 0, j // r, 0)),  # B (group)
-        pl.BlockSpec((None, T, None, npad), lambda i, j, k: (i, 0, j // r, 0)),  # C (group)
+
+def _pad_state(d: _Dims, H):
+    return _common.pad_axis(_common.pad_axis(H.astype(jnp.float32), 2, d.pp), 3, d.npad)
+
+
+def _specs(d: _Dims, with_D: bool):
+    """BlockSpecs of x, a, dt, B, C[, D] on the grid (batch, head, p tile)."""
+    r = d.r
+    specs = [
+        pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),  # x
+        pl.BlockSpec((None, None, d.T), lambda i, j, k: (i, j, 0)),  # a
+        pl.BlockSpec((None, None, d.T), lambda i, j, k: (i, j, 0)),  # dt
+        pl.BlockSpec((None, d.T, None, d.npad), lambda i, j, k: (i, 0, j // r, 0)),  # B (group)
+        pl.BlockSpec((None, d.T, None, d.npad), lambda i, j, k: (i, 0, j // r, 0)),  # C (group)
     ]
-    args = [x, a, dt, B, C]
-    if D is not None:
-        in_specs.append(pl.BlockSpec((1,), lambda i, j, k: (j,)))
-        args.append(D.astype(f32))
-    in_specs.append(pl.BlockSpec((None, None, bp, npad), lambda i, j, k: (i, j, k, 0)))  # h0
-    args.append(h0)
+    if with_D:
+        specs.append(pl.BlockSpec((1,), lambda i, j, k: (j,)))
+    return specs
+
+
+def _state_spec(d: _Dims):
+    return pl.BlockSpec((None, None, d.bp, d.npad), lambda i, j, k: (i, j, k, 0))
+
+
+def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = False):
+    """The Pallas forward on unpadded inputs: (y in x's dtype, H float32), and with
+    ``keep_states`` the padded states entering each chunk (b, h, nc, pp, npad) float32."""
+    f32 = jnp.float32
+    d = _Dims(x, B, chunk_size)
+    x, a, dt, B, C = _padded_inputs(d, x, dt, A, B, C)
+    args = [x, a, dt, B, C] + ([] if D is None else [D.astype(f32)]) + [_pad_state(d, h0)]
+    out_shape = [
+        jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), x.dtype),
+        jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),
+        _state_spec(d),
+    ]
+    if keep_states:
+        out_shape.append(jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.pp, d.npad), f32))
+        out_specs.append(
+            pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0))
+        )
 
     def kernel(*refs):
         if D is None:
             refs = (*refs[:5], None, *refs[5:])
-        _kernel(*refs, nc=nc, c=c)
+        if not keep_states:
+            refs = (*refs, None)
+        _fwd_kernel(*refs, nc=d.nc, c=d.c)
 
-    y, H = _common.call(
+    outs = _common.call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, T, h, pp), x.dtype),
-            jax.ShapeDtypeStruct((b, h, pp, npad), f32),
-        ),
-        grid=(b, h, pp // bp),
-        in_specs=in_specs,
-        out_specs=(
-            pl.BlockSpec((None, T, None, bp), lambda i, j, k: (i, 0, j, k)),
-            pl.BlockSpec((None, None, bp, npad), lambda i, j, k: (i, j, k, 0)),
-        ),
+        out_shape=tuple(out_shape),
+        grid=(d.b, d.h, d.tiles),
+        in_specs=[*_specs(d, D is not None), _state_spec(d)],
+        out_specs=tuple(out_specs),
         name="ssd_fused_chunk_fwd",
     )(*args)
-    return y[:, :t, :, :p], H[:, :, :p, :n]
+    y, H = outs[0][:, : d.t, :, : d.p], outs[1][:, :, : d.p, : d.n]
+    return ((y, H), outs[2]) if keep_states else (y, H)
 
 
-def _xla_chunked(x, dt, A, B, C, D, h0, *, chunk_size: int):
-    """The XLA chunked path on float32 copies (what the backward differentiates)."""
-    from effseq.ops.ssd import _chunked
-
+def _backward(chunk_size, res, cts):
+    """Gradients of (x, dt, A, B, C, D, h0) from the Pallas backward kernel; the sums over p
+    tiles and over the heads of a group, and dD = sum dy x, in XLA."""
+    x_in, dt_in, A, B_in, C_in, D, h0, states = res
+    dy, dH = cts
     f32 = jnp.float32
-    args = tuple(z.astype(f32) for z in (x, dt, A, B, C))
-    D = None if D is None else D.astype(f32)
-    y, H = _chunked(*args, D, h0.astype(f32), chunk_size=chunk_size)
-    return y.astype(x.dtype), H
+    d = _Dims(x_in, B_in, chunk_size)
+    x, a, dt, B, C = _padded_inputs(d, x_in, dt_in, A, B_in, C_in)
+    dy_p = _common.pad_axis(_common.pad_axis(dy.astype(x.dtype), 1, d.c), 3, d.pp)
+    args = [x, a, dt, B, C] + ([] if D is None else [D.astype(f32)])
+    args += [states, dy_p, _pad_state(d, dH)]
+    tile_t = pl.BlockSpec((None, None, d.T, None, d.npad), lambda i, j, k: (i, k, 0, j, 0))
+    tile_v = pl.BlockSpec((None, None, None, d.T), lambda i, j, k: (i, k, j, 0))
+    in_specs = [
+        *_specs(d, D is not None),
+        pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0)),
+        pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),  # dy
+        _state_spec(d),  # dH
+    ]
+
+    def kernel(*refs):
+        if D is None:
+            refs = (*refs[:5], None, *refs[5:])
+        _bwd_kernel(*refs, nc=d.nc, c=d.c)
+
+    per_tile = (d.b, d.tiles, d.T, d.h, d.npad)
+    dx, dB, dC, ddt, da, dh0 = _common.call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), x.dtype),
+            jax.ShapeDtypeStruct(per_tile, f32),
+            jax.ShapeDtypeStruct(per_tile, f32),
+            jax.ShapeDtypeStruct((d.b, d.tiles, d.h, d.T), f32),
+            jax.ShapeDtypeStruct((d.b, d.tiles, d.h, d.T), f32),
+            jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
+        ),
+        grid=(d.b, d.h, d.tiles),
+        in_specs=in_specs,
+        out_specs=(
+            pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),
+            tile_t,
+            tile_t,
+            tile_v,
+            tile_v,
+            _state_spec(d),
+        ),
+        name="ssd_fused_chunk_bwd",
+    )(*args)
+
+    def group_sum(z):  # (b, tiles, T, h, npad) -> (b, t, g, n)
+        z = jnp.sum(z, axis=1)[:, : d.t, :, : d.n]
+        return jnp.sum(z.reshape(d.b, d.t, d.g, d.r, d.n), axis=3)
+
+    da = jnp.moveaxis(jnp.sum(da, axis=1)[..., : d.t], 1, 2)  # (b, t, h)
+    ddt = jnp.moveaxis(jnp.sum(ddt, axis=1)[..., : d.t], 1, 2)
+    dt32 = dt_in.astype(f32)
+    ddt = ddt + A.astype(f32) * da
+    dA = jnp.sum(dt32 * da, axis=(0, 1))
+    dD = None
+    if D is not None:
+        dD = jnp.einsum("bthp,bthp->h", dy.astype(f32), x_in.astype(f32)).astype(D.dtype)
+    return (
+        dx[:, : d.t, :, : d.p].astype(x_in.dtype),
+        ddt.astype(dt_in.dtype),
+        dA.astype(A.dtype),
+        group_sum(dB).astype(B_in.dtype),
+        group_sum(dC).astype(C_in.dtype),
+        dD,
+        dh0[:, :, : d.p, : d.n].astype(h0.dtype),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -177,15 +363,11 @@ def _ssd(x, dt, A, B, C, D, h0, chunk_size):
 
 
 def _ssd_fwd(x, dt, A, B, C, D, h0, chunk_size):
-    return _forward(x, dt, A, B, C, D, h0, chunk_size=chunk_size), (x, dt, A, B, C, D, h0)
+    out, states = _forward(x, dt, A, B, C, D, h0, chunk_size=chunk_size, keep_states=True)
+    return out, (x, dt, A, B, C, D, h0, states)
 
 
-def _ssd_bwd(chunk_size, res, cts):
-    _, vjp = jax.vjp(functools.partial(_xla_chunked, chunk_size=chunk_size), *res)
-    return vjp(cts)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+_ssd.defvjp(_ssd_fwd, _backward)
 
 
 def ssd_pallas(
@@ -199,7 +381,7 @@ def ssd_pallas(
     *,
     chunk_size: int,
 ) -> tuple[Array, Array]:
-    """SSD on one shard, unpacked rows: the Pallas forward, the XLA chunked path's gradient.
+    """SSD on one shard, unpacked rows, forward and backward in Pallas.
 
     Shapes as in :func:`effseq.ops.ssd.ssd` (validated there); ``h0`` is given (float32).
     ``chunk_size`` must be a power of two >= 16; a sequence shorter than it runs as one chunk
