@@ -414,8 +414,8 @@ def selective_scan(
         (``"chunked"``).
       chunk_size: steps per chunk of the chunked path (a positive int), or None for
         :func:`default_chunk_size` (8 to 64 on CPU, sized to the cache; 64 elsewhere). With
-        ``impl="pallas"``: the steps between the kernel's state checkpoints, a power of two
-        (None: 16). Ignored by ``"associative"``.
+        ``impl="pallas"``: the steps between the kernels' state checkpoints, unrolled in the
+        kernels, a power of two (None: 16; above 32 taken as 32). Ignored by ``"associative"``.
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`), or
         None. The state is zero before each document start's update (its decay
         exp(delta A) is taken as 0, exact for this multiplicative recurrence; it gets zero

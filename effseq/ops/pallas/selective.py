@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from effseq.ops.pallas import _common
 from effseq.typing import Array
 
-__all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "selective_scan_pallas"]
+__all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "MAX_CHUNK", "selective_scan_pallas"]
 
 # Steps per chunk (unrolled in the kernels; the backward keeps c + 1 states of the tile live)
 # and channels per program. Not yet tuned on a GPU (issue 19): with chunks of 16, a (32, 16)
@@ -63,6 +63,10 @@ __all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "selective_scan_pallas"]
 # backward pass.
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 32
+# Longer chunks are taken as this long: every step of a chunk is unrolled and the backward
+# keeps the chunk's c + 1 states in registers, so c = 64 or 128 (sizes that suit the XLA
+# chunked path) would spill them (33 states of a (32, 16) tile are already 132 registers).
+MAX_CHUNK = 32
 
 _OP = "selective_scan"
 
@@ -298,8 +302,8 @@ def selective_scan_pallas(
         bfloat16; upcast to float32 in the kernel).
       A: (d, n); B, C: (b, t, n) (own dtype); D: (d,) or None; h0: (b, d, n).
       chunk_size: steps between the forward pass's state checkpoints, unrolled in both kernels;
-        a power of two (default :data:`DEFAULT_CHUNK`, cut to the power of two >= t when t is
-        shorter).
+        a power of two (default :data:`DEFAULT_CHUNK`; above :data:`MAX_CHUNK` taken as
+        :data:`MAX_CHUNK`; cut to the power of two >= t when t is shorter).
       block_d: channels per program, a power of two (default :data:`DEFAULT_BLOCK_D`, cut to
         the power of two >= d when d is smaller).
       keep: (b, t) float32, 0 where a document starts (its decay becomes 0), or None.
@@ -315,7 +319,7 @@ def selective_scan_pallas(
     if block_d is None:
         block_d = DEFAULT_BLOCK_D
     _common.check_tile(_OP, "block_d", block_d, dot_dim=False)
-    chunk = min(chunk_size, _next_power_of_two(t))
+    chunk = min(chunk_size, MAX_CHUNK, _next_power_of_two(t))
     block_d = min(block_d, _next_power_of_two(d))
     n_pad = _next_power_of_two(n) - n
 

@@ -139,14 +139,18 @@ def test_bad_block_d_raises():
         selective_scan_pallas(u, delta, A, B, C, D, h0, block_d=24)
 
 
-def test_lowers_for_gpu():
+@pytest.mark.parametrize("chunk_size", [None, 128])
+def test_lowers_for_gpu(chunk_size):
     # Forward and gradient (both kernels) lower through Triton for the cuda platform, in bf16
-    # and with packed rows (the decay-zeroing load), at the default chunk and channel tile.
+    # and with packed rows (the decay-zeroing load), at the default chunk and channel tile, and
+    # with a chunk above MAX_CHUNK (taken as 32: the longest unrolled chunk).
     u, delta, A, B, C, D, h0 = _inputs(37, "bfloat16")
     seg = packed_ids()
 
     def fwd(u, delta, A, B, C, D, h0):
-        return selective_scan(u, delta, A, B, C, D, h0=h0, impl="pallas", segment_ids=seg)
+        return selective_scan(
+            u, delta, A, B, C, D, h0=h0, impl="pallas", segment_ids=seg, chunk_size=chunk_size
+        )
 
     def loss(*args):
         y, h_last = fwd(*args)
