@@ -32,6 +32,9 @@ Forms of the same maths:
   S_0 from chunk to chunk with three small matmuls. Every decay Gamma_t / Gamma_s (s <= t) is
   exp of a non-positive sum of log gates, formed in log space with the rounding of the running
   sums compensated, so gates down to exp(-20) per step neither overflow nor lose accuracy.
+* ``impl="pallas"``: the same chunked form with the loop over chunks (and its backward) as
+  Pallas kernels, Triton on NVIDIA GPUs, interpret mode on a CPU
+  (:mod:`effseq.ops.pallas.delta`); per-head and per-key-channel gates, no packed rows.
 
 Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
 start the state is zeroed before the step's own update. The reference and the recurrent form
@@ -239,8 +242,8 @@ def gated_delta_rule(
       chunk_size: chunk length c of the chunked form: t is padded to a multiple of c with steps
         that leave the state unchanged (a sequence shorter than c runs as one chunk of length
         t). Ignored by ``"recurrent"``.
-      impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (the Pallas kernel of
-        :mod:`effseq.ops.pallas.delta`: one gate per head, no ``segment_ids``); None picks
+      impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (the Pallas kernels of
+        :mod:`effseq.ops.pallas.delta`, forward and backward; no ``segment_ids``); None picks
         the default (see ``ops._impl``).
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
         state is zeroed where a new document starts; ``h0`` belongs to each row's first

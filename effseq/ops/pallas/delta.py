@@ -2,14 +2,17 @@
 
 The maths is :mod:`effseq.ops.delta_rule`'s chunked WY/UT form (Yang et al. 2024,
 arXiv:2406.06484, section 3; with gates, Yang, Kautz & Hatamizadeh 2025, arXiv:2412.06464,
-section 3.3), row-vector convention, one gate G_t = exp(log_g_t) per head. Within a chunk of c
-steps entered with the state S_0 (k x v), with Gamma_t = G_1 ... G_t and q already scaled:
+section 3.3), row-vector convention, with gates G_t = exp(log_g_t) one per head (Gated
+DeltaNet) or one per key channel (KDA, Kimi Team 2025, arXiv:2510.26692). Within a chunk of c
+steps entered with the state S_0 (k x v), with Gamma_t = G_1 ... G_t (a scalar or a k-vector,
+products and quotients of which act per key channel) and q already scaled:
 
-    A[s, r] = beta_s (k_s . k_r) Gamma_s / Gamma_r   (r < s), T = (I + A)^-1   the UT transform
+    A[s, r] = beta_s sum_i k_s[i] k_r[i] Gamma_s[i] / Gamma_r[i]   (r < s)
+    T = (I + A)^-1                                 the UT transform
     W = T diag(beta) (K * Gamma),  U0 = T diag(beta) V
-    U = U0 - W S_0                                   the corrections u_s = beta_s (v_s - k_s S'_s)
-    O = (Q * Gamma) S_0 + P U,     P[t, s] = (q_t . k_s) Gamma_t / Gamma_s   (s <= t)
-    S_c = Gamma_c S_0 + (K * Gamma_c / Gamma)^T U
+    U = U0 - W S_0                                 the corrections u_s = beta_s (v_s - k_s S'_s)
+    O = (Q * Gamma) S_0 + P U,     P[t, s] = sum_i q_t[i] k_s[i] Gamma_t[i] / Gamma_s[i] (s <= t)
+    S_c = diag(Gamma_c) S_0 + (K * Gamma_c / Gamma)^T U
 
 Split between XLA and Pallas (forward):
 
@@ -18,27 +21,30 @@ Split between XLA and Pallas (forward):
   inverse T (``delta_rule._unit_lower_inverse``: blockwise doubling, log2(c) rounds of
   batched matmuls; a c-row forward substitution inside a Triton kernel would need a masked
   update of the whole (c, c) tile per row, and T is state-independent, so it stays with the
-  other all-chunks-at-once work).
+  other all-chunks-at-once work). With per-key-channel gates also P: its (c, c, k) decay
+  tensor does not fit a kernel's registers, so it is formed here like A and passed in.
 * Pallas, one kernel (``_forward_kernel``), the fla-style "fused chunk" form: grid over
   (batch, head, value tiles of width ``block_v``), all independent; inside, a
   ``lax.fori_loop`` over the chunks carries S (k x block_v, float32) and per chunk forms W,
-  U0, U, P (q k^T times the masked decays, exp of compensated log-gate differences, -inf
-  above the diagonal so nothing overflows), writes O and updates S. One kernel rather than
-  two (chunk states, then outputs): the state never leaves the chip, each input is read once
-  per value tile, and W and P, recomputed per value tile, are O(c^2 k) per chunk against the
-  O(c k v) of the state products, a small share at the usual k = v.
+  U0, U, with per-head gates also P (q k^T times the masked decays, exp of compensated
+  log-gate differences, -inf above the diagonal so nothing overflows), writes O and updates
+  S. One kernel rather than two (chunk states, then outputs): the state never leaves the
+  chip, each input is read once per value tile, and W and P, recomputed per value tile, are
+  O(c^2 k) per chunk against the O(c k v) of the state products, a small share at the usual
+  k = v.
 
 Backward: Pallas for the chunk loop, autodiff for the XLA terms. The kernel is a
 ``jax.custom_vjp``: its forward also saves the state entering every chunk ((b, h, n k, v)
 float32, as fla's chunked kernels do), and a second kernel (``_backward_kernel``, same grid)
 walks the chunks in reverse carrying dL/dS in float32, recomputes each chunk's W, U and P and
-forms the gradients of the scaled query, k, v, beta, the running log gates, T and h0 (the
-formulas are in its docstring; the gradients other than dv and dh0 sum over the value axis,
-so each value tile writes its share and XLA adds the shares). JAX's autodiff then takes dT
-and the log-gate gradient back through the XLA terms (the UT transform's inverse, A, the
-running sums) to k, beta and log_g, as it does for the XLA chunked path.
-``BACKWARD = "xla"`` switches to the first version, which recomputes the whole backward
-through the XLA chunked path (``jax.vjp`` of ``delta_rule._chunked``), kept as a cross-check.
+forms the gradients of the scaled query, k, v, beta, the running log gates, T and h0, and per
+key channel of P (the formulas are in its docstring; the gradients other than dv and dh0 sum
+over the value axis, so each value tile writes its share and XLA adds the shares). JAX's
+autodiff then takes dT, dP and the log-gate gradient back through the XLA terms (the UT
+transform's inverse, A, P, the running sums) to q, k, beta and log_g, as it does for the XLA
+chunked path. ``BACKWARD = "xla"`` switches to the first version, which recomputes the whole
+backward through the XLA chunked path (``jax.vjp`` of ``delta_rule._chunked``), kept as a
+cross-check.
 
 Dtypes: q, k, v reach the kernel in their own dtype (q k^T, the one product of inputs alone,
 runs on bf16 operands as they are); gates, beta, T and the state are float32, products
@@ -51,10 +57,11 @@ widths up to powers of two >= 16 with zero columns of q, k, v and h0 (a zero key
 neither reads nor writes the state, whose extra rows stay 0; a zero value column stays 0 in
 U and S), sliced off after.
 
-Limits: one gate per head only. Per-key-channel gates (KDA) would need the (c, c, k) decay
-tensor of P inside the kernel; ``impl="pallas"`` refuses them with a ValueError (use
-``"chunked"``). Packed rows (``segment_ids``) are refused too (``"chunked"`` and
-``"recurrent"`` support them).
+Limits: packed rows (``segment_ids``) are refused with a ValueError (``"chunked"`` and
+``"recurrent"`` support them). Not yet measured on a GPU (no GPU was at hand when this was
+written): ``BLOCK_V`` and the Triton warp count are unmeasured defaults; the backward kernel
+keeps about a dozen (c, k) / (c, c) float32 tiles live per chunk, which at c = 64,
+k = v = 128 may want ``chunk_size=32`` or a smaller ``BLOCK_V``.
 """
 
 from __future__ import annotations
@@ -81,63 +88,79 @@ def _next_pow2(n: int, least: int = _common.MIN_DOT) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-def _chunk(refs, i, c: int):
+def _chunk(refs, i, c: int, per_channel: bool):
     """Chunk ``i``'s inputs and the state-independent quantities built from them, float32.
 
-    Returns a dict: q, k (as stored), kf (k in float32), v (float32), beta, F = Gamma_t,
-    E = Gamma_c / Gamma_t (c,), gc = Gamma_c (1,), X = diag(beta) (K * Gamma), Y = diag(beta) V,
-    T (c, c), D[t, s] = Gamma_t / Gamma_s for s <= t else 0 (c, c).
+    Returns a dict: q, k (as stored), kf (k in float32), v (float32), beta (c,), T (c, c);
+    F = Gamma_t and E = Gamma_c / Gamma_t as (c, 1) per head or (c, kp) per key channel, gc =
+    Gamma_c as a column (1, 1) or (kp, 1) that scales the state's rows, X = diag(beta) (K *
+    Gamma), Y = diag(beta) V; per head also D[t, s] = Gamma_t / Gamma_s for s <= t else 0
+    (c, c), per key channel instead P, the XLA-formed (c, c) read-out matrix.
     """
-    q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs
+    q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs[:7]
     f32 = jnp.float32
     span = pl.ds(pl.multiple_of(i * c, c), c)
     end = pl.ds(i * c + c - 1, 1)
-    pre, lo = pre_ref[span], lo_ref[span]
-    pre_end, lo_end = pre_ref[end], lo_ref[end]  # (1,)
     beta = beta_ref[span]
     x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], beta=beta, span=span)
     x["kf"] = x["k"].astype(f32)
     x["v"] = v_ref[span, :].astype(f32)
+    if per_channel:
+        pre, lo = pre_ref[span, :], lo_ref[span, :]  # (c, kp)
+        pre_end, lo_end = pre_ref[end, :], lo_ref[end, :]  # (1, kp)
+        x["P"] = refs[7][span, :]
+    else:
+        pre, lo = pre_ref[span][:, None], lo_ref[span][:, None]  # (c, 1)
+        pre_end, lo_end = pre_ref[end][:, None], lo_ref[end][:, None]  # (1, 1)
     x["F"] = jnp.exp(pre + lo)
     x["E"] = jnp.exp((pre_end - pre) + (lo_end - lo))
-    x["gc"] = jnp.exp(pre_end + lo_end)
-    x["X"] = (beta * x["F"])[:, None] * x["kf"]
+    x["gc"] = jnp.transpose(jnp.exp(pre_end + lo_end))
+    x["X"] = beta[:, None] * x["F"] * x["kf"]
     x["Y"] = beta[:, None] * x["v"]
-    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    expo = (pre[:, None] - pre[None, :]) + (lo[:, None] - lo[None, :])
-    # -inf above the diagonal before the exp: those entries are exactly 0, nothing overflows.
-    x["D"] = jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
+    if not per_channel:
+        rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+        expo = (pre - jnp.transpose(pre)) + (lo - jnp.transpose(lo))
+        # -inf above the diagonal before the exp: those entries are exactly 0, no overflow.
+        x["D"] = jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
     return x
 
 
-def _forward_kernel(*refs, c: int, n: int, kp: int, save_states: bool):
+def _read_out(x, scale):
+    """The chunk's (c, c) read-out matrix P (scale included)."""
+    if "P" in x:
+        return x["P"]
+    return _common.dot(x["q"], x["k"], trans_b=True) * (x["D"] * scale[:, None])
+
+
+def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_states: bool):
     """One (batch, head, value tile): the chunks in order, the state carried in float32.
 
-    Refs: q, k (tp, kp), v (tp, bv), beta, pre, lo (tp,), T (tp, c) (row t of chunk i holds
-    row t of that chunk's T), h0 (kp, bv), scale (1,); out o (tp, bv), S_last (kp, bv) and,
-    with ``save_states``, the state entering every chunk (n kp, bv) for the backward.
+    Refs: q, k (tp, kp), v (tp, bv), beta (tp,), pre, lo (tp,) per head or (tp, kp) per key
+    channel, T (tp, c) (row t of chunk i holds row t of that chunk's T), per key channel P
+    (tp, c) likewise, h0 (kp, bv), scale (1,); out o (tp, bv), S_last (kp, bv) and, with
+    ``save_states``, the state entering every chunk (n kp, bv) for the backward.
     """
-    inputs, (h0_ref, scale_ref), outs = refs[:7], refs[7:9], refs[9:]
+    nin = 8 if per_channel else 7
+    inputs, (h0_ref, scale_ref), outs = refs[:nin], refs[nin : nin + 2], refs[nin + 2 :]
     o_ref, s_ref = outs[:2]
     scale = scale_ref[...]  # (1,), broadcasts
 
     def body(i, S):
-        x = _chunk(inputs, i, c)
+        x = _chunk(inputs, i, c, per_channel)
         if save_states:
             outs[2][pl.ds(pl.multiple_of(i * kp, kp), kp), :] = S
         W = _common.dot(x["T"], x["X"])  # (c, kp)
         U = _common.dot(x["T"], x["Y"]) - _common.dot(W, S)  # (c, bv): the corrections
-        P = _common.dot(x["q"], x["k"], trans_b=True) * (x["D"] * scale[:, None])
-        Qg = x["q"].astype(jnp.float32) * (x["F"] * scale)[:, None]
-        o = _common.dot(Qg, S) + _common.dot(P, U)
+        Qg = x["q"].astype(jnp.float32) * x["F"] * scale[:, None]
+        o = _common.dot(Qg, S) + _common.dot(_read_out(x, scale), U)
         o_ref[x["span"], :] = o.astype(o_ref.dtype)
-        return x["gc"][:, None] * S + _common.dot(x["kf"] * x["E"][:, None], U, trans_a=True)
+        return x["gc"] * S + _common.dot(x["kf"] * x["E"], U, trans_a=True)
 
     s_ref[...] = lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
 
 
-def _backward_kernel(*refs, c: int, n: int, kp: int):
+def _backward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool):
     """One (batch, head, value tile): the chunks in reverse, carrying dL/dS in float32.
 
     Per chunk, with S the saved state entering it, the forward's W, U, P, Qg recomputed and
@@ -148,74 +171,79 @@ def _backward_kernel(*refs, c: int, n: int, kp: int):
         dT = dW X^T + dU Y^T, dX = T^T dW, dY = T^T dU
 
     and from those the gradients of the scaled query, k, v, beta, the running log gates
-    (Gamma = exp of them) and T. Every one but dv and dh0 sums over the value axis, so this
-    tile's share is written and the wrapper adds the tiles up.
+    (Gamma = exp of them) and T; per head P = (q~ k^T) * D is differentiated here too, per
+    key channel dP is returned for XLA. Every gradient but dv and dh0 sums over the value
+    axis, so this tile's share is written and the wrapper adds the tiles up.
 
-    Refs: the forward's seven inputs, scale (1,), states (n kp, bv), dO (tp, bv),
-    dS_last (kp, bv); out dq~, dk (tp, kp), dv (tp, bv), dbeta, dgamma (tp,), dT (tp, c),
-    dh0 (kp, bv).
+    Refs: the forward's inputs, scale (1,), states (n kp, bv), dO (tp, bv), dS_last (kp, bv);
+    out dq~, dk (tp, kp), dv (tp, bv), dbeta (tp,), dgamma (tp,) or (tp, kp), dT (tp, c),
+    dh0 (kp, bv), and per key channel dP (tp, c).
     """
     f32 = jnp.float32
-    inputs, (scale_ref, st_ref, do_ref, ds_ref) = refs[:7], refs[7:11]
-    dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref, dh0_ref = refs[11:]
+    nin = 8 if per_channel else 7
+    inputs, (scale_ref, st_ref, do_ref, ds_ref) = refs[:nin], refs[nin : nin + 4]
+    dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref, dh0_ref = refs[nin + 4 : nin + 11]
     scale = scale_ref[...]
-    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+    last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
 
     def body(j, dS):
         i = n - 1 - j
-        x = _chunk(inputs, i, c)
-        span, T, kf, F, E = x["span"], x["T"], x["kf"], x["F"], x["E"]
+        x = _chunk(inputs, i, c, per_channel)
+        span, T, kf, F, E, X = x["span"], x["T"], x["kf"], x["F"], x["E"], x["X"]
         S = st_ref[pl.ds(pl.multiple_of(i * kp, kp), kp), :]
         dO = do_ref[span, :].astype(f32)
         qs = x["q"].astype(f32) * scale[:, None]  # q~ = scale q
-        W = _common.dot(T, x["X"])
+        W = _common.dot(T, X)
         U = _common.dot(T, x["Y"]) - _common.dot(W, S)
-        P = _common.dot(x["q"], x["k"], trans_b=True) * (x["D"] * scale[:, None])
-        Qg = qs * F[:, None]
-        KE = kf * E[:, None]
+        P = _read_out(x, scale)
+        Qg = qs * F
+        KE = kf * E
         dU = _common.dot(P, dO, trans_a=True) + _common.dot(KE, dS)
         dQg = _common.dot(dO, S, trans_b=True)
         dP = _common.dot(dO, U, trans_b=True)
         dKE = _common.dot(U, dS, trans_b=True)
         dW = -_common.dot(dU, S, trans_b=True)
-        dt_ref[span, :] = _common.dot(dW, x["X"], trans_b=True) + _common.dot(
-            dU, x["Y"], trans_b=True
-        )
+        dt_ref[span, :] = _common.dot(dW, X, trans_b=True) + _common.dot(dU, x["Y"], trans_b=True)
         dX = _common.dot(T, dW, trans_a=True)
         dY = _common.dot(T, dU, trans_a=True)
-        dPD = dP * x["D"]
-        dq_ref[span, :] = _common.dot(dPD, kf) + dQg * F[:, None]
-        dk_ref[span, :] = (
-            _common.dot(dPD, qs, trans_a=True) + dKE * E[:, None] + dX * (x["beta"] * F)[:, None]
-        )
+        dq = dQg * F
+        dk = dKE * E + dX * (x["beta"][:, None] * F)
         dv_ref[span, :] = (x["beta"][:, None] * dY).astype(dv_ref.dtype)
-        dbeta_ref[span] = jnp.sum(dX * kf, axis=1) * F + jnp.sum(dY * x["v"], axis=1)
-        M = dP * P
-        to_end = jnp.sum(dKE * KE, axis=1)
-        at_end = jnp.sum(to_end) + jnp.sum(S * dS) * x["gc"]  # (1,)
-        dgamma_ref[span] = (
-            jnp.sum(M, axis=1)
-            - jnp.sum(M, axis=0)
-            + jnp.sum(dQg * Qg, axis=1)
-            - to_end
-            + jnp.sum(dX * x["X"], axis=1)
-            + jnp.where(last, at_end, 0.0)
-        )
-        return (
-            _common.dot(Qg, dO, trans_a=True)
-            + x["gc"][:, None] * dS
-            - _common.dot(W, dU, trans_a=True)
-        )
+        dbeta_ref[span] = jnp.sum(dX * kf * F, axis=1) + jnp.sum(dY * x["v"], axis=1)
+        # The running log gates: through Qg, K * E, X, Gamma_c (and D per head).
+        through_end = dKE * KE
+        state_end = jnp.sum(S * dS, axis=1, keepdims=True) * x["gc"]  # (kp, 1)
+        if per_channel:
+            refs[nin + 11][span, :] = dP
+            at_end = jnp.sum(through_end, axis=0, keepdims=True) + jnp.transpose(state_end)
+            dgamma_ref[span, :] = dQg * Qg - through_end + dX * X + jnp.where(last, at_end, 0.0)
+        else:
+            dPD = dP * x["D"]
+            dq = dq + _common.dot(dPD, kf)
+            dk = dk + _common.dot(dPD, qs, trans_a=True)
+            M = dP * P
+            at_end = jnp.sum(through_end) + jnp.sum(state_end)
+            dgamma_ref[span] = (
+                jnp.sum(M, axis=1)
+                - jnp.sum(M, axis=0)
+                + jnp.sum(dQg * Qg - through_end + dX * X, axis=1)
+                + jnp.where(last[:, 0], at_end, 0.0)
+            )
+        dq_ref[span, :] = dq
+        dk_ref[span, :] = dk
+        return _common.dot(Qg, dO, trans_a=True) + x["gc"] * dS - _common.dot(W, dU, trans_a=True)
 
     dh0_ref[...] = lax.fori_loop(0, n, body, ds_ref[...].astype(f32))
 
 
 class _Layout:
-    """Block specs of the (b, h, value tile) grid for padded shapes; static."""
+    """Grid and block specs for padded shapes; static (a ``custom_vjp`` non-diff argument)."""
 
-    def __init__(self, b: int, h: int, tp: int, c: int, kp: int, vp: int, bv: int):
+    def __init__(self, b, h, tp, c, kp, vp, bv, per_channel):
         self.b, self.h, self.tp, self.c, self.kp, self.vp, self.bv = b, h, tp, c, kp, vp, bv
+        self.per_channel = per_channel
         self.n = tp // c
+        self.nin = 8 if per_channel else 7  # kernel inputs before h0 / scale
         self.grid = (b, h, vp // bv)
 
     def seq(self, width: int, tiled: bool = False):  # (b, tp, h, width)
@@ -225,6 +253,9 @@ class _Layout:
 
     def step(self):  # (b, tp, h)
         return pl.BlockSpec((None, self.tp, None), lambda b, h, v: (b, 0, h))
+
+    def gates(self):  # (b, tp, h) or (b, tp, h, kp)
+        return self.seq(self.kp) if self.per_channel else self.step()
 
     def state(self, rows: int):  # (b, h, rows, vp)
         return pl.BlockSpec((None, None, rows, self.bv), lambda b, h, v: (b, h, 0, v))
@@ -238,22 +269,19 @@ class _Layout:
         return pl.BlockSpec((None, None, self.tp, None, width), lambda b, h, v: (v, b, 0, h, 0))
 
     def inputs(self):
-        return [
-            self.seq(self.kp),
-            self.seq(self.kp),
-            self.seq(self.bv, tiled=True),
-            self.step(),
-            self.step(),
-            self.step(),
-            self.seq(self.c),
-        ]
+        specs = [self.seq(self.kp), self.seq(self.kp), self.seq(self.bv, tiled=True)]
+        specs += [self.step(), self.gates(), self.gates(), self.seq(self.c)]
+        return specs + [self.seq(self.c)] if self.per_channel else specs
+
+    def kwargs(self):
+        return dict(c=self.c, n=self.n, kp=self.kp, per_channel=self.per_channel)
 
 
-def _forward_call(lay: _Layout, q, k, v, beta, pre, lo, T, h0, scale, *, save_states: bool):
+def _forward_call(lay: _Layout, inputs, h0, scale, *, save_states: bool):
     f32 = jnp.float32
     b, h, tp, kp, vp = lay.b, lay.h, lay.tp, lay.kp, lay.vp
     out_shape = [
-        jax.ShapeDtypeStruct((b, tp, h, vp), q.dtype),
+        jax.ShapeDtypeStruct((b, tp, h, vp), inputs[0].dtype),
         jax.ShapeDtypeStruct((b, h, kp, vp), f32),
     ]
     out_specs = [lay.seq(lay.bv, tiled=True), lay.state(kp)]
@@ -261,44 +289,52 @@ def _forward_call(lay: _Layout, q, k, v, beta, pre, lo, T, h0, scale, *, save_st
         out_shape.append(jax.ShapeDtypeStruct((b, h, lay.n * kp, vp), f32))
         out_specs.append(lay.state(lay.n * kp))
     return _common.call(
-        functools.partial(_forward_kernel, c=lay.c, n=lay.n, kp=kp, save_states=save_states),
+        functools.partial(_forward_kernel, save_states=save_states, **lay.kwargs()),
         out_shape=tuple(out_shape),
         grid=lay.grid,
         in_specs=[*lay.inputs(), lay.state(kp), lay.scalar()],
         out_specs=tuple(out_specs),
         name="gated_delta_rule_fwd",
-    )(q, k, v, beta, pre, lo, T, h0, scale)
+    )(*inputs, h0, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel(lay: _Layout, q, k, v, beta, pre, lo, T, h0, scale):
-    """The chunk loop on padded inputs: (o (b, tp, h, vp), S_last (b, h, kp, vp))."""
-    return tuple(_forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=False))
+def _kernel(lay: _Layout, inputs, h0, scale):
+    """The chunk loop on padded inputs (q, k, v, beta, pre, lo, T[, P]): (o (b, tp, h, vp),
+    S_last (b, h, kp, vp))."""
+    return tuple(_forward_call(lay, inputs, h0, scale, save_states=False))
 
 
-def _kernel_fwd(lay, q, k, v, beta, pre, lo, T, h0, scale):
-    o, S, states = _forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=True)
-    return (o, S), (q, k, v, beta, pre, lo, T, scale, states)
+def _kernel_fwd(lay, inputs, h0, scale):
+    o, S, states = _forward_call(lay, inputs, h0, scale, save_states=True)
+    return (o, S), (inputs, scale, states)
 
 
 def _kernel_bwd(lay, residuals, cotangents):
-    q, k, v, beta, pre, lo, T, scale, states = residuals
+    inputs, scale, states = residuals
+    q, k, v = inputs[:3]
     dO, dS = cotangents
     f32 = jnp.float32
-    b, h, tp, kp, vp = lay.b, lay.h, lay.tp, lay.kp, lay.vp
-    nv = lay.grid[2]
-    shares = lambda *shape: jax.ShapeDtypeStruct((nv, b, tp, h, *shape), f32)  # noqa: E731
-    dq, dk, dv, dbeta, dgamma, dT, dh0 = _common.call(
-        functools.partial(_backward_kernel, c=lay.c, n=lay.n, kp=kp),
-        out_shape=(
-            shares(kp),
-            shares(kp),
-            jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype),
-            shares(),
-            shares(),
-            shares(lay.c),
-            jax.ShapeDtypeStruct((b, h, kp, vp), f32),
-        ),
+    b, h, tp, kp, vp, c = lay.b, lay.h, lay.tp, lay.kp, lay.vp, lay.c
+    shares = lambda *shape: jax.ShapeDtypeStruct((lay.grid[2], b, tp, h, *shape), f32)  # noqa: E731
+    gate_width = kp if lay.per_channel else None
+    out_shape = [
+        shares(kp),
+        shares(kp),
+        jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype),
+        shares(),
+        shares(*([gate_width] if lay.per_channel else [])),
+        shares(c),
+        jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+    ]
+    out_specs = [lay.share(kp), lay.share(kp), lay.seq(lay.bv, tiled=True), lay.share(None)]
+    out_specs += [lay.share(gate_width), lay.share(c), lay.state(kp)]
+    if lay.per_channel:
+        out_shape.append(shares(c))
+        out_specs.append(lay.share(c))
+    grads = _common.call(
+        functools.partial(_backward_kernel, **lay.kwargs()),
+        out_shape=tuple(out_shape),
         grid=lay.grid,
         in_specs=[
             *lay.inputs(),
@@ -307,31 +343,18 @@ def _kernel_bwd(lay, residuals, cotangents):
             lay.seq(lay.bv, tiled=True),
             lay.state(kp),
         ],
-        out_specs=(
-            lay.share(kp),
-            lay.share(kp),
-            lay.seq(lay.bv, tiled=True),
-            lay.share(None),
-            lay.share(None),
-            lay.share(lay.c),
-            lay.state(kp),
-        ),
+        out_specs=tuple(out_specs),
         name="gated_delta_rule_bwd",
-    )(q, k, v, beta, pre, lo, T, scale, states, dO, dS)
+    )(*inputs, scale, states, dO, dS)
+    dq, dk, dv, dbeta, dgamma, dT, dh0 = grads[:7]
     dq = dq.sum(0)  # the gradient of the scaled query q~ = scale q
     dscale = jnp.sum(dq * q.astype(f32)).reshape(1)
     dgamma = dgamma.sum(0)  # o and S depend on pre + lo only
-    return (
-        (dq * scale).astype(q.dtype),
-        dk.sum(0).astype(k.dtype),
-        dv,
-        dbeta.sum(0),
-        dgamma,
-        dgamma,
-        dT.sum(0),
-        dh0,
-        dscale,
-    )
+    d_inputs = [(dq * scale).astype(q.dtype), dk.sum(0).astype(k.dtype), dv, dbeta.sum(0)]
+    d_inputs += [dgamma, dgamma, dT.sum(0)]
+    if lay.per_channel:
+        d_inputs.append(grads[7].sum(0))
+    return tuple(d_inputs), dh0, dscale
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
@@ -349,33 +372,42 @@ def _forward(q, k, v, log_g, beta, h0, scale, *, chunk_size: int, block_v: int):
     f32 = jnp.float32
     b, t, h, dk = q.shape
     dv = v.shape[-1]
+    per_channel = log_g.ndim == 4
     c = min(chunk_size, _next_pow2(t))
     n = -(-t // c)
     tp = n * c
     kp, vp = _next_pow2(dk), _next_pow2(dv)
-    lay = _Layout(b, h, tp, c, kp, vp, min(block_v, vp))
+    lay = _Layout(b, h, tp, c, kp, vp, min(block_v, vp), per_channel)
 
     q = _common.pad_axis(_common.pad_axis(q, 1, c), 3, kp)
     k = _common.pad_axis(_common.pad_axis(k, 1, c), 3, kp)
     v = _common.pad_axis(_common.pad_axis(v, 1, c), 3, vp)
     g = _common.pad_axis(log_g.astype(f32), 1, c)
+    g = _common.pad_axis(g, 3, kp) if per_channel else g[..., None]  # (b, tp, h, kp or 1)
     beta = _common.pad_axis(beta.astype(f32), 1, c)
     h0 = _common.pad_axis(_common.pad_axis(h0.astype(f32), 2, kp), 3, vp)
+    scale = jnp.reshape(jnp.asarray(scale, f32), (1,))
 
-    # XLA: compensated running log gates per chunk, A and T = (I + A)^-1, for all chunks.
+    # XLA: compensated running log gates per chunk, A and T = (I + A)^-1 (and per key channel
+    # P), for all chunks at once.
     chunked = lambda x: jnp.moveaxis(x.reshape(b, n, c, h, *x.shape[3:]), 3, 2)  # noqa: E731
-    pre, lo = _cumulative_log_gates(chunked(g)[..., None])  # (b, n, h, c, 1)
+    unchunk = lambda x: jnp.moveaxis(x, 2, 3).reshape(b, tp, h, *x.shape[4:])  # noqa: E731
+    pre, lo = _cumulative_log_gates(chunked(g))  # (b, n, h, c, kp or 1)
     k_c = chunked(k.astype(f32))  # (b, n, h, c, kp)
     A = _decayed_products(chunked(beta)[..., None] * k_c, k_c, pre, lo, strict=True)
-    T = _unit_lower_inverse(A)  # (b, n, h, c, c)
-    unchunk = lambda x: jnp.moveaxis(x, 2, 3).reshape(b, tp, h, *x.shape[4:])  # noqa: E731
-    T = unchunk(T)  # (b, tp, h, c)
-    pre, lo = unchunk(pre[..., 0]), unchunk(lo[..., 0])  # (b, tp, h)
-    scale = jnp.reshape(jnp.asarray(scale, f32), (1,))
-    if BACKWARD == "xla":
-        o, S = _forward_call(lay, q, k, v, beta, pre, lo, T, h0, scale, save_states=False)
+    T = unchunk(_unit_lower_inverse(A))  # (b, tp, h, c)
+    extra = ()
+    if per_channel:
+        q_c = chunked(q.astype(f32)) * scale
+        extra = (unchunk(_decayed_products(q_c, k_c, pre, lo, strict=False)),)
+        pre, lo = unchunk(pre), unchunk(lo)  # (b, tp, h, kp)
     else:
-        o, S = _kernel(lay, q, k, v, beta, pre, lo, T, h0, scale)
+        pre, lo = unchunk(pre[..., 0]), unchunk(lo[..., 0])  # (b, tp, h)
+    inputs = (q, k, v, beta, pre, lo, T, *extra)
+    if BACKWARD == "xla":
+        o, S = _forward_call(lay, inputs, h0, scale, save_states=False)
+    else:
+        o, S = _kernel(lay, inputs, h0, scale)
     return o[:, :t, :, :dv], S[:, :, :dk, :dv]
 
 
@@ -388,7 +420,7 @@ def _xla(q, k, v, log_g, beta, h0, scale, *, chunk_size: int):
         q.astype(f32) * scale,
         k.astype(f32),
         v.astype(f32),
-        log_g.astype(f32)[..., None],
+        log_g.astype(f32) if log_g.ndim == 4 else log_g.astype(f32)[..., None],
         beta.astype(f32),
         h0.astype(f32),
         chunk_size=chunk_size,
@@ -426,12 +458,6 @@ def gated_delta_rule_pallas(
     block_v = BLOCK_V if block_v is None else block_v
     _common.check_tile(OP, "chunk_size", chunk_size)
     _common.check_tile(OP, "block_v", block_v)
-    if log_g.ndim != 3:
-        raise ValueError(
-            f"{OP}: impl='pallas' supports one gate per head (log_g of shape (b, t, h)); got "
-            f"log_g of shape {tuple(log_g.shape)}, one gate per key channel (KDA): use "
-            "impl='chunked' or 'recurrent' for those"
-        )
     scale = jnp.asarray(scale, jnp.float32)
     if BACKWARD == "xla":
         return _recompute_op(q, k, v, log_g, beta, h0, scale, chunk_size, block_v)

@@ -46,19 +46,21 @@ def _reference(q, k, v, log_g, beta, h0):
 
 
 @pytest.mark.parametrize(
-    "shape,chunk_size,gates,with_h0,block_v",
+    "shape,chunk_size,gates,per_channel,with_h0,block_v",
     [
         # A partial last chunk (t 37 = 2 chunks of 16 + 5), h0 given, one value tile.
-        ((2, 37, 2, 16, 32), 16, "realistic", True, 64),
+        ((2, 37, 2, 16, 32), 16, "realistic", False, True, 64),
         # Shorter than a chunk; k 12 and v 20 padded to 16 and 32; exp(-20) gates next to ~1;
         # no h0 (zeros); the value axis over two tiles of 16.
-        ((1, 10, 2, 12, 20), 16, "mixed", False, 16),
+        ((1, 10, 2, 12, 20), 16, "mixed", False, False, 16),
+        # KDA: one gate per key channel (P formed in XLA), exp(-20) next to ~1, t 21 = 16 + 5.
+        ((1, 21, 2, 16, 16), 16, "mixed", True, True, 64),
     ],
-    ids=["t37-c16-h0", "t10-padded-mixed-gates-no-h0-two-tiles"],
+    ids=["t37-c16-h0", "t10-padded-mixed-gates-no-h0-two-tiles", "kda-t21-mixed-gates"],
 )
-def test_matches_reference(monkeypatch, shape, chunk_size, gates, with_h0, block_v):
+def test_matches_reference(monkeypatch, shape, chunk_size, gates, per_channel, with_h0, block_v):
     monkeypatch.setattr(delta, "BLOCK_V", block_v)
-    args = _inputs(*shape, gates=gates)
+    args = _inputs(*shape, gates=gates, per_channel=per_channel)
     if with_h0:
         fast, reference, names = _pallas(chunk_size), _reference, NAMES
     else:
@@ -89,23 +91,22 @@ def test_clear_errors():
     for bad in (24, 8):
         with pytest.raises(ValueError, match="impl='pallas' needs chunk_size to be a power"):
             gated_delta_rule(q, k, v, log_g, beta, impl="pallas", chunk_size=bad)
-    kda = _inputs(1, 8, 2, 16, 16, per_channel=True)[3]
-    with pytest.raises(ValueError, match="impl='pallas' supports one gate per head"):
-        gated_delta_rule(q, k, v, kda, beta, impl="pallas")
 
 
-def test_lowers_for_gpu_through_triton():
-    q, k, v, log_g, beta, h0 = _inputs(1, 40, 2, 16, 32)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_lowers_for_gpu_through_triton(per_channel):
+    # Forward and backward kernels both appear as Triton calls in the gradient's lowering.
+    args = _inputs(1, 40, 2, 16, 32, per_channel=per_channel)
     fast = _pallas(16)
-    text = _common.lower_for_gpu(fast, q, k, v, log_g, beta, h0)
-    assert "__gpu$xla.gpu.triton" in text
+    text = _common.lower_for_gpu(fast, *args)
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "gated_delta_rule_fwd" in text
 
     def loss(*args):
         o, S = fast(*args)
         return o.sum() + S.sum()
 
-    text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), q, k, v, log_g, beta, h0)
-    assert "__gpu$xla.gpu.triton" in text
+    text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2 and "gated_delta_rule_bwd" in text
 
 
 @pytest.mark.slow
