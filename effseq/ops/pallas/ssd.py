@@ -250,10 +250,11 @@ def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = Fals
     ``keep_states`` the padded states entering each chunk (b, h, nc, pp, npad) float32."""
     f32 = jnp.float32
     d = _Dims(x, B, chunk_size)
+    y_dtype = x.dtype
     x, a, dt, B, C = _padded_inputs(d, x, dt, A, B, C)
     args = [x, a, dt, B, C] + ([] if D is None else [D.astype(f32)]) + [_pad_state(d, h0)]
     out_shape = [
-        jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), x.dtype),
+        jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), y_dtype),
         jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
     ]
     out_specs = [

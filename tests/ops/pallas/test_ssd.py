@@ -2,6 +2,8 @@
 against the step-by-step reference on values, final states and every input's gradient, its
 errors, its sequence-sharded form, and its lowering for a GPU through Triton."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -67,20 +69,23 @@ def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", **shape
     [
         # 3 chunks, the last partial; p = 8 padded to 16; both heads on one group.
         (37, 16, dict(p=8, g=1), True),
-        # t shorter than one chunk; n = 20 padded to 32; 4 heads on 2 groups; no D.
+        # t shorter than one chunk; n = 20 padded to 32; 4 heads on 2 groups; no D, no h0.
         (5, 64, dict(h=4, n=20, g=2), False),
     ],
 )
 def test_matches_reference(t, chunk_size, shape, with_D):
-    _check(t, chunk_size, with_D=with_D, **shape)
-
-
-def test_without_h0_matches_reference():
-    _check(20, 16, with_h0=False, g=2)
+    _check(t, chunk_size, with_D=with_D, with_h0=with_D, **shape)
 
 
 def test_bfloat16_matches_float32_reference():
     _check(37, 16, dtype="bfloat16", g=1)
+
+
+def test_mixed_input_dtypes_keep_x_dtype():
+    x, dt, A, B, C, D, h0 = _inputs(9, dtype=jnp.bfloat16)
+    fast = functools.partial(ssd, chunk_size=16, impl="pallas")
+    y, H = jax.eval_shape(fast, x, dt, A, B.astype(jnp.float32), C, D, h0=h0)
+    assert y.dtype == jnp.bfloat16 and H.dtype == jnp.float32
 
 
 def test_strong_decay_is_exact():
@@ -90,7 +95,7 @@ def test_strong_decay_is_exact():
 
 @pytest.mark.devices(2)
 def test_sequence_sharded_matches_unsharded():
-    x, dt, A, B, C, D, h0 = _inputs(32, p=8, g=1, seed=4)
+    x, dt, A, B, C, D, h0 = _inputs(32, b=1, p=8, g=1, seed=4)
     fast, _ = _fns(16)
     compare_sharded(fast, (x, dt, A, B, C, D, h0), 2)
 
@@ -109,8 +114,7 @@ def test_bad_chunk_size_raises(chunk_size):
         ssd(x, dt, A, B, C, D, impl="pallas", chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("with_D", [True, False])
+@pytest.mark.parametrize("dtype,with_D", [("float32", True), ("bfloat16", False)])
 def test_lowers_for_gpu_through_triton(dtype, with_D):
     x, dt, A, B, C, D, h0 = _inputs(37, h=4, p=8, n=20, g=2, dtype=jnp.dtype(dtype))
     args = (x, dt, A, B, C, D, h0) if with_D else (x, dt, A, B, C, h0)
