@@ -4,13 +4,17 @@ Gu & Dao 2023, Algorithm 2 / eq. (2a)-(2b), per channel d and state n:
 
     x_t = exp(delta_t A) ⊙ x_{t-1} + (delta_t u_t) B_t,      y_t = sum_n x_t ⊙ C_t + D ⊙ u_t.
 
-The recurrence is elementwise (no matrix products), so the kernels follow the form of Mamba's
-own CUDA kernel rather than a chunked-matmul one: each program owns one batch row and a tile of
-``block_d`` channels, keeps that tile's (block_d, n) float32 state in registers, and walks time
-sequentially, reading u, delta, B, C once and writing y once (memory-bound, no state ever goes
-to memory except the checkpoints below). The grid is parallel over (batch, channel tiles); time
-is a ``lax.fori_loop`` over chunks of ``chunk_size`` steps, each chunk statically unrolled so the
-per-step row loads do not wait on the state carried through the loop.
+Why this form. A is diagonal per (channel, state), so every (d, n) pair decays at its own rate
+and there is no matrix product to give the tensor cores: the chunked form of SSD or GLA (a
+decay-masked (c, c) matrix per chunk shared by a head) would need one such matrix per (d, n)
+pair. The kernels follow Mamba's own CUDA kernel instead: each program owns one batch row and a
+tile of ``block_d`` channels, keeps that tile's (block_d, n) float32 state in registers, and
+walks time sequentially, reading u, delta, B, C once (in their own dtype, float32 or bfloat16,
+upcast in the kernel) and writing y once; no state goes to memory except the checkpoints below.
+The grid is parallel over (batch, channel tiles), b·d/block_d programs; time is a
+``lax.fori_loop`` over chunks of ``chunk_size`` steps, each chunk statically unrolled so the
+per-step row loads do not wait on the state carried through the loop (only h = decay ⊙ h + input
+is). Nothing of it has been measured on a GPU yet (issue 19).
 
 Forward (Pallas, one kernel): y (in u's dtype, with the skip term D ⊙ u added in the kernel),
 the final state, and, when differentiated, the state at the start of every chunk (the
@@ -33,7 +37,8 @@ summed over the batch in the wrapper. Everything else of the backward is in the 
 goes through the XLA chunked path.
 
 Packed rows (``keep``, 0 at a document start): the start's decay is taken as 0, as the XLA paths
-do; the adjoint uses the same zeroed decays, so no gradient crosses a start.
+do; the adjoint uses the same zeroed decays, so no gradient crosses a start, and the start's
+decay gradient (g ⊙ decay ⊙ x_{t-1} above) is 0.
 
 Padding, all exact: channels are padded to a multiple of ``block_d`` and the state size n to a
 power of two (Triton's block shapes) with zeros. A padded channel has delta = u = A = D = 0 and
