@@ -18,8 +18,8 @@ Forms of the same maths:
   written by hand (``jax.custom_vjp``), so it supports reverse-mode autodiff only; forward mode
   (``jax.jvp``, ``jax.jacfwd``) needs ``impl="recurrent"``.
 * ``impl="pallas"``: the chunked form's forward as one Pallas kernel (Triton on NVIDIA GPUs,
-  interpret mode on a CPU), :mod:`effseq.ops.pallas.gla`; its backward recomputes through the
-  chunked form. Unpacked rows only; never a default (not yet measured on a GPU).
+  interpret mode on a CPU), :mod:`effseq.ops.pallas.gla`, with a Pallas backward kernel
+  (reverse-mode only). Unpacked rows only; never a default (not yet measured on a GPU).
 
 Packed sequences (``segment_ids``, the convention of :mod:`effseq.ops.segments`): at a document
 start the state is zeroed before the step's own update. The reference and the recurrent form
@@ -179,8 +179,9 @@ def gated_linear_attention(
         Ignored by ``"recurrent"``. ``"pallas"`` needs a power of two >= 16 and uses
         sub-chunks of 16.
       impl: ``"chunked"``, ``"recurrent"`` or ``"pallas"`` (the Pallas kernel of
-        :mod:`effseq.ops.pallas.gla`: forward in Pallas, backward through the chunked form;
-        no ``segment_ids``); None picks the default (see ``ops._impl``).
+        :mod:`effseq.ops.pallas.gla`: forward and backward kernels in Pallas, the gate
+        gradient's suffix sums in XLA; no ``segment_ids``); None picks the default (see
+        ``ops._impl``).
       segment_ids: (b, t) integer document ids of packed rows (:mod:`effseq.ops.segments`): the
         state is zeroed where a new document starts; ``h0`` belongs to each row's first
         document and ``S_last`` is its last one's. None: one document per row.

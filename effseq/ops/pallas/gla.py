@@ -9,10 +9,11 @@ Hardware-Efficient Training" (arXiv:2312.06635), eq. 3 in the row-vector convent
 (batch, head, tiles of the value dimension) and each program walks the chunks of its row in a
 ``lax.fori_loop``, carrying its (dk, bv) slice of the state in float32 (held transposed,
 (bv, dk), so that every gate multiplies along the lane axis). One kernel rather than two
-(chunk states, then outputs) because the state never leaves the program: no (n, dk, dv) array
-of chunk states goes through HBM, and the only sequential part, the state carry, is one
-(c, dk)^T (c, bv) product per chunk. The value tiles recompute the intra-chunk scores, which
-depend on q, k and the gates only: cheap next to the state traffic they save for dv <= 64.
+(chunk states, then outputs) because the state never leaves the program without a backward
+pass to feed (no (n, dk, dv) array of chunk states goes through HBM then), and the only
+sequential part, the state carry, is one (c, dk)^T (c, bv) product per chunk. The value tiles
+recompute the intra-chunk scores, which depend on q, k and the gates only: cheap next to the
+state traffic they save for dv <= 64.
 
 Per chunk of c steps, with Lambda_t the running sum of log gates from the chunk start
 (inclusive), split into sub-chunks of c2 = 16 steps (Triton's smallest dot dimension):
@@ -24,7 +25,8 @@ Per chunk of c steps, with Lambda_t the running sum of log gates from the chunk 
   <= 0, so o_i += [(q_i * exp(Lambda_i - Lambda_b)) (k * exp(Lambda_b - Lambda))^T] v is two
   matmuls (columns at or after sub-chunk i are masked to 0; they are c wide, a power of two);
 * inside a sub-chunk: A_ts = sum_d q_td k_sd exp(Lambda_td - Lambda_sd) for s <= t, formed
-  elementwise over a (c2, c2, dk) block with the exponent masked to -inf above the diagonal;
+  elementwise over (c2, c2, dkt) blocks of dkt <= 32 key channels, the exponent masked to
+  -inf above the diagonal;
 * state: S_out = diag(exp(Lambda_c)) S_in + (k * exp(Lambda_c - Lambda))^T v.
 
 Every ``exp`` has a non-positive argument, so gates of any strength are safe (exp(-20) per
@@ -49,15 +51,32 @@ is exact: zero key channels of q and k add nothing to any score or output and th
 stay 0 (h0 padded with zeros), zero value columns give zero output columns; both are sliced
 off.
 
-**Backward (XLA).** ``jax.custom_vjp``: the backward pass recomputes through the op's XLA
-chunked path (``jax.vjp`` of :func:`effseq.ops.gla._chunked`, whose own backward is
-hand-written): no part of the backward is Pallas yet. Gradients w.r.t. q, k, v, log_g, h0 and
-the scale.
+**Backward (Pallas, gate gradient in XLA).** ``jax.custom_vjp``. The forward kernel also
+writes the state entering each chunk and the final one, (n + 1, dv, dk) per (batch, head), as
+the residual (fla's "chunk" form keeps them likewise; recomputing them would cost a second
+sequential pass). A second kernel, on the same grid, walks the chunks in reverse carrying
+dS^T in float32: dS_in = diag(exp(Lambda_c)) dS_out + (q * exp(Lambda))^T dO, and per chunk
+
+* dq_t = exp(Lambda_t) * (dO_t S_in^T) + sum_{s <= t} (dO_t . v_s) k_s exp(Lambda_t - Lambda_s),
+* dk_s = exp(Lambda_c - Lambda_s) * (v_s dS_out^T) + sum_{t >= s} (dO_t . v_s) q_t
+  exp(Lambda_t - Lambda_s),
+* dv_s = (k_s exp(Lambda_c - Lambda_s)) dS_out + sum_{t >= s} A_ts dO_t,
+
+with the same factorisation of pairs of sub-chunks through a boundary step and (c2, c2, dkt)
+blocks inside sub-chunks, so again every exp argument is <= 0. dq and dk are partial sums per
+value tile; XLA adds them and forms the gate gradient in closed form (Yang et al. 2023,
+section 4): dLambda_r = q_r dq_r - k_r dk_r, plus rowsum(S_out * dS_out) (written by the
+kernel) at each chunk's last step, and dlog_g_r is the suffix sum of dLambda within the chunk.
+dh0 is dS_in of the first chunk. Gradients w.r.t. q, k, v, log_g, h0 and the scale.
+``BACKWARD = "xla"`` switches to recomputing through the op's XLA chunked path instead
+(``jax.vjp`` of :func:`effseq.ops.gla._chunked`; no Pallas in the backward then), a fallback
+checked by the tests too.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,11 +108,14 @@ def _kernel(
     h0_ref,
     o_ref,
     s_ref,
-    *,
+    *states_ref,
     n_chunks: int,
     c: int,
 ):
-    """One (batch, head, value tile): all chunks in order, the state carried as (bv, dk)."""
+    """One (batch, head, value tile): all chunks in order, the state carried as (bv, dk).
+
+    ``states_ref`` (for the backward pass, optional): (n + 1, bv, dk), the transposed state
+    entering each chunk and the final one."""
     f32 = jnp.float32
     scale = scale_ref[...].astype(f32)  # (1, 1)
     m = c // _SUB
@@ -105,6 +127,8 @@ def _kernel(
     causal = sub_t >= sub_s
 
     def chunk(n, st):
+        if states_ref:
+            states_ref[0][n] = st
         start = pl.multiple_of(n * c, c)
         whole = pl.ds(start, c)
         k_all = k_ref[whole, :].astype(f32)
@@ -151,6 +175,151 @@ def _kernel(
 
     st = jax.lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(f32).T)
     s_ref[...] = st.T
+    if states_ref:
+        states_ref[0][n_chunks] = st
+
+
+def _bwd_kernel(
+    scale_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    hi_ref,
+    lo_ref,
+    do_ref,
+    states_ref,
+    ds_ref,
+    dq_ref,
+    dk_ref,
+    dv_ref,
+    dh0_ref,
+    rt_ref,
+    *,
+    n_chunks: int,
+    c: int,
+):
+    """Backward of one (batch, head, value tile): chunks in reverse order, carrying dS^T.
+
+    Everything indexed by key channel is held in column blocks of dkt <= 32 (Python lists),
+    the intra-chunk terms in (c2, c2) blocks: pairs of sub-chunks (t in i, s in j < i) factor
+    through the last step before i, as in the forward. Pass B walks the key sub-chunks j
+    (dk_j, dv_j), pass A the query sub-chunks i (dq_i and the state gradient), so that only one
+    sub-chunk's accumulators are live at a time; the pair scores are recomputed in each."""
+    f32 = jnp.float32
+    scale = scale_ref[...].astype(f32)
+    m = c // _SUB
+    dk = q_ref.shape[-1]
+    dkt = min(dk, _DIAG_K)
+    cols = [pl.ds(j * dkt, dkt) for j in range(dk // dkt)]
+    sub_t = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 0)
+    sub_s = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 1)
+    causal = sub_t >= sub_s
+
+    def blocks(ref, rows, mul=None):
+        out = [ref[rows, col].astype(f32) for col in cols]
+        return out if mul is None else [x * mul for x in out]
+
+    def decays(hi, lo):
+        """(c2, c2, dkt) exp(Lambda_t - Lambda_s) for s <= t inside a sub-chunk, else 0."""
+        expo = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])
+        return jnp.exp(jnp.where(causal, expo, -jnp.inf))
+
+    def chunk(r, dst):
+        n = n_chunks - 1 - r
+        start = pl.multiple_of(n * c, c)
+        sub = [pl.ds(start + i * _SUB, _SUB) for i in range(m)]
+        last = pl.ds(start + c - 1, 1)
+        hi_l, lo_l = blocks(hi_ref, last), blocks(lo_ref, last)
+        st_in = [states_ref[n, :, col] for col in cols]  # (bv, dkt)
+        # dLambda at the chunk's last step through the decay of the state: rowsum(S_out dS_out).
+        for col, d in zip(cols, dst, strict=True):
+            rt_ref[pl.ds(n, 1), col] = jnp.sum(states_ref[n + 1, :, col] * d, axis=0)[None, :]
+
+        def boundary(i):
+            bnd = pl.ds(start + i * _SUB - 1, 1)
+            return blocks(hi_ref, bnd), blocks(lo_ref, bnd)
+
+        def pair(i, j, hb, lb):
+            """Gated q of sub-chunk i, gated k of sub-chunk j < i, their factors, scores."""
+            hi_i, lo_i = blocks(hi_ref, sub[i]), blocks(lo_ref, sub[i])
+            hi_j, lo_j = blocks(hi_ref, sub[j]), blocks(lo_ref, sub[j])
+            g_q = [
+                jnp.exp((a - b) + (x - y)) for a, b, x, y in zip(hi_i, hb, lo_i, lb, strict=True)
+            ]
+            g_k = [
+                jnp.exp((b - a) + (y - x)) for a, b, x, y in zip(hi_j, hb, lo_j, lb, strict=True)
+            ]
+            q_w = [x * g for x, g in zip(blocks(q_ref, sub[i], scale), g_q, strict=True)]
+            k_w = [x * g for x, g in zip(blocks(k_ref, sub[j]), g_k, strict=True)]
+            scores = sum(_common.dot(a, b, trans_b=True) for a, b in zip(q_w, k_w, strict=True))
+            return q_w, k_w, g_q, g_k, scores
+
+        # Pass B: key sub-chunks j -> dk_j, dv_j.
+        for j in range(m):
+            v_j = v_ref[sub[j], :].astype(f32)
+            do_j = do_ref[sub[j], :].astype(f32)
+            hi_j, lo_j = blocks(hi_ref, sub[j]), blocks(lo_ref, sub[j])
+            k_j = blocks(k_ref, sub[j])
+            e_k = [
+                jnp.exp((a - b) + (x - y))
+                for a, b, x, y in zip(hi_l, hi_j, lo_l, lo_j, strict=True)
+            ]
+            dk_j = [e * _common.dot(v_j, d) for e, d in zip(e_k, dst, strict=True)]
+            dv_j = sum(
+                _common.dot(x * e, d, trans_b=True) for x, e, d in zip(k_j, e_k, dst, strict=True)
+            )
+            for i in range(j + 1, m):
+                hb, lb = boundary(i)
+                q_w, _, _, g_k, scores = pair(i, j, hb, lb)
+                do_i = do_ref[sub[i], :].astype(f32)
+                dscores = _common.dot(do_i, v_j, trans_b=True)  # (t in i, s in j)
+                dv_j = dv_j + _common.dot(scores, do_i, trans_a=True)
+                dk_j = [
+                    a + g * _common.dot(dscores, w, trans_a=True)
+                    for a, g, w in zip(dk_j, g_k, q_w, strict=True)
+                ]
+            q_j = blocks(q_ref, sub[j], scale)
+            dec = [decays(a, b) for a, b in zip(hi_j, lo_j, strict=True)]
+            scores = sum(
+                jnp.sum(a[:, None, :] * b[None, :, :] * d, axis=-1)
+                for a, b, d in zip(q_j, k_j, dec, strict=True)
+            )
+            dscores = _common.dot(do_j, v_j, trans_b=True)
+            dv_ref[sub[j], :] = dv_j + _common.dot(scores, do_j, trans_a=True)
+            for col, a, x, d in zip(cols, dk_j, q_j, dec, strict=True):
+                dk_ref[sub[j], col] = a + jnp.sum(dscores[:, :, None] * x[:, None, :] * d, axis=0)
+
+        # Pass A: query sub-chunks i -> dq_i and dS_in.
+        new = [d * jnp.exp(a + b) for d, a, b in zip(dst, hi_l, lo_l, strict=True)]
+        for i in range(m):
+            do_i = do_ref[sub[i], :].astype(f32)
+            hi_i, lo_i = blocks(hi_ref, sub[i]), blocks(lo_ref, sub[i])
+            q_i = blocks(q_ref, sub[i], scale)
+            e_q = [jnp.exp(a + b) for a, b in zip(hi_i, lo_i, strict=True)]
+            dq_i = [e * _common.dot(do_i, s) for e, s in zip(e_q, st_in, strict=True)]
+            new = [
+                d + _common.dot(do_i, x * e, trans_a=True)
+                for d, x, e in zip(new, q_i, e_q, strict=True)
+            ]
+            if i:
+                hb, lb = boundary(i)
+                for j in range(i):
+                    _, k_w, g_q, _, _ = pair(i, j, hb, lb)
+                    dscores = _common.dot(do_i, v_ref[sub[j], :].astype(f32), trans_b=True)
+                    dq_i = [
+                        a + g * _common.dot(dscores, w)
+                        for a, g, w in zip(dq_i, g_q, k_w, strict=True)
+                    ]
+            k_i = blocks(k_ref, sub[i])
+            dscores = _common.dot(do_i, v_ref[sub[i], :].astype(f32), trans_b=True)
+            for col, a, x, h_, l_ in zip(cols, dq_i, k_i, hi_i, lo_i, strict=True):
+                d = decays(h_, l_)
+                dq_ref[sub[i], col] = a + jnp.sum(dscores[:, :, None] * x[None, :, :] * d, axis=1)
+        return new
+
+    dst = jax.lax.fori_loop(0, n_chunks, chunk, [ds_ref[col, :].T for col in cols])
+    for col, d in zip(cols, dst, strict=True):
+        dh0_ref[col, :] = d.T
 
 
 def _running_log_gates(log_g: Array, c: int) -> tuple[Array, Array]:
@@ -167,45 +336,150 @@ def _running_log_gates(log_g: Array, c: int) -> tuple[Array, Array]:
     return back(hi), back(lo)
 
 
-def _forward(q, k, v, log_g, h0, scale, *, chunk_size: int):
-    """The Pallas forward: shapes as the public op, h0 float32; returns (o in q's dtype,
-    S_last float32)."""
+class _Layout(NamedTuple):
+    """Padded sizes: chunk c, time T (a multiple of c), key dk (a power of two >= 16), value
+    tile bv and value dv (a multiple of bv)."""
+
+    c: int
+    T: int
+    dk: int
+    bv: int
+    dv: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.T // self.c, self.dv // self.bv
+
+
+def _layout(t: int, dk: int, dv: int, chunk_size: int) -> _Layout:
+    c = min(chunk_size, max(_SUB, _next_pow2(t)))
+    bv = min(_BLOCK_V, max(_SUB, _next_pow2(dv)))
+    return _Layout(c, -(-t // c) * c, max(_SUB, _next_pow2(dk)), bv, -(-dv // bv) * bv)
+
+
+def _pad(x: Array, T: int, d: int) -> Array:
+    """(b, t, h, x) -> (b, T, h, d) with zeros."""
+    return _common.pad_axis(_common.pad_axis(x, 1, T), 3, d)
+
+
+def _pad_state(S: Array, lay: _Layout) -> Array:
+    return _common.pad_axis(_common.pad_axis(S, 2, lay.dk), 3, lay.dv)
+
+
+def _specs(lay: _Layout):
+    """BlockSpecs over the grid (batch, head, value tile): a scalar, (T, dk) and (T, bv)
+    sequences of one (batch, head), a (dk, bv) state tile, and the (n + 1, bv, dk) chunk states."""
+    scalar = pl.BlockSpec((1, 1), lambda ib, ih, iv: (0, 0))
+    seq_k = pl.BlockSpec((None, lay.T, None, lay.dk), lambda ib, ih, iv: (ib, 0, ih, 0))
+    seq_v = pl.BlockSpec((None, lay.T, None, lay.bv), lambda ib, ih, iv: (ib, 0, ih, iv))
+    state = pl.BlockSpec((None, None, lay.dk, lay.bv), lambda ib, ih, iv: (ib, ih, 0, iv))
+    n = lay.T // lay.c
+    states = pl.BlockSpec(
+        (None, None, n + 1, lay.bv, lay.dk), lambda ib, ih, iv: (ib, ih, 0, iv, 0)
+    )
+    return scalar, seq_k, seq_v, state, states
+
+
+def _forward(q, k, v, log_g, h0, scale, *, chunk_size: int, with_states: bool = False):
+    """The Pallas forward: shapes as the public op, h0 float32. Returns (o in q's dtype,
+    S_last float32) and, ``with_states``, the padded transposed chunk states
+    (b, h, n + 1, dv_padded, dk_padded) float32 for the backward pass."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    c = min(chunk_size, max(_SUB, _next_pow2(t)))
-    T = -(-t // c) * c
-    dkp = max(_SUB, _next_pow2(dk))
-    bv = min(_BLOCK_V, max(_SUB, _next_pow2(dv)))
-    dvp = -(-dv // bv) * bv
-    q, k, log_g = (_common.pad_axis(_common.pad_axis(x, 1, T), 3, dkp) for x in (q, k, log_g))
-    v = _common.pad_axis(_common.pad_axis(v, 1, T), 3, dvp)
-    h0 = _common.pad_axis(_common.pad_axis(h0, 2, dkp), 3, dvp)
-    hi, lo = _running_log_gates(log_g.astype(jnp.float32), c)
-    scale = jnp.asarray(scale, jnp.float32).reshape(1, 1)
-
-    seq_k = pl.BlockSpec((None, T, None, dkp), lambda ib, ih, iv: (ib, 0, ih, 0))
-    seq_v = pl.BlockSpec((None, T, None, bv), lambda ib, ih, iv: (ib, 0, ih, iv))
-    state = pl.BlockSpec((None, None, dkp, bv), lambda ib, ih, iv: (ib, ih, 0, iv))
-    o, S = _common.call(
-        functools.partial(_kernel, n_chunks=T // c, c=c),
-        out_shape=(
-            jax.ShapeDtypeStruct((b, T, h, dvp), q.dtype),
-            jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
-        ),
-        grid=(b, h, dvp // bv),
-        in_specs=[
-            pl.BlockSpec((1, 1), lambda ib, ih, iv: (0, 0)),
-            seq_k,
-            seq_k,
-            seq_v,
-            seq_k,
-            seq_k,
-            state,
-        ],
-        out_specs=(seq_v, state),
+    lay = _layout(t, dk, dv, chunk_size)
+    n, nv = lay.grid
+    q, k, log_g = (_pad(x, lay.T, lay.dk) for x in (q, k, log_g))
+    hi, lo = _running_log_gates(log_g.astype(jnp.float32), lay.c)
+    scalar, seq_k, seq_v, state, states = _specs(lay)
+    out_shape = [
+        jax.ShapeDtypeStruct((b, lay.T, h, lay.dv), q.dtype),
+        jax.ShapeDtypeStruct((b, h, lay.dk, lay.dv), jnp.float32),
+    ]
+    out_specs = [seq_v, state]
+    if with_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n + 1, lay.dv, lay.dk), jnp.float32))
+        out_specs.append(states)
+    o, S, *rest = _common.call(
+        functools.partial(_kernel, n_chunks=n, c=lay.c),
+        out_shape=tuple(out_shape),
+        grid=(b, h, nv),
+        in_specs=[scalar, seq_k, seq_k, seq_v, seq_k, seq_k, state],
+        out_specs=tuple(out_specs),
         name="gla_chunk_fwd",
-    )(scale, q, k, v, hi, lo, h0)
-    return o[:, :t, :, :dv], S[:, :, :dk, :dv]
+    )(
+        jnp.asarray(scale, jnp.float32).reshape(1, 1),
+        q,
+        k,
+        _pad(v, lay.T, lay.dv),
+        hi,
+        lo,
+        _pad_state(h0, lay),
+    )
+    out = (o[:, :t, :, :dv], S[:, :, :dk, :dv])
+    return (out, rest[0]) if with_states else out
+
+
+def _backward(q, k, v, log_g, scale, states, do, dS, *, chunk_size: int):
+    """The Pallas backward: gradients of (q, k, v, log_g, h0, scale) from the chunk states of
+    :func:`_forward` and the cotangents (do, dS) of (o, S_last).
+
+    The kernel gives dq (w.r.t. the scaled query) and dk per value tile, dv, dh0 and, per chunk,
+    rowsum(S_out * dS_out); XLA adds the value tiles and forms the gate gradient in closed form
+    (Yang et al. 2023): dLambda_r = q_r dq_r - k_r dk_r (+ that row sum at each chunk's last
+    step), and dlog_g_r is its suffix sum over r' >= r within the chunk.
+    """
+    f32 = jnp.float32
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    lay = _layout(t, dk, dv, chunk_size)
+    n, nv = lay.grid
+    qp, kp, gp = (_pad(x, lay.T, lay.dk) for x in (q, k, log_g))
+    hi, lo = _running_log_gates(gp.astype(f32), lay.c)
+    scalar, seq_k, seq_v, state, states_spec = _specs(lay)
+    per_tile = pl.BlockSpec(
+        (None, None, lay.T, None, lay.dk), lambda ib, ih, iv: (ib, iv, 0, ih, 0)
+    )
+    rows = pl.BlockSpec((None, None, None, n, lay.dk), lambda ib, ih, iv: (ib, ih, iv, 0, 0))
+    scale = jnp.asarray(scale, f32)
+    dq_s, dk_, dv_, dh0, rt = _common.call(
+        functools.partial(_bwd_kernel, n_chunks=n, c=lay.c),
+        out_shape=(
+            jax.ShapeDtypeStruct((b, nv, lay.T, h, lay.dk), f32),
+            jax.ShapeDtypeStruct((b, nv, lay.T, h, lay.dk), f32),
+            jax.ShapeDtypeStruct((b, lay.T, h, lay.dv), f32),
+            jax.ShapeDtypeStruct((b, h, lay.dk, lay.dv), f32),
+            jax.ShapeDtypeStruct((b, h, nv, n, lay.dk), f32),
+        ),
+        grid=(b, h, nv),
+        in_specs=[scalar, seq_k, seq_k, seq_v, seq_k, seq_k, seq_v, states_spec, state],
+        out_specs=(per_tile, per_tile, seq_v, state, rows),
+        name="gla_chunk_bwd",
+    )(
+        scale.reshape(1, 1),
+        qp,
+        kp,
+        _pad(v, lay.T, lay.dv),
+        hi,
+        lo,
+        _pad(do, lay.T, lay.dv),
+        states,
+        _pad_state(dS.astype(f32), lay),
+    )
+    dq_s, dk_ = dq_s.sum(axis=1), dk_.sum(axis=1)
+    q_s = qp.astype(f32) * scale
+    dlam = (q_s * dq_s - kp.astype(f32) * dk_).reshape(b, n, lay.c, h, lay.dk)
+    dlam = dlam.at[:, :, -1].add(jnp.moveaxis(rt.sum(axis=2), 2, 1))
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dlam, axis=2), axis=2), axis=2).reshape(dq_s.shape)
+    dscale = jnp.sum(qp.astype(f32) * dq_s)
+    cut = lambda x, d, like: x[:, :t, :, :d].astype(like.dtype)  # noqa: E731
+    return (
+        cut(dq_s * scale, dk, q),
+        cut(dk_, dk, k),
+        cut(dv_, dv, v),
+        cut(dg, dk, log_g),
+        dh0[:, :, :dk, :dv],
+        dscale,
+    )
 
 
 def _xla(q, k, v, log_g, h0, scale, *, chunk_size: int):
@@ -224,19 +498,30 @@ def _xla(q, k, v, log_g, h0, scale, *, chunk_size: int):
     return o.astype(q.dtype), S
 
 
+# "pallas": the backward kernel above; "xla": recompute through the XLA chunked path's VJP
+# (kept as a fallback, and as a second check of the kernel in the tests).
+BACKWARD = "pallas"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _gla(q, k, v, log_g, h0, scale, chunk_size):
     return _forward(q, k, v, log_g, h0, scale, chunk_size=chunk_size)
 
 
 def _gla_fwd(q, k, v, log_g, h0, scale, chunk_size):
-    out = _forward(q, k, v, log_g, h0, scale, chunk_size=chunk_size)
-    return out, (q, k, v, log_g, h0, scale)
+    args = (q, k, v, log_g, h0, scale)
+    if BACKWARD == "xla":
+        return _forward(*args, chunk_size=chunk_size), (None, args)
+    out, states = _forward(*args, chunk_size=chunk_size, with_states=True)
+    return out, (states, args)
 
 
 def _gla_bwd(chunk_size, residuals, cotangents):
-    _, vjp = jax.vjp(functools.partial(_xla, chunk_size=chunk_size), *residuals)
-    return vjp(cotangents)
+    states, (q, k, v, log_g, h0, scale) = residuals
+    if states is None:
+        _, vjp = jax.vjp(functools.partial(_xla, chunk_size=chunk_size), q, k, v, log_g, h0, scale)
+        return vjp(cotangents)
+    return _backward(q, k, v, log_g, scale, states, *cotangents, chunk_size=chunk_size)
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)

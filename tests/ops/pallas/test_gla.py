@@ -58,8 +58,9 @@ def _reference(scale=None):
         ((2, 40, 2, 16, 32), 16, "realistic"),  # 3 chunks, the last one partial
         ((1, 37, 2, 12, 20), 32, "mixed"),  # 2 sub-chunks per chunk; k, v padded to 16, 32
         ((1, 5, 2, 16, 16), 64, "mixed"),  # shorter than a chunk: one chunk of 16
+        ((1, 70, 1, 48, 16), 64, "realistic"),  # 4 sub-chunks; k 48 -> 64, two key blocks
     ],
-    ids=["t40-c16", "t37-c32-padded-dims-mixed-gates", "t5-c64-mixed-gates"],
+    ids=["t40-c16", "t37-c32-padded-dims-mixed-gates", "t5-c64-mixed-gates", "t70-c64-k48"],
 )
 def test_matches_reference(shape, chunk_size, gates):
     args = _inputs(*shape, gates=gates)
@@ -75,6 +76,13 @@ def test_without_h0_value_tiles_and_scale(monkeypatch):
     monkeypatch.setattr(pallas_gla, "_BLOCK_V", 16)
     args = _inputs(1, 20, 2, 16, 32, seed=1)[:4]
     compare_with_reference(_pallas(16, 0.3), _reference(0.3), args, jit=True, names=NAMES[:4])
+
+
+def test_xla_backward(monkeypatch):
+    # The fallback backward (recompute through the XLA chunked path's VJP) agrees too.
+    monkeypatch.setattr(pallas_gla, "BACKWARD", "xla")
+    args = _inputs(1, 37, 2, 16, 16, seed=4)
+    compare_with_reference(_pallas(32), _reference(), args, jit=True, names=NAMES)
 
 
 def test_bfloat16_inputs():
@@ -119,5 +127,17 @@ def test_lowers_for_gpu(dtype):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
 
     args = (q, k, v, log_g, h0)
-    assert "__gpu$xla.gpu.triton" in _common.lower_for_gpu(fast, *args)
-    assert "__gpu$xla.gpu.triton" in _common.lower_for_gpu(jax.grad(loss, argnums=range(5)), *args)
+    text = _common.lower_for_gpu(fast, *args)
+    assert "__gpu$xla.gpu.triton" in text and "gla_chunk_fwd" in text
+    text = _common.lower_for_gpu(jax.grad(loss, argnums=range(5)), *args)
+    # The forward kernel (writing the chunk states) and the backward kernel.
+    assert text.count("__gpu$xla.gpu.triton") == 2 and "gla_chunk_bwd" in text
+
+
+@pytest.mark.slow
+def test_sequence_sharded():
+    # impl="pallas" on each local slice of the sequence-sharded path (2 shards of 24 steps).
+    from tests.sequence.harness import compare_sharded
+
+    args = _inputs(2, 48, 2, 16, 16, gates="mixed", seed=5)
+    compare_sharded(_pallas(16), args, 2, names=NAMES)
