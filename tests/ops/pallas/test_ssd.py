@@ -119,14 +119,17 @@ def test_lowers_for_gpu_through_triton(dtype, with_D):
     x, dt, A, B, C, D, h0 = _inputs(37, h=4, p=8, n=20, g=2, dtype=jnp.dtype(dtype))
     args = (x, dt, A, B, C, D, h0) if with_D else (x, dt, A, B, C, h0)
     fast, _ = _fns(16, with_D)
-    assert TRITON_CALL in lower_for_gpu(fast, *args)
+    text = lower_for_gpu(fast, *args)
+    assert text.count(TRITON_CALL) == 1 and "ssd_fused_chunk_fwd" in text
 
     def loss(*a):
         y, H = fast(*a)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(H)
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    assert TRITON_CALL in lower_for_gpu(grad, *args)
+    text = lower_for_gpu(grad, *args)
+    # Two kernels: the forward (keeping the chunk states) and the backward.
+    assert text.count(TRITON_CALL) == 2 and "ssd_fused_chunk_bwd" in text
 
 
 @pytest.mark.slow
