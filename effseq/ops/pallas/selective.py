@@ -60,7 +60,14 @@ from jax.experimental import pallas as pl
 from effseq.ops.pallas import _common
 from effseq.typing import Array
 
-__all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "MAX_CHUNK", "selective_scan_pallas"]
+__all__ = [
+    "DEFAULT_BLOCK_D",
+    "DEFAULT_CHUNK",
+    "MAX_CHUNK",
+    "MIN_BLOCK_D",
+    "MIN_PROGRAMS",
+    "selective_scan_pallas",
+]
 
 # Steps per chunk (unrolled in the kernels; the backward keeps c + 1 states of the tile live)
 # and channels per program. Not yet tuned on a GPU (issue 19): with chunks of 16, a (32, 16)
@@ -68,6 +75,12 @@ __all__ = ["DEFAULT_BLOCK_D", "DEFAULT_CHUNK", "MAX_CHUNK", "selective_scan_pall
 # backward pass.
 DEFAULT_CHUNK = 16
 DEFAULT_BLOCK_D = 32
+# The default tile is halved (down to MIN_BLOCK_D channels) while the grid has fewer programs
+# than this: two per streaming multiprocessor of an H100/H200 (132). The only parallelism is
+# b·d/block_d programs, so a long single row (b = 1, d = 2048: 64 programs of 32 channels)
+# would leave half the GPU idle.
+MIN_PROGRAMS = 264
+MIN_BLOCK_D = 8
 # Longer chunks are taken as this long: every step of a chunk is unrolled and the backward
 # keeps the chunk's c + 1 states in registers, so c = 64 or 128 (sizes that suit the XLA
 # chunked path) would spill them (33 states of a (32, 16) tile are already 132 registers).
@@ -309,8 +322,9 @@ def selective_scan_pallas(
       chunk_size: steps between the forward pass's state checkpoints, unrolled in both kernels;
         a power of two (default :data:`DEFAULT_CHUNK`; above :data:`MAX_CHUNK` taken as
         :data:`MAX_CHUNK`; cut to the power of two >= t when t is shorter).
-      block_d: channels per program, a power of two (default :data:`DEFAULT_BLOCK_D`, cut to
-        the power of two >= d when d is smaller).
+      block_d: channels per program, a power of two (default: :data:`DEFAULT_BLOCK_D`, halved
+        down to :data:`MIN_BLOCK_D` while b·d/block_d < :data:`MIN_PROGRAMS`); cut to the power
+        of two >= d when d is smaller.
       keep: (b, t) float32, 0 where a document starts (its decay becomes 0), or None.
 
     Returns:
@@ -323,6 +337,8 @@ def selective_scan_pallas(
     _common.check_tile(_OP, "chunk_size", chunk_size, dot_dim=False)
     if block_d is None:
         block_d = DEFAULT_BLOCK_D
+        while block_d > MIN_BLOCK_D and b * -(-d // block_d) < MIN_PROGRAMS:
+            block_d //= 2
     _common.check_tile(_OP, "block_d", block_d, dot_dim=False)
     chunk = min(chunk_size, MAX_CHUNK, _next_power_of_two(t))
     block_d = min(block_d, _next_power_of_two(d))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from effseq.ops.pallas import _common
+from effseq.ops.pallas import _common, selective
 from effseq.ops.pallas.selective import selective_scan_pallas
 from effseq.ops.selective_scan import selective_scan, selective_scan_reference
 from tests.ops.compare import compare_with_reference
@@ -133,6 +133,24 @@ def test_bad_tile_raises(kwargs, match):
         selective_scan(u, delta, A, B, C, D, impl="pallas", **kwargs)
 
 
+def test_default_block_d_halves_on_small_grids(monkeypatch):
+    # b·d/block_d programs: 32 channels when that fills the GPU, fewer (down to 8) when not.
+    seen = []
+    real = selective._scan
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(selective, "_scan", spy)
+    for b, d in [(9, 1024), (1, 2048), (1, 16384), (4, 2048), (1, 64)]:
+        u, x = jnp.zeros((b, 1, d)), jnp.zeros((b, 1, 16))
+        jax.eval_shape(
+            selective_scan_pallas, u, u, jnp.zeros((d, 16)), x, x, None, jnp.zeros((b, d, 16))
+        )
+    assert seen == [32, 8, 32, 16, 8]
+
+
 def test_bad_block_d_raises():
     u, delta, A, B, C, D, h0 = _inputs(5)
     with pytest.raises(ValueError, match=r"impl='pallas' needs block_d to be a power of two"):
@@ -175,11 +193,12 @@ def test_sequence_sharded():
 
 @pytest.mark.slow
 def test_default_tiles_mamba_sizes():
-    # The defaults the op uses on a GPU: chunks of 16 and tiles of 32 channels; d = 80 (three
-    # tiles, the last half padding), n = 16, t = 50 (three chunks and a padded fourth).
+    # The default tiles at realistic sizes: chunks of 16 and 32 channels (the default before
+    # a small grid halves it); d = 80 (three tiles, the last half padding), n = 16, t = 50
+    # (three chunks and a padded fourth).
     args = make_inputs(50, d=80, n=16, seed=11)
 
     def fast(u, delta, A, B, C, D, h0):
-        return selective_scan(u, delta, A, B, C, D, h0=h0, impl="pallas")
+        return selective_scan_pallas(u, delta, A, B, C, D, h0, block_d=32)
 
     compare_with_reference(fast, _reference(), args, jit=True, names=NAMES)
