@@ -26,7 +26,8 @@ Implementations (``impl=``, resolved by :func:`effseq.ops._impl.resolve_impl`):
   keeps each (batch, channel tile)'s state in registers and walks time step by step, saving the
   state at every chunk start, and a reverse-time backward kernel that recomputes each chunk's
   states from those checkpoints and runs the adjoint recurrence. Forward and backward are both
-  Pallas (only the sums of per-tile partial gradients of A, B, C, D are XLA). Never a default.
+  Pallas (only the sums of per-tile partial gradients of A, B, C, D are XLA); a ``custom_vjp``
+  like the chunked path (reverse mode only). Never a default.
 """
 
 from __future__ import annotations
