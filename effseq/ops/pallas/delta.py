@@ -35,12 +35,21 @@ Split between XLA and Pallas (forward):
 
 Backward: Pallas for the chunk loop, autodiff for the XLA terms. The kernel is a
 ``jax.custom_vjp``: its forward also saves the state entering every chunk ((b, h, n k, v)
-float32, as fla's chunked kernels do), and a second kernel (``_backward_kernel``, same grid)
-walks the chunks in reverse carrying dL/dS in float32, recomputes each chunk's W, U and P and
-forms the gradients of the scaled query, k, v, beta, the running log gates, T and h0, and per
-key channel of P (the formulas are in its docstring; the gradients other than dv and dh0 sum
-over the value axis, so each value tile writes its share and XLA adds the shares). JAX's
-autodiff then takes dT, dP and the log-gate gradient back through the XLA terms (the UT
+float32, as fla's chunked kernels do). The backward is two kernels, as the forward's work
+splits into a recurrence and per-chunk products:
+
+* ``_backward_state_kernel``, grid (batch, head, value tile), sequential: the chunks in
+  reverse carrying dL/dS in float32; per chunk it recomputes W, P and Q * Gamma and writes
+  dU (the corrections' gradient) and dL/dS leaving the chunk; the last carry is dh0. It
+  keeps few tiles live (no S, no U), like the forward.
+* ``_backward_chunk_kernel``, grid (batch, head, chunk x value tile), all independent: from
+  the saved S, dL/dS' and dU it recomputes U and forms the gradients of the scaled query, k,
+  v, beta, the running log gates and T, and per key channel of P (the formulas are in the
+  docstrings). The heavy per-chunk products run in parallel over chunks, not inside the
+  recurrence. Gradients other than dv sum over the value axis: each value tile writes its
+  share and XLA adds the shares.
+
+JAX's autodiff then takes dT, dP and the log-gate gradient back through the XLA terms (the UT
 transform's inverse, A, P, the running sums) to q, k, beta and log_g, as it does for the XLA
 chunked path. ``BACKWARD = "xla"`` switches to the first version, which recomputes the whole
 backward through the XLA chunked path (``jax.vjp`` of ``delta_rule._chunked``), kept as a
@@ -59,9 +68,9 @@ U and S), sliced off after.
 
 Limits: packed rows (``segment_ids``) are refused with a ValueError (``"chunked"`` and
 ``"recurrent"`` support them). Not yet measured on a GPU (no GPU was at hand when this was
-written): ``BLOCK_V`` and the Triton warp count are unmeasured defaults; the backward kernel
-keeps about a dozen (c, k) / (c, c) float32 tiles live per chunk, which at c = 64,
-k = v = 128 may want ``chunk_size=32`` or a smaller ``BLOCK_V``.
+written): ``BLOCK_V`` and the Triton warp count are unmeasured defaults; the forward and the
+backward's chunk kernel hold several (c, k) float32 tiles live, which at c = 64,
+k = v = 128 may spill registers and want ``chunk_size=32`` or a smaller ``BLOCK_V``.
 """
 
 from __future__ import annotations
@@ -99,7 +108,8 @@ def _chunk(refs, i, c: int, per_channel: bool):
     """
     q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs[:7]
     f32 = jnp.float32
-    span = pl.ds(pl.multiple_of(i * c, c), c)
+    # A traced chunk index (the loops) is hinted as a multiple of c; a constant one is not.
+    span = pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
     end = pl.ds(i * c + c - 1, 1)
     beta = beta_ref[span]
     x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], beta=beta, span=span)
@@ -160,80 +170,105 @@ def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_stat
     s_ref[...] = lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
 
 
-def _backward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool):
-    """One (batch, head, value tile): the chunks in reverse, carrying dL/dS in float32.
+def _backward_state_kernel(*refs, c: int, n: int, kp: int, per_channel: bool):
+    """Backward, sequential part. One (batch, head, value tile): the chunks in reverse,
+    carrying dL/dS in float32. Per chunk, with dO and dS' the gradients of its outputs and of
+    the state leaving it, and the forward's W, P, Qg = q~ * Gamma recomputed:
 
-    Per chunk, with S the saved state entering it, the forward's W, U, P, Qg recomputed and
-    dO, dS' the gradients of its outputs and of the state leaving it:
+        dU = P^T dO + (K * E) dS'        dS = Qg^T dO + diag(Gamma_c) dS' - W^T dU
 
-        dU = P^T dO + (K * E) dS'               dS = Qg^T dO + Gamma_c dS' - W^T dU
-        dQg = dO S^T, dP = dO U^T, d(K * E) = U dS'^T, dGamma_c = <S, dS'>, dW = -dU S^T
-        dT = dW X^T + dU Y^T, dX = T^T dW, dY = T^T dU
+    (E = Gamma_c / Gamma). Writes dU (the gradient of the corrections) and dS' per chunk, for
+    :func:`_backward_chunk_kernel`, and dS of the first chunk as dh0.
 
-    and from those the gradients of the scaled query, k, v, beta, the running log gates
-    (Gamma = exp of them) and T; per head P = (q~ k^T) * D is differentiated here too, per
-    key channel dP is returned for XLA. Every gradient but dv and dh0 sums over the value
-    axis, so this tile's share is written and the wrapper adds the tiles up.
-
-    Refs: the forward's inputs, scale (1,), states (n kp, bv), dO (tp, bv), dS_last (kp, bv);
-    out dq~, dk (tp, kp), dv (tp, bv), dbeta (tp,), dgamma (tp,) or (tp, kp), dT (tp, c),
-    dh0 (kp, bv), and per key channel dP (tp, c).
+    Refs: the forward's inputs, scale (1,), dO (tp, bv), dS_last (kp, bv); out dU (tp, bv),
+    dS' (n kp, bv), dh0 (kp, bv).
     """
     f32 = jnp.float32
     nin = 8 if per_channel else 7
-    inputs, (scale_ref, st_ref, do_ref, ds_ref) = refs[:nin], refs[nin : nin + 4]
-    dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref, dh0_ref = refs[nin + 4 : nin + 11]
+    inputs, (scale_ref, do_ref, ds_ref) = refs[:nin], refs[nin : nin + 3]
+    du_ref, dstates_ref, dh0_ref = refs[nin + 3 :]
     scale = scale_ref[...]
-    last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
 
     def body(j, dS):
         i = n - 1 - j
         x = _chunk(inputs, i, c, per_channel)
-        span, T, kf, F, E, X = x["span"], x["T"], x["kf"], x["F"], x["E"], x["X"]
-        S = st_ref[pl.ds(pl.multiple_of(i * kp, kp), kp), :]
-        dO = do_ref[span, :].astype(f32)
-        qs = x["q"].astype(f32) * scale[:, None]  # q~ = scale q
-        W = _common.dot(T, X)
-        U = _common.dot(T, x["Y"]) - _common.dot(W, S)
-        P = _read_out(x, scale)
-        Qg = qs * F
-        KE = kf * E
-        dU = _common.dot(P, dO, trans_a=True) + _common.dot(KE, dS)
-        dQg = _common.dot(dO, S, trans_b=True)
-        dP = _common.dot(dO, U, trans_b=True)
-        dKE = _common.dot(U, dS, trans_b=True)
-        dW = -_common.dot(dU, S, trans_b=True)
-        dt_ref[span, :] = _common.dot(dW, X, trans_b=True) + _common.dot(dU, x["Y"], trans_b=True)
-        dX = _common.dot(T, dW, trans_a=True)
-        dY = _common.dot(T, dU, trans_a=True)
-        dq = dQg * F
-        dk = dKE * E + dX * (x["beta"][:, None] * F)
-        dv_ref[span, :] = (x["beta"][:, None] * dY).astype(dv_ref.dtype)
-        dbeta_ref[span] = jnp.sum(dX * kf * F, axis=1) + jnp.sum(dY * x["v"], axis=1)
-        # The running log gates: through Qg, K * E, X, Gamma_c (and D per head).
-        through_end = dKE * KE
-        state_end = jnp.sum(S * dS, axis=1, keepdims=True) * x["gc"]  # (kp, 1)
-        if per_channel:
-            refs[nin + 11][span, :] = dP
-            at_end = jnp.sum(through_end, axis=0, keepdims=True) + jnp.transpose(state_end)
-            dgamma_ref[span, :] = dQg * Qg - through_end + dX * X + jnp.where(last, at_end, 0.0)
-        else:
-            dPD = dP * x["D"]
-            dq = dq + _common.dot(dPD, kf)
-            dk = dk + _common.dot(dPD, qs, trans_a=True)
-            M = dP * P
-            at_end = jnp.sum(through_end) + jnp.sum(state_end)
-            dgamma_ref[span] = (
-                jnp.sum(M, axis=1)
-                - jnp.sum(M, axis=0)
-                + jnp.sum(dQg * Qg - through_end + dX * X, axis=1)
-                + jnp.where(last[:, 0], at_end, 0.0)
-            )
-        dq_ref[span, :] = dq
-        dk_ref[span, :] = dk
+        dstates_ref[pl.ds(pl.multiple_of(i * kp, kp), kp), :] = dS
+        dO = do_ref[x["span"], :].astype(f32)
+        W = _common.dot(x["T"], x["X"])
+        Qg = x["q"].astype(f32) * x["F"] * scale[:, None]
+        dU = _common.dot(_read_out(x, scale), dO, trans_a=True)
+        dU = dU + _common.dot(x["kf"] * x["E"], dS)
+        du_ref[x["span"], :] = dU
         return _common.dot(Qg, dO, trans_a=True) + x["gc"] * dS - _common.dot(W, dU, trans_a=True)
 
     dh0_ref[...] = lax.fori_loop(0, n, body, ds_ref[...].astype(f32))
+
+
+def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
+    """Backward, parallel part. One (batch, head, chunk, value tile), all independent: with
+    S the saved state entering the chunk, dS' and dU from :func:`_backward_state_kernel`, the
+    forward's W, U, P, Qg recomputed:
+
+        dQg = dO S^T, dP = dO U^T, d(K * E) = U dS'^T, dGamma_c = <S, dS'>, dW = -dU S^T
+        dT = dW X^T + dU Y^T, dX = T^T dW, dY = T^T dU    (X = diag(beta) (K * Gamma),
+                                                           Y = diag(beta) V)
+
+    and from those the gradients of the scaled query, k, v, beta, the running log gates
+    (Gamma = exp of them) and T; per head P = (q~ k^T) * D is differentiated here too, per
+    key channel dP is written for XLA. Every gradient but dv sums over the value axis, so
+    this tile's share is written and the wrapper adds the tiles up.
+
+    Refs: the forward's inputs as (c, ...) blocks, scale (1,), S, dS' (kp, bv), dO, dU
+    (c, bv); out dq~, dk (c, kp), dv (c, bv), dbeta (c,), dgamma (c,) or (c, kp), dT (c, c),
+    and per key channel dP (c, c).
+    """
+    f32 = jnp.float32
+    nin = 8 if per_channel else 7
+    inputs, (scale_ref, s_ref, ds_ref, do_ref, du_ref) = refs[:nin], refs[nin : nin + 5]
+    dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref = refs[nin + 5 : nin + 11]
+    scale = scale_ref[...]
+    last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    x = _chunk(inputs, 0, c, per_channel)
+    T, kf, F, E, X = x["T"], x["kf"], x["F"], x["E"], x["X"]
+    S, dS = s_ref[...], ds_ref[...]
+    dO, dU = do_ref[...].astype(f32), du_ref[...]
+    qs = x["q"].astype(f32) * scale[:, None]  # q~ = scale q
+    U = _common.dot(T, x["Y"]) - _common.dot(_common.dot(T, X), S)
+    Qg = qs * F
+    KE = kf * E
+    dQg = _common.dot(dO, S, trans_b=True)
+    dP = _common.dot(dO, U, trans_b=True)
+    dKE = _common.dot(U, dS, trans_b=True)
+    dW = -_common.dot(dU, S, trans_b=True)
+    dt_ref[...] = _common.dot(dW, X, trans_b=True) + _common.dot(dU, x["Y"], trans_b=True)
+    dX = _common.dot(T, dW, trans_a=True)
+    dY = _common.dot(T, dU, trans_a=True)
+    dq = dQg * F
+    dk = dKE * E + dX * (x["beta"][:, None] * F)
+    dv_ref[...] = (x["beta"][:, None] * dY).astype(dv_ref.dtype)
+    dbeta_ref[...] = jnp.sum(dX * kf * F, axis=1) + jnp.sum(dY * x["v"], axis=1)
+    # The running log gates: through Qg, K * E, X, Gamma_c (and D per head).
+    through_end = dKE * KE
+    state_end = jnp.sum(S * dS, axis=1, keepdims=True) * x["gc"]  # (kp, 1)
+    if per_channel:
+        refs[nin + 11][...] = dP
+        at_end = jnp.sum(through_end, axis=0, keepdims=True) + jnp.transpose(state_end)
+        dgamma_ref[...] = dQg * Qg - through_end + dX * X + jnp.where(last, at_end, 0.0)
+    else:
+        P = _read_out(x, scale)
+        dPD = dP * x["D"]
+        dq = dq + _common.dot(dPD, kf)
+        dk = dk + _common.dot(dPD, qs, trans_a=True)
+        M = dP * P
+        at_end = jnp.sum(through_end) + jnp.sum(state_end)
+        dgamma_ref[...] = (
+            jnp.sum(M, axis=1)
+            - jnp.sum(M, axis=0)
+            + jnp.sum(dQg * Qg - through_end + dX * X, axis=1)
+            + jnp.where(last[:, 0], at_end, 0.0)
+        )
+    dq_ref[...] = dq
+    dk_ref[...] = dk
 
 
 class _Layout:
@@ -272,6 +307,41 @@ class _Layout:
         specs = [self.seq(self.kp), self.seq(self.kp), self.seq(self.bv, tiled=True)]
         specs += [self.step(), self.gates(), self.gates(), self.seq(self.c)]
         return specs + [self.seq(self.c)] if self.per_channel else specs
+
+    # Per-chunk blocks on the grid (b, h, n * nv) of the backward's parallel part.
+    def chunk_index(self, p):
+        return p // self.grid[2], p % self.grid[2]  # (chunk, value tile)
+
+    def c_seq(self, width: int, tiled: bool = False):  # (b, tp, h, width)
+        def index(b, h, p):
+            i, v = self.chunk_index(p)
+            return (b, i, h, v if tiled else 0)
+
+        return pl.BlockSpec((None, self.c, None, width), index)
+
+    def c_step(self):  # (b, tp, h)
+        return pl.BlockSpec((None, self.c, None), lambda b, h, p: (b, self.chunk_index(p)[0], h))
+
+    def c_gates(self):  # (b, tp, h) or (b, tp, h, kp)
+        return self.c_seq(self.kp) if self.per_channel else self.c_step()
+
+    def c_state(self):  # (b, h, n kp, vp): chunk i's (kp, bv) tile
+        return pl.BlockSpec(
+            (None, None, self.kp, self.bv), lambda b, h, p: (b, h, *self.chunk_index(p))
+        )
+
+    def c_share(self, width: int | None):  # (nv, b, tp, h[, width])
+        def index(b, h, p):
+            i, v = self.chunk_index(p)
+            return (v, b, i, h) if width is None else (v, b, i, h, 0)
+
+        shape = (None, None, self.c, None) + (() if width is None else (width,))
+        return pl.BlockSpec(shape, index)
+
+    def c_inputs(self):
+        specs = [self.c_seq(self.kp), self.c_seq(self.kp), self.c_seq(self.bv, tiled=True)]
+        specs += [self.c_step(), self.c_gates(), self.c_gates(), self.c_seq(self.c)]
+        return specs + [self.c_seq(self.c)] if self.per_channel else specs
 
     def kwargs(self):
         return dict(c=self.c, n=self.n, kp=self.kp, per_channel=self.per_channel)
@@ -315,45 +385,47 @@ def _kernel_bwd(lay, residuals, cotangents):
     q, k, v = inputs[:3]
     dO, dS = cotangents
     f32 = jnp.float32
-    b, h, tp, kp, vp, c = lay.b, lay.h, lay.tp, lay.kp, lay.vp, lay.c
-    shares = lambda *shape: jax.ShapeDtypeStruct((lay.grid[2], b, tp, h, *shape), f32)  # noqa: E731
+    b, h, tp, kp, vp, c, nv = lay.b, lay.h, lay.tp, lay.kp, lay.vp, lay.c, lay.grid[2]
+    # Sequential: dU per step and dL/dS' per chunk, in reverse; dh0.
+    dU, dstates, dh0 = _common.call(
+        functools.partial(_backward_state_kernel, **lay.kwargs()),
+        out_shape=(
+            jax.ShapeDtypeStruct((b, tp, h, vp), f32),
+            jax.ShapeDtypeStruct((b, h, lay.n * kp, vp), f32),
+            jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+        ),
+        grid=lay.grid,
+        in_specs=[*lay.inputs(), lay.scalar(), lay.seq(lay.bv, tiled=True), lay.state(kp)],
+        out_specs=(lay.seq(lay.bv, tiled=True), lay.state(lay.n * kp), lay.state(kp)),
+        name="gated_delta_rule_bwd_state",
+    )(*inputs, scale, dO, dS)
+    # Parallel over chunks: everything else.
+    shares = lambda *shape: jax.ShapeDtypeStruct((nv, b, tp, h, *shape), f32)  # noqa: E731
     gate_width = kp if lay.per_channel else None
-    out_shape = [
-        shares(kp),
-        shares(kp),
-        jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype),
-        shares(),
-        shares(*([gate_width] if lay.per_channel else [])),
-        shares(c),
-        jax.ShapeDtypeStruct((b, h, kp, vp), f32),
-    ]
-    out_specs = [lay.share(kp), lay.share(kp), lay.seq(lay.bv, tiled=True), lay.share(None)]
-    out_specs += [lay.share(gate_width), lay.share(c), lay.state(kp)]
+    out_shape = [shares(kp), shares(kp), jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype)]
+    out_shape += [shares(), shares(*(() if gate_width is None else (gate_width,))), shares(c)]
+    out_specs = [lay.c_share(kp), lay.c_share(kp), lay.c_seq(lay.bv, tiled=True)]
+    out_specs += [lay.c_share(None), lay.c_share(gate_width), lay.c_share(c)]
     if lay.per_channel:
         out_shape.append(shares(c))
-        out_specs.append(lay.share(c))
+        out_specs.append(lay.c_share(c))
+    tile = lay.c_seq(lay.bv, tiled=True)
     grads = _common.call(
-        functools.partial(_backward_kernel, **lay.kwargs()),
+        functools.partial(_backward_chunk_kernel, c=c, per_channel=lay.per_channel),
         out_shape=tuple(out_shape),
-        grid=lay.grid,
-        in_specs=[
-            *lay.inputs(),
-            lay.scalar(),
-            lay.state(lay.n * kp),
-            lay.seq(lay.bv, tiled=True),
-            lay.state(kp),
-        ],
+        grid=(b, h, lay.n * nv),
+        in_specs=[*lay.c_inputs(), lay.scalar(), lay.c_state(), lay.c_state(), tile, tile],
         out_specs=tuple(out_specs),
-        name="gated_delta_rule_bwd",
-    )(*inputs, scale, states, dO, dS)
-    dq, dk, dv, dbeta, dgamma, dT, dh0 = grads[:7]
+        name="gated_delta_rule_bwd_chunks",
+    )(*inputs, scale, states, dstates, dO, dU)
+    dq, dk, dv, dbeta, dgamma, dT = grads[:6]
     dq = dq.sum(0)  # the gradient of the scaled query q~ = scale q
     dscale = jnp.sum(dq * q.astype(f32)).reshape(1)
     dgamma = dgamma.sum(0)  # o and S depend on pre + lo only
     d_inputs = [(dq * scale).astype(q.dtype), dk.sum(0).astype(k.dtype), dv, dbeta.sum(0)]
     d_inputs += [dgamma, dgamma, dT.sum(0)]
     if lay.per_channel:
-        d_inputs.append(grads[7].sum(0))
+        d_inputs.append(grads[6].sum(0))
     return tuple(d_inputs), dh0, dscale
 
 

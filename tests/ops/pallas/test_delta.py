@@ -95,7 +95,8 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
 def test_lowers_for_gpu_through_triton(per_channel):
-    # Forward and backward kernels both appear as Triton calls in the gradient's lowering.
+    # The forward kernel, then it and the backward's two (sequential state gradients, chunks in
+    # parallel) appear as Triton calls.
     args = _inputs(1, 40, 2, 16, 32, per_channel=per_channel)
     fast = _pallas(16)
     text = _common.lower_for_gpu(fast, *args)
@@ -106,7 +107,8 @@ def test_lowers_for_gpu_through_triton(per_channel):
         return o.sum() + S.sum()
 
     text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), *args)
-    assert text.count("__gpu$xla.gpu.triton") == 2 and "gated_delta_rule_bwd" in text
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert "gated_delta_rule_bwd_state" in text and "gated_delta_rule_bwd_chunks" in text
 
 
 @pytest.mark.slow
