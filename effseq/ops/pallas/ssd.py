@@ -164,10 +164,9 @@ def _bwd_kernel(
         P = _common.dot(dyk.astype(cd), u.astype(cd), trans_b=True) * L  # L * (dy u^T)
         BG = _common.dot(Bk.astype(f32), G, trans_b=True)  # (c, bp)
         CH = _common.dot(Ck.astype(f32), H, trans_b=True)  # (c, bp)
-        dc_ref[s, :] = _common.dot(P.astype(cd), Bk) + from_start[:, None] * _common.dot(dy32, H)
-        db_ref[s, :] = _common.dot(P.astype(cd), Ck, trans_a=True) + to_end[:, None] * _common.dot(
-            u, G
-        )
+        Pc = P.astype(cd)
+        dc_ref[s, :] = _common.dot(Pc, Bk) + from_start[:, None] * _common.dot(dy32, H)
+        db_ref[s, :] = _common.dot(Pc, Ck, trans_a=True) + to_end[:, None] * _common.dot(u, G)
         du = _common.dot(LS.astype(cd), dyk.astype(cd), trans_a=True) + to_end[:, None] * BG
         dx = dtk[:, None] * du
         if d_ref is not None:
