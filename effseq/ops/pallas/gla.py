@@ -131,10 +131,8 @@ def _kernel(
             states_ref[0][n] = st
         start = pl.multiple_of(n * c, c)
         whole = pl.ds(start, c)
-        k_all = k_ref[whole, :].astype(f32)
-        v_all = v_ref[whole, :].astype(f32)
-        hi_all = hi_ref[whole, :]
-        lo_all = lo_ref[whole, :]
+        # Whole-chunk tiles are loaded where they are used (L1/L2 hits after the first), not
+        # held across the sub-chunk loop: fewer live registers per program.
         for i in range(m):
             rows = pl.ds(start + i * _SUB, _SUB)
             q_i = q_ref[rows, :].astype(f32) * scale
@@ -148,10 +146,11 @@ def _kernel(
                 hi_b = hi_ref[bnd, :]
                 lo_b = lo_ref[bnd, :]
                 q_w = q_i * jnp.exp((hi_i - hi_b) + (lo_i - lo_b))
-                expo = jnp.where(rows_c < i * _SUB, (hi_b - hi_all) + (lo_b - lo_all), -jnp.inf)
-                k_w = k_all * jnp.exp(expo)
+                expo = (hi_b - hi_ref[whole, :]) + (lo_b - lo_ref[whole, :])
+                expo = jnp.where(rows_c < i * _SUB, expo, -jnp.inf)
+                k_w = k_ref[whole, :].astype(f32) * jnp.exp(expo)
                 scores = _common.dot(q_w, k_w, trans_b=True)  # (c2, c)
-                o_i = o_i + _common.dot(scores, v_all)
+                o_i = o_i + _common.dot(scores, v_ref[whole, :].astype(f32))
             # Inside sub-chunk i: pairwise decays, elementwise over (c2, c2, dkt) blocks of
             # key channels (dkt <= 32 bounds the live block to 8192 values per program).
             diag = jnp.zeros((_SUB, _SUB), f32)
@@ -170,7 +169,9 @@ def _kernel(
         last = pl.ds(start + c - 1, 1)
         hi_l = hi_ref[last, :]
         lo_l = lo_ref[last, :]
-        k_end = k_all * jnp.exp((hi_l - hi_all) + (lo_l - lo_all))
+        k_end = k_ref[whole, :].astype(f32)
+        k_end = k_end * jnp.exp((hi_l - hi_ref[whole, :]) + (lo_l - lo_ref[whole, :]))
+        v_all = v_ref[whole, :].astype(f32)
         return st * jnp.exp(hi_l + lo_l) + _common.dot(v_all, k_end, trans_a=True)
 
     st = jax.lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(f32).T)
