@@ -83,6 +83,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from effseq.ops.pallas import _common
+from effseq.typing import Array
 
 OP = "gated_delta_rule"
 # Value-tile width of the grid: the state tile is (k, BLOCK_V) float32.
@@ -520,11 +521,21 @@ _recompute_op.defvjp(_recompute_fwd, _recompute_bwd)
 
 
 def gated_delta_rule_pallas(
-    q, k, v, log_g, beta, h0, scale, *, chunk_size: int, block_v: int | None = None
-):
+    q: Array,
+    k: Array,
+    v: Array,
+    log_g: Array,
+    beta: Array,
+    h0: Array,
+    scale: float | Array,
+    *,
+    chunk_size: int,
+    block_v: int | None = None,
+) -> tuple[Array, Array]:
     """:func:`effseq.ops.delta_rule.gated_delta_rule` with ``impl="pallas"`` on one shard,
     unpacked, t > 0, inputs validated: q, k (b, t, h, k), v (b, t, h, v), log_g (b, t, h) (one
-    gate per head), beta (b, t, h), h0 (b, h, k, v) float32, scale a float or scalar array.
+    gate per head) or (b, t, h, k) (one per key channel), beta (b, t, h), h0 (b, h, k, v)
+    float32, scale a float or scalar array.
     ``block_v``: the value-tile width, None for ``BLOCK_V``. Returns ``(o, S_last)``: o
     (b, t, h, v) in q's dtype, S_last (b, h, k, v) float32."""
     block_v = BLOCK_V if block_v is None else block_v

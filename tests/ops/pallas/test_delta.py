@@ -126,3 +126,14 @@ def test_sequence_sharded():
     from tests.sequence.harness import compare_sharded
 
     compare_sharded(_pallas(16), _inputs(1, 32, 2, 16, 16), 2, names=NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_default_chunk(per_channel):
+    # The op's default chunk of 64 with t 70 (one full chunk, one padded), k 32, v 16.
+    def fast(q, k, v, log_g, beta, h0):
+        return gated_delta_rule(q, k, v, log_g, beta, h0=h0, impl="pallas")
+
+    args = _inputs(1, 70, 2, 32, 16, per_channel=per_channel, seed=3)
+    compare_with_reference(fast, _reference, args, jit=True, names=NAMES)
