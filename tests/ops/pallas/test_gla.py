@@ -135,6 +135,13 @@ def test_lowers_for_gpu(dtype):
 
 
 @pytest.mark.slow
+def test_longer_sequence_default_gpu_chunk():
+    # 5 chunks of 64 (4 sub-chunks each), k 64 in two key blocks, v 128 in two value tiles.
+    args = _inputs(1, 300, 2, 64, 128, gates="mixed", seed=6)
+    compare_with_reference(_pallas(64), _reference(), args, jit=True, names=NAMES)
+
+
+@pytest.mark.slow
 def test_sequence_sharded():
     # impl="pallas" on each local slice of the sequence-sharded path (2 shards of 24 steps).
     from tests.sequence.harness import compare_sharded
