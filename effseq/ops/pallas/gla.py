@@ -537,7 +537,7 @@ def gated_linear_attention_pallas(
       q, k: (b, t, h, k); v: (b, t, h, v); log_g: (b, t, h, k) <= 0; h0: (b, h, k, v) float32;
       scale: the query scale (a float or a scalar array).
       chunk_size: chunk length c, a power of two >= 16 (a sequence shorter than c runs as one
-        chunk of the next power of two >= 16 above t).
+        chunk: the smallest power of two >= 16 and >= t).
 
     Returns:
       ``(o, S_last)``: o (b, t, h, v) in the dtype of q, S_last (b, h, k, v) float32.
