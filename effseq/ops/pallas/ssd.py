@@ -43,14 +43,17 @@ state row, and the padded rows and columns of y and of the state are sliced off.
 
 Backward (Pallas, with small XLA reductions around it): a ``jax.custom_vjp``. The forward
 keeps the state entering each chunk (b, h, nc, p, n) float32 as a residual besides the
-inputs; a second fused-chunk kernel on the same grid walks the chunks in reverse, carrying
-the gradient of the state leaving the chunk (p tile, n) float32 from that of h_last down to
-that of h0, and writes dx (complete), each p tile's share of dB, dC (per head), of x . du
-and of the log decays' gradient. XLA then sums the shares over p tiles and over the heads
-of each group, forms d(dt) = x . du + A da, dA = sum dt da and dD = sum dy x. The decays'
-gradient is taken over exactly the exponent terms containing each step (the segment-sum
-part as a product with a 0/1 triangle at ``Precision.HIGHEST``), never as a difference of
-sums, so decays of exp(-20) beside ~1 lose nothing.
+inputs. Then two kernels, split like the forward's maths so that only cheap work is
+sequential: ``ssd_bwd_states`` (grid b x h x p tiles) walks the chunks in reverse carrying
+G, the gradient of the state leaving a chunk, (p tile, n) float32, from that of h_last to
+that of h0 (per chunk one product, G <- exp(total) G + (from_start dy)^T C) and writes each
+chunk's G; ``ssd_bwd_chunks`` (grid b x h x chunks * p tiles, all independent) takes a
+chunk's H and G and does the (c, c) work: dx (complete) and each p tile's share of dB, dC
+(per head), of x . du and of the log decays' gradient. XLA then sums the shares over p tiles
+and over the heads of each group, forms d(dt) = x . du + A da, dA = sum dt da and
+dD = sum dy x. The decays' gradient is taken over exactly the exponent terms containing each
+step (the segment-sum part as a product with a 0/1 triangle at ``Precision.HIGHEST``), never
+as a difference of sums, so decays of exp(-20) beside ~1 lose nothing.
 """
 
 from __future__ import annotations
@@ -122,72 +125,78 @@ def _fwd_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref,
     h_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...].astype(f32))
 
 
-def _bwd_kernel(
-    x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, hs_ref, dy_ref, dh_ref,
-    dx_ref, db_ref, dc_ref, ddt_ref, da_ref, dh0_ref, *, nc, c,
-):  # fmt: skip
-    """The gradient of one (batch, head, p tile), chunks in reverse order, carrying G, the
-    gradient of the state leaving the chunk (bp, n) float32, from dh_ref (of h_last) down to
-    dh0_ref (of h0). Inputs as in :func:`_fwd_kernel`; hs_ref (nc, bp, n) the states entering
-    the chunks, dy_ref (T, bp) the gradient of y. Out: dx_ref (T, bp) in x's dtype; this p
-    tile's share of the B and C gradients db_ref, dc_ref (T, n), of sum_p x du (ddt_ref (T,))
-    and of the log decays' gradient (da_ref (T,)), all float32, summed over tiles and heads
-    by the wrapper.
+def _bwd_state_kernel(a_ref, c_ref, dy_ref, dh_ref, gs_ref, dh0_ref, *, nc, c):
+    """The sequential part of the backward for one (batch, head, p tile): chunks in reverse
+    order, carrying G, the gradient of the state leaving the chunk (bp, n) float32, from
+    dh_ref (that of h_last) to dh0_ref (that of h0); gs_ref (nc, bp, n) receives each
+    chunk's G. Per chunk G <- total G + (from_start * dy)^T C: one product, no (c, c) work.
+    a_ref (T,) float32, c_ref (T, n), dy_ref (T, bp)."""
+    f32 = jnp.float32
+    cd = c_ref.dtype
 
-    With S = C B^T, u = dt x, P = L * (dy u^T) and H the state entering the chunk:
-    dC = P B + from_start * (dy H), dB = P^T C + to_end * (u G), du = (L * S)^T dy +
-    to_end * (B G^T), dx = dt du + D dy, d(dt) = x . du + A da, and the gradient of the state
-    entering the chunk total G + (from_start * dy)^T C. The log decays' gradient da_m sums
-    the gradients of the exponents that contain a_m (seg[i, j] for j < m <= i, from_start_i
-    for i >= m, to_end_j for j < m, the total), each over exactly those terms.
+    def body(kk, G):
+        k = nc - 1 - kk
+        s = pl.ds(pl.multiple_of(k * c, c), c)
+        gs_ref[pl.ds(k, 1), :, :] = G[None]
+        ak = a_ref[s]
+        from_start = jnp.exp(jnp.cumsum(ak))
+        read = (from_start[:, None] * dy_ref[s, :].astype(f32)).astype(cd)
+        return jnp.exp(jnp.sum(ak)) * G + _common.dot(read, c_ref[s, :], trans_a=True)
+
+    dh0_ref[...] = lax.fori_loop(0, nc, body, dh_ref[...].astype(f32))
+
+
+def _bwd_chunk_kernel(
+    x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, hs_ref, gs_ref, dy_ref,
+    dx_ref, db_ref, dc_ref, ddt_ref, da_ref, *, c,
+):  # fmt: skip
+    """The parallel part of the backward: one chunk of one (batch, head, p tile), given the
+    state entering it H (hs_ref) and the gradient G of the state leaving it (gs_ref), both
+    (bp, n) float32. Inputs as in :func:`_fwd_kernel` but one chunk long; dy_ref (c, bp) the
+    gradient of y. Out: dx_ref (c, bp) in x's dtype; this p tile's share of the B and C
+    gradients db_ref, dc_ref (c, n), of sum_p x du (ddt_ref (c,)) and of the log decays'
+    gradient (da_ref (c,)), all float32, summed over tiles and heads by the wrapper.
+
+    With S = C B^T, u = dt x, P = L * (dy u^T): dC = P B + from_start * (dy H),
+    dB = P^T C + to_end * (u G), du = (L * S)^T dy + to_end * (B G^T), dx = dt du + D dy and
+    d(dt) = x . du + A da. The log decays' gradient da_m sums the gradients of the exponents
+    that contain a_m (seg[i, j] for j < m <= i, from_start_i for i >= m, to_end_j for j < m,
+    the total), each over exactly those terms.
     """
     f32 = jnp.float32
     cd = x_ref.dtype
     row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    strict_upper = (row < col).astype(jnp.float32)  # [j, m] = j < m
-
-    def body(kk, G):
-        k = nc - 1 - kk
-        s = pl.ds(pl.multiple_of(k * c, c), c)
-        H = hs_ref[pl.ds(k, 1), :, :][0]  # (bp, n)
-        xk = x_ref[s, :]
-        Bk = b_ref[s, :]
-        Ck = c_ref[s, :]
-        dyk = dy_ref[s, :]
-        dtk = dt_ref[s]
-        L, to_end, from_start, total, causal = _chunk_decays(a_ref[s], c)
-        u = xk.astype(f32) * dtk[:, None]
-        dy32 = dyk.astype(f32)
-        S = _common.dot(Ck, Bk, trans_b=True)  # (c, c)
-        LS = S * L
-        P = _common.dot(dyk.astype(cd), u.astype(cd), trans_b=True) * L  # L * (dy u^T)
-        BG = _common.dot(Bk.astype(f32), G, trans_b=True)  # (c, bp)
-        CH = _common.dot(Ck.astype(f32), H, trans_b=True)  # (c, bp)
-        Pc = P.astype(cd)
-        dc_ref[s, :] = _common.dot(Pc, Bk) + from_start[:, None] * _common.dot(dy32, H)
-        db_ref[s, :] = _common.dot(Pc, Ck, trans_a=True) + to_end[:, None] * _common.dot(u, G)
-        du = _common.dot(LS.astype(cd), dyk.astype(cd), trans_a=True) + to_end[:, None] * BG
-        dx = dtk[:, None] * du
-        if d_ref is not None:
-            dx = dx + d_ref[...][None, :] * dy32
-        dx_ref[s, :] = dx.astype(dx_ref.dtype)
-        ddt_ref[s] = jnp.sum(xk.astype(f32) * du, axis=1)
-        # Gradients of the log decays: a_m is in seg[i, j] for j < m <= i, in from_start_i
-        # for m <= i, in to_end_j for j < m, and in the chunk's total; each sum below spans
-        # exactly those terms (no differences of larger sums, which would cancel where
-        # strong and weak decays meet).
-        M = S * P  # d seg[i, j] = L S (dy u^T)
-        spans = jnp.dot(M, strict_upper, precision=lax.Precision.HIGHEST)  # sum_{j < m} M[i, j]
-        d_read = from_start * jnp.sum(dy32 * CH, axis=1)  # d from_start_i (log)
-        d_to_end = to_end * jnp.sum(u * BG, axis=1)  # d to_end_j (log)
-        d_total = total * jnp.sum(H * G)
-        da = jnp.sum(jnp.where(causal, spans + d_read[:, None], 0.0), axis=0)  # over i >= m
-        da = da + jnp.sum(jnp.where(col < row, d_to_end[None, :], 0.0), axis=1) + d_total
-        da_ref[s] = da
-        return total * G + _common.dot((from_start[:, None] * dy32).astype(cd), Ck, trans_a=True)
-
-    dh0_ref[...] = lax.fori_loop(0, nc, body, dh_ref[...].astype(f32))
+    H, G = hs_ref[...], gs_ref[...]
+    xk, Bk, Ck, dyk, dtk = x_ref[...], b_ref[...], c_ref[...], dy_ref[...], dt_ref[...]
+    L, to_end, from_start, total, causal = _chunk_decays(a_ref[...], c)
+    u = xk.astype(f32) * dtk[:, None]
+    dy32 = dyk.astype(f32)
+    S = _common.dot(Ck, Bk, trans_b=True)  # (c, c)
+    P = _common.dot(dyk.astype(cd), u.astype(cd), trans_b=True) * L  # L * (dy u^T)
+    BG = _common.dot(Bk.astype(f32), G, trans_b=True)  # (c, bp)
+    Pc = P.astype(cd)
+    dc_ref[...] = _common.dot(Pc, Bk) + from_start[:, None] * _common.dot(dy32, H)
+    db_ref[...] = _common.dot(Pc, Ck, trans_a=True) + to_end[:, None] * _common.dot(u, G)
+    du = _common.dot((S * L).astype(cd), dyk.astype(cd), trans_a=True) + to_end[:, None] * BG
+    dx = dtk[:, None] * du
+    if d_ref is not None:
+        dx = dx + d_ref[...][None, :] * dy32
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+    ddt_ref[...] = jnp.sum(xk.astype(f32) * du, axis=1)
+    # Gradients of the log decays: a_m is in seg[i, j] for j < m <= i, in from_start_i for
+    # m <= i, in to_end_j for j < m, and in the chunk's total; each sum below spans exactly
+    # those terms (no differences of larger sums, which would cancel where strong and weak
+    # decays meet).
+    M = S * P  # d seg[i, j] = L S (dy u^T)
+    strict_upper = (row < col).astype(f32)  # [j, m] = j < m
+    spans = jnp.dot(M, strict_upper, precision=lax.Precision.HIGHEST)  # sum_{j < m} M[i, j]
+    CH = _common.dot(Ck.astype(f32), H, trans_b=True)  # (c, bp)
+    d_read = from_start * jnp.sum(dy32 * CH, axis=1)  # d from_start_i (log)
+    d_to_end = to_end * jnp.sum(u * BG, axis=1)  # d to_end_j (log)
+    d_total = total * jnp.sum(H * G)
+    da = jnp.sum(jnp.where(causal, spans + d_read[:, None], 0.0), axis=0)  # over i >= m
+    da_ref[...] = da + jnp.sum(jnp.where(col < row, d_to_end[None, :], 0.0), axis=1) + d_total
 
 
 class _Dims:
@@ -286,52 +295,64 @@ def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = Fals
 
 
 def _backward(chunk_size, res, cts):
-    """Gradients of (x, dt, A, B, C, D, h0) from the Pallas backward kernel; the sums over p
-    tiles and over the heads of a group, and dD = sum dy x, in XLA."""
+    """Gradients of (x, dt, A, B, C, D, h0): two Pallas kernels (the state gradients chunk by
+    chunk in reverse, then every chunk in parallel); the sums over p tiles and over the heads
+    of a group, d(dt) = x . du + A da, dA and dD = sum dy x in XLA."""
     x_in, dt_in, A, B_in, C_in, D, h0, states = res
     dy, dH = cts
     f32 = jnp.float32
     d = _Dims(x_in, B_in, chunk_size)
     x, a, dt, B, C = _padded_inputs(d, x_in, dt_in, A, B_in, C_in)
     dy_p = _common.pad_axis(_common.pad_axis(dy.astype(x.dtype), 1, d.c), 3, d.pp)
-    args = [x, a, dt, B, C] + ([] if D is None else [D.astype(f32)])
-    args += [states, dy_p, _pad_state(d, dH)]
-    tile_t = pl.BlockSpec((None, None, d.T, None, d.npad), lambda i, j, k: (i, k, 0, j, 0))
-    tile_v = pl.BlockSpec((None, None, None, d.T), lambda i, j, k: (i, k, j, 0))
-    in_specs = [
-        *_specs(d, D is not None),
-        pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0)),
-        pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),  # dy
-        _state_spec(d),  # dH
-    ]
+    seq_spec = pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k))
+    states_spec = pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0))
+    grads_out, dh0 = _common.call(
+        functools.partial(_bwd_state_kernel, nc=d.nc, c=d.c),
+        out_shape=(
+            jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.pp, d.npad), f32),
+            jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
+        ),
+        grid=(d.b, d.h, d.tiles),
+        in_specs=[_specs(d, False)[1], _specs(d, False)[4], seq_spec, _state_spec(d)],
+        out_specs=(states_spec, _state_spec(d)),
+        name="ssd_bwd_states",
+    )(a, C, dy_p, _pad_state(d, dH))
+
+    # Grid (batch, head, chunk x p tile): every chunk independent given H and G.
+    nt, r, c, bp, npad = d.tiles, d.r, d.c, d.bp, d.npad
+    seq = pl.BlockSpec((None, c, None, bp), lambda i, j, m: (i, m // nt, j, m % nt))
+    vec = pl.BlockSpec((None, None, c), lambda i, j, m: (i, j, m // nt))
+    grp = pl.BlockSpec((None, c, None, npad), lambda i, j, m: (i, m // nt, j // r, 0))
+    state = pl.BlockSpec((None, None, None, bp, npad), lambda i, j, m: (i, j, m // nt, m % nt, 0))
+    tile_t = pl.BlockSpec((None, None, c, None, npad), lambda i, j, m: (i, m % nt, m // nt, j, 0))
+    tile_v = pl.BlockSpec((None, None, None, c), lambda i, j, m: (i, m % nt, j, m // nt))
+    in_specs = [seq, vec, vec, grp, grp]
+    args = [x, a, dt, B, C]
+    if D is not None:
+        in_specs.append(pl.BlockSpec((1,), lambda i, j, m: (j,)))
+        args.append(D.astype(f32))
+    in_specs += [state, state, seq]
+    args += [states, grads_out, dy_p]
 
     def kernel(*refs):
         if D is None:
             refs = (*refs[:5], None, *refs[5:])
-        _bwd_kernel(*refs, nc=d.nc, c=d.c)
+        _bwd_chunk_kernel(*refs, c=c)
 
-    per_tile = (d.b, d.tiles, d.T, d.h, d.npad)
-    dx, dB, dC, ddt, da, dh0 = _common.call(
+    per_tile = (d.b, nt, d.T, d.h, npad)
+    dx, dB, dC, ddt, da = _common.call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), x.dtype),
             jax.ShapeDtypeStruct(per_tile, f32),
             jax.ShapeDtypeStruct(per_tile, f32),
-            jax.ShapeDtypeStruct((d.b, d.tiles, d.h, d.T), f32),
-            jax.ShapeDtypeStruct((d.b, d.tiles, d.h, d.T), f32),
-            jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
+            jax.ShapeDtypeStruct((d.b, nt, d.h, d.T), f32),
+            jax.ShapeDtypeStruct((d.b, nt, d.h, d.T), f32),
         ),
-        grid=(d.b, d.h, d.tiles),
+        grid=(d.b, d.h, d.nc * nt),
         in_specs=in_specs,
-        out_specs=(
-            pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),
-            tile_t,
-            tile_t,
-            tile_v,
-            tile_v,
-            _state_spec(d),
-        ),
-        name="ssd_fused_chunk_bwd",
+        out_specs=(seq, tile_t, tile_t, tile_v, tile_v),
+        name="ssd_bwd_chunks",
     )(*args)
 
     def group_sum(z):  # (b, tiles, T, h, npad) -> (b, t, g, n)

@@ -128,8 +128,9 @@ def test_lowers_for_gpu_through_triton(dtype, with_D):
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
     text = lower_for_gpu(grad, *args)
-    # Two kernels: the forward (keeping the chunk states) and the backward.
-    assert text.count(TRITON_CALL) == 2 and "ssd_fused_chunk_bwd" in text
+    # Three kernels: the forward (keeping the chunk states) and the backward's two.
+    assert text.count(TRITON_CALL) == 3
+    assert "ssd_bwd_states" in text and "ssd_bwd_chunks" in text
 
 
 @pytest.mark.slow
