@@ -11,16 +11,22 @@ the chunk and, for steps i, j of the chunk, seg[i, j] = a_{j+1} + ... + a_i (j <
             + D x_i
     H_out = exp(a_1 + ... + a_c) H  +  sum_j exp(a_{j+1} + ... + a_c) dt_j x_j^T B_j
 
-Forward (Pallas): one "fused chunk" kernel on a grid (b, h, p tiles), every program walking
-the chunks of its row in order with a ``lax.fori_loop`` that carries its (p tile, n) slice of
-H in float32. One kernel rather than two (chunk states, then outputs) because a head's state
-is small (p tile x n floats) and the walk keeps it in registers: x, B and C are read once and
-y written once; without gradients no (nc, p, n) array of chunk states is ever in memory
-(with them, the states entering the chunks are written out for the backward). The price
-is parallelism, which only comes from b * h * (p / p tile) programs. The group of B and C
-a head reads (i // (h // g)) comes from the head index in their ``BlockSpec`` index map, so
-B and C are never copied per head. D x is added inside the kernel, before the one cast of y
-to x's dtype.
+Forward (Pallas), in two forms:
+
+* without gradients (inference), one "fused chunk" kernel ``ssd_fused_chunk_fwd`` on a grid
+  (b, h, p tiles), every program walking the chunks of its row in order with a
+  ``lax.fori_loop`` that carries its (p tile, n) slice of H in float32: x, B and C are read
+  once, y written once, and no (nc, p, n) array of chunk states is ever in memory. Its
+  parallelism is only b * h * (p / p tile) programs;
+* under ``jax.vjp`` / ``grad`` (training), where the backward needs the state entering every
+  chunk anyway, two kernels: ``ssd_fwd_states`` (grid b x h x p tiles) walks the chunks doing
+  only the state update (one (p tile, c) x (c, n) product per chunk) and writes each chunk's
+  entering state; ``ssd_fwd_chunks`` (grid b x h x chunks * p tiles, all independent) does
+  the (c, c) work of every chunk from its state. The sequential part is then the cheap one.
+
+The group of B and C a head reads (i // (h // g)) comes from the head index in their
+``BlockSpec`` index maps, so B and C are never copied per head. D x is added inside the
+kernels, before the one cast of y to x's dtype.
 
 Every exponent is a sum of exactly the terms it spans, never a difference of running sums
 (the masked cumulative sum of the paper's Listing 1, as the XLA path does): with decays of
@@ -96,33 +102,72 @@ def _chunk_decays(ak, c):
     return L, to_end, from_start, total, causal
 
 
-def _fwd_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref, hs_ref, *, nc, c):
-    """One (batch, head, p tile): x_ref (T, bp); a_ref, dt_ref (T,) float32; b_ref, c_ref
-    (T, n); d_ref (1,) float32 or None; h0_ref, h_ref (bp, n) float32; y_ref (T, bp);
-    hs_ref (nc, bp, n) float32 (the state entering each chunk, kept for the backward) or
-    None."""
+def _chunk_output(xk, ak, dtk, Bk, Ck, d, H, c):
+    """y (c, bp) float32 of one chunk: (L * C B^T)(dt x) + from_start * (C H^T) + D x, from
+    its x (c, bp), log decays and dt (c,), B, C (c, n), D (1,) or None and the state entering
+    it H (bp, n) float32. Also returns to_end and total for the state update."""
     f32 = jnp.float32
-    cd = x_ref.dtype  # dtype of the second-stage dot operands
+    cd = xk.dtype
+    L, to_end, from_start, total, _ = _chunk_decays(ak, c)
+    u = xk.astype(f32) * dtk[:, None]  # dt x, (c, bp)
+    scores = _common.dot(Ck, Bk, trans_b=True) * L  # (c, c) float32
+    y = _common.dot(scores.astype(cd), u.astype(cd))
+    y = y + from_start[:, None] * _common.dot(Ck.astype(f32), H, trans_b=True)
+    if d is not None:
+        y = y + d[None, :] * xk.astype(f32)
+    return y, u, to_end, total
+
+
+def _state_update(H, u, to_end, total, Bk):
+    """The state leaving a chunk: exp(total) H + (to_end * dt x)^T B."""
+    w = (u * to_end[:, None]).astype(Bk.dtype)
+    return total * H + _common.dot(w, Bk, trans_a=True)
+
+
+def _fwd_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref, *, nc, c):
+    """Inference form, fused: one (batch, head, p tile) walks its chunks in order carrying its
+    state slice. x_ref (T, bp); a_ref, dt_ref (T,) float32; b_ref, c_ref (T, n); d_ref (1,)
+    float32 or None; h0_ref, h_ref (bp, n) float32; y_ref (T, bp)."""
+    d = None if d_ref is None else d_ref[...]
 
     def body(k, H):
         s = pl.ds(pl.multiple_of(k * c, c), c)
-        if hs_ref is not None:
-            hs_ref[pl.ds(k, 1), :, :] = H[None]
-        xk = x_ref[s, :]  # (c, bp)
-        Bk = b_ref[s, :]  # (c, n)
-        Ck = c_ref[s, :]
-        L, to_end, from_start, total, _ = _chunk_decays(a_ref[s], c)
-        u = xk.astype(f32) * dt_ref[s][:, None]  # dt x, (c, bp)
-        scores = _common.dot(Ck, Bk, trans_b=True) * L  # (c, c) float32
-        y = _common.dot(scores.astype(cd), u.astype(cd))
-        y = y + from_start[:, None] * _common.dot(Ck.astype(f32), H, trans_b=True)
-        if d_ref is not None:
-            y = y + d_ref[...][None, :] * xk.astype(f32)
+        Bk = b_ref[s, :]
+        y, u, to_end, total = _chunk_output(
+            x_ref[s, :], a_ref[s], dt_ref[s], Bk, c_ref[s, :], d, H, c
+        )
         y_ref[s, :] = y.astype(y_ref.dtype)
-        w = (u * to_end[:, None]).astype(cd)
-        return total * H + _common.dot(w, Bk, trans_a=True)
+        return _state_update(H, u, to_end, total, Bk)
+
+    h_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...].astype(jnp.float32))
+
+
+def _fwd_state_kernel(x_ref, a_ref, dt_ref, b_ref, h0_ref, h_ref, hs_ref, *, nc, c):
+    """Training form, sequential part: the states alone, chunk by chunk (one product each, no
+    (c, c) product); hs_ref (nc, bp, n) float32 receives the state entering each chunk."""
+    f32 = jnp.float32
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+    def body(k, H):
+        s = pl.ds(pl.multiple_of(k * c, c), c)
+        hs_ref[pl.ds(k, 1), :, :] = H[None]
+        ak = a_ref[s]
+        to_end = jnp.exp(jnp.sum(jnp.where(col < row, ak[:, None], 0.0), axis=0))
+        u = x_ref[s, :].astype(f32) * dt_ref[s][:, None]
+        return _state_update(H, u, to_end, jnp.exp(jnp.sum(ak)), b_ref[s, :])
 
     h_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...].astype(f32))
+
+
+def _fwd_chunk_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, hs_ref, y_ref, *, c):
+    """Training form, parallel part: one chunk of one (batch, head, p tile) from the state
+    entering it (hs_ref (bp, n) float32); refs as in :func:`_fwd_kernel`, one chunk long."""
+    d = None if d_ref is None else d_ref[...]
+    y, *_ = _chunk_output(
+        x_ref[...], a_ref[...], dt_ref[...], b_ref[...], c_ref[...], d, hs_ref[...], c
+    )
+    y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _bwd_state_kernel(a_ref, c_ref, dy_ref, dh_ref, gs_ref, dh0_ref, *, nc, c):
@@ -253,45 +298,74 @@ def _state_spec(d: _Dims):
     return pl.BlockSpec((None, None, d.bp, d.npad), lambda i, j, k: (i, j, k, 0))
 
 
+def _states_spec(d: _Dims):
+    """All nc chunk states (b, h, nc, pp, npad) of one (batch, head, p tile)."""
+    return pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0))
+
+
+def _chunk_specs(d: _Dims, with_D: bool):
+    """BlockSpecs of one chunk of x, a, dt, B, C[, D] and of its (bp, n) state slice in a
+    (b, h, nc, pp, npad) array, on the grid (batch, head, chunk x p tile)."""
+    nt, r, c, bp, npad = d.tiles, d.r, d.c, d.bp, d.npad
+    seq = pl.BlockSpec((None, c, None, bp), lambda i, j, m: (i, m // nt, j, m % nt))
+    vec = pl.BlockSpec((None, None, c), lambda i, j, m: (i, j, m // nt))
+    grp = pl.BlockSpec((None, c, None, npad), lambda i, j, m: (i, m // nt, j // r, 0))
+    specs = [seq, vec, vec, grp, grp]
+    if with_D:
+        specs.append(pl.BlockSpec((1,), lambda i, j, m: (j,)))
+    state = pl.BlockSpec((None, None, None, bp, npad), lambda i, j, m: (i, j, m // nt, m % nt, 0))
+    return specs, seq, state
+
+
+def _with_none(kernel, D, at: int):
+    """``kernel`` called with None in the place of the absent D ref (position ``at``)."""
+    if D is not None:
+        return kernel
+    return lambda *refs: kernel(*refs[:at], None, *refs[at:])
+
+
 def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = False):
-    """The Pallas forward on unpadded inputs: (y in x's dtype, H float32), and with
-    ``keep_states`` the padded states entering each chunk (b, h, nc, pp, npad) float32."""
+    """The Pallas forward on unpadded inputs: (y in x's dtype, H float32). Without
+    ``keep_states`` the fused kernel; with it, the states kernel then the parallel chunks
+    kernel, also returning the padded states entering each chunk (b, h, nc, pp, npad)."""
     f32 = jnp.float32
     d = _Dims(x, B, chunk_size)
     y_dtype = x.dtype
     x, a, dt, B, C = _padded_inputs(d, x, dt, A, B, C)
-    args = [x, a, dt, B, C] + ([] if D is None else [D.astype(f32)]) + [_pad_state(d, h0)]
-    out_shape = [
-        jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), y_dtype),
-        jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k)),
-        _state_spec(d),
-    ]
-    if keep_states:
-        out_shape.append(jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.pp, d.npad), f32))
-        out_specs.append(
-            pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0))
-        )
+    Ds = [] if D is None else [D.astype(f32)]
+    y_shape = jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), y_dtype)
+    h_shape = jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32)
+    h0 = _pad_state(d, h0)
+    if not keep_states:
+        y, H = _common.call(
+            _with_none(functools.partial(_fwd_kernel, nc=d.nc, c=d.c), D, 5),
+            out_shape=(y_shape, h_shape),
+            grid=(d.b, d.h, d.tiles),
+            in_specs=[*_specs(d, D is not None), _state_spec(d)],
+            out_specs=(_specs(d, False)[0], _state_spec(d)),
+            name="ssd_fused_chunk_fwd",
+        )(x, a, dt, B, C, *Ds, h0)
+        return y[:, : d.t, :, : d.p], H[:, :, : d.p, : d.n]
 
-    def kernel(*refs):
-        if D is None:
-            refs = (*refs[:5], None, *refs[5:])
-        if not keep_states:
-            refs = (*refs, None)
-        _fwd_kernel(*refs, nc=d.nc, c=d.c)
-
-    outs = _common.call(
-        kernel,
-        out_shape=tuple(out_shape),
+    seq_specs = _specs(d, False)
+    H, states = _common.call(
+        functools.partial(_fwd_state_kernel, nc=d.nc, c=d.c),
+        out_shape=(h_shape, jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.pp, d.npad), f32)),
         grid=(d.b, d.h, d.tiles),
-        in_specs=[*_specs(d, D is not None), _state_spec(d)],
-        out_specs=tuple(out_specs),
-        name="ssd_fused_chunk_fwd",
-    )(*args)
-    y, H = outs[0][:, : d.t, :, : d.p], outs[1][:, :, : d.p, : d.n]
-    return ((y, H), outs[2]) if keep_states else (y, H)
+        in_specs=[*seq_specs[:4], _state_spec(d)],
+        out_specs=(_state_spec(d), _states_spec(d)),
+        name="ssd_fwd_states",
+    )(x, a, dt, B, h0)
+    specs, seq, state = _chunk_specs(d, D is not None)
+    y = _common.call(
+        _with_none(functools.partial(_fwd_chunk_kernel, c=d.c), D, 5),
+        out_shape=y_shape,
+        grid=(d.b, d.h, d.nc * d.tiles),
+        in_specs=[*specs, state],
+        out_specs=seq,
+        name="ssd_fwd_chunks",
+    )(x, a, dt, B, C, *Ds, states)
+    return (y[:, : d.t, :, : d.p], H[:, :, : d.p, : d.n]), states
 
 
 def _backward(chunk_size, res, cts):
@@ -304,8 +378,7 @@ def _backward(chunk_size, res, cts):
     d = _Dims(x_in, B_in, chunk_size)
     x, a, dt, B, C = _padded_inputs(d, x_in, dt_in, A, B_in, C_in)
     dy_p = _common.pad_axis(_common.pad_axis(dy.astype(x.dtype), 1, d.c), 3, d.pp)
-    seq_spec = pl.BlockSpec((None, d.T, None, d.bp), lambda i, j, k: (i, 0, j, k))
-    states_spec = pl.BlockSpec((None, None, d.nc, d.bp, d.npad), lambda i, j, k: (i, j, 0, k, 0))
+    seq_specs = _specs(d, False)
     grads_out, dh0 = _common.call(
         functools.partial(_bwd_state_kernel, nc=d.nc, c=d.c),
         out_shape=(
@@ -313,35 +386,20 @@ def _backward(chunk_size, res, cts):
             jax.ShapeDtypeStruct((d.b, d.h, d.pp, d.npad), f32),
         ),
         grid=(d.b, d.h, d.tiles),
-        in_specs=[_specs(d, False)[1], _specs(d, False)[4], seq_spec, _state_spec(d)],
-        out_specs=(states_spec, _state_spec(d)),
+        in_specs=[seq_specs[1], seq_specs[4], seq_specs[0], _state_spec(d)],  # a, C, dy, dH
+        out_specs=(_states_spec(d), _state_spec(d)),
         name="ssd_bwd_states",
     )(a, C, dy_p, _pad_state(d, dH))
 
     # Grid (batch, head, chunk x p tile): every chunk independent given H and G.
-    nt, r, c, bp, npad = d.tiles, d.r, d.c, d.bp, d.npad
-    seq = pl.BlockSpec((None, c, None, bp), lambda i, j, m: (i, m // nt, j, m % nt))
-    vec = pl.BlockSpec((None, None, c), lambda i, j, m: (i, j, m // nt))
-    grp = pl.BlockSpec((None, c, None, npad), lambda i, j, m: (i, m // nt, j // r, 0))
-    state = pl.BlockSpec((None, None, None, bp, npad), lambda i, j, m: (i, j, m // nt, m % nt, 0))
+    nt, c, npad = d.tiles, d.c, d.npad
+    specs, seq, state = _chunk_specs(d, D is not None)
     tile_t = pl.BlockSpec((None, None, c, None, npad), lambda i, j, m: (i, m % nt, m // nt, j, 0))
     tile_v = pl.BlockSpec((None, None, None, c), lambda i, j, m: (i, m % nt, j, m // nt))
-    in_specs = [seq, vec, vec, grp, grp]
-    args = [x, a, dt, B, C]
-    if D is not None:
-        in_specs.append(pl.BlockSpec((1,), lambda i, j, m: (j,)))
-        args.append(D.astype(f32))
-    in_specs += [state, state, seq]
-    args += [states, grads_out, dy_p]
-
-    def kernel(*refs):
-        if D is None:
-            refs = (*refs[:5], None, *refs[5:])
-        _bwd_chunk_kernel(*refs, c=c)
-
+    Ds = [] if D is None else [D.astype(f32)]
     per_tile = (d.b, nt, d.T, d.h, npad)
     dx, dB, dC, ddt, da = _common.call(
-        kernel,
+        _with_none(functools.partial(_bwd_chunk_kernel, c=c), D, 5),
         out_shape=(
             jax.ShapeDtypeStruct((d.b, d.T, d.h, d.pp), x.dtype),
             jax.ShapeDtypeStruct(per_tile, f32),
@@ -350,10 +408,10 @@ def _backward(chunk_size, res, cts):
             jax.ShapeDtypeStruct((d.b, nt, d.h, d.T), f32),
         ),
         grid=(d.b, d.h, d.nc * nt),
-        in_specs=in_specs,
+        in_specs=[*specs, state, state, seq],
         out_specs=(seq, tile_t, tile_t, tile_v, tile_v),
         name="ssd_bwd_chunks",
-    )(*args)
+    )(x, a, dt, B, C, *Ds, states, grads_out, dy_p)
 
     def group_sum(z):  # (b, tiles, T, h, npad) -> (b, t, g, n)
         z = jnp.sum(z, axis=1)[:, : d.t, :, : d.n]

@@ -12,6 +12,7 @@ from effseq.ops.pallas._common import lower_for_gpu
 from effseq.ops.ssd import ssd, ssd_reference
 from tests.ops.compare import compare_with_reference
 from tests.sequence.harness import compare_sharded
+from tests.tolerances import assert_close
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -51,7 +52,10 @@ def _fns(chunk_size, with_D=True, with_h0=True):
     return wrap(ssd, chunk_size=chunk_size, impl="pallas"), wrap(ssd_reference)
 
 
-def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", **shape):
+def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", plain=False, **shape):
+    """Values, h_last and every input's gradient against the reference; the values come from
+    the training form (under jax.vjp), and with ``plain`` also from a call without gradients
+    (the fused inference kernel)."""
     x, dt, A, B, C, D, h0 = _inputs(t, dtype=jnp.dtype(dtype), **shape)
     args, names = [x, dt, A, B, C], ["x", "dt", "A", "B", "C"]
     if with_D:
@@ -62,6 +66,11 @@ def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", **shape
     (y, H), _ = compare_with_reference(fast, ref, args, dtype, jit=True, names=names)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert H.dtype == jnp.float32 and H.shape == h0.shape
+    if plain:
+        y_ref, H_ref = ref(*args)
+        y, H = jax.jit(fast)(*args)
+        assert_close(y, y_ref, dtype, err_msg="y without gradients")
+        assert_close(H, H_ref, dtype, err_msg="h_last without gradients")
 
 
 @pytest.mark.parametrize(
@@ -74,7 +83,7 @@ def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", **shape
     ],
 )
 def test_matches_reference(t, chunk_size, shape, with_D):
-    _check(t, chunk_size, with_D=with_D, with_h0=with_D, **shape)
+    _check(t, chunk_size, with_D=with_D, with_h0=with_D, plain=True, **shape)
 
 
 def test_bfloat16_matches_float32_reference():
@@ -90,7 +99,7 @@ def test_mixed_input_dtypes_keep_x_dtype():
 
 def test_strong_decay_is_exact():
     # dt A = -20 beside ~0: the in-kernel segment sums must not be differences of running sums.
-    _check(40, 16, decay="mixed", g=2, seed=2)
+    _check(40, 16, decay="mixed", g=2, seed=2, plain=True)
 
 
 @pytest.mark.devices(2)
@@ -128,9 +137,10 @@ def test_lowers_for_gpu_through_triton(dtype, with_D):
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
     text = lower_for_gpu(grad, *args)
-    # Three kernels: the forward (keeping the chunk states) and the backward's two.
-    assert text.count(TRITON_CALL) == 3
-    assert "ssd_bwd_states" in text and "ssd_bwd_chunks" in text
+    # Four kernels: the training forward's two (states, then chunks) and the backward's two.
+    assert text.count(TRITON_CALL) == 4
+    for name in ("ssd_fwd_states", "ssd_fwd_chunks", "ssd_bwd_states", "ssd_bwd_chunks"):
+        assert name in text
 
 
 @pytest.mark.slow
