@@ -3,7 +3,10 @@ import shutil
 import tempfile
 
 # Eight fake CPU devices for the multi-device tests; must be set before JAX initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# EFFSEQ_TEST_DEVICES=1 gives one, as on a one-GPU host: the tests marked ``devices(n)`` then
+# skip, which is how a CPU checks that `make test-gpu` on one GPU skips them cleanly.
+_FAKE = os.environ.get("EFFSEQ_TEST_DEVICES", "8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_FAKE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Much of the suite's time on a CPU is XLA compiling small programs. JAX's switch for tests
 # turns LLVM's optimisation passes off (the HLO passes, fusion included, still run): 22 model
@@ -16,6 +19,9 @@ if os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("EFFSEQ_TEST_OPTIMIZE
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "devices(n): needs n JAX devices; skipped where fewer are visible (one GPU)"
+    )
     # One persistent compilation cache per test session, shared by the xdist workers and the
     # subprocesses tests start (they inherit the environment): the suite compiles the same
     # small programs many times over (the tiny training config of tests/train in ~20 runs,
@@ -38,10 +44,27 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
     # The tolerance table (tests/tolerances.py) assumes float32 arithmetic in the fast paths and
     # the references alike. GPUs and TPUs run float32 matrix products at reduced precision by
     # default (TF32 or bf16 passes, about 1e-3 relative), far outside those tolerances, so the
-    # suite pins full precision there. effseq itself leaves JAX's default (or the user's) alone.
+    # suite pins full precision there; the tests of the precision users get by default
+    # (tests/test_gpu_precision.py, the "tf32" tier) set it back around themselves.
+    # effseq itself leaves JAX's default (or the user's) alone.
+    # The CLI and notebook tests start JAX in subprocesses beside this one: with JAX's default
+    # of taking 75% of the GPU's memory up front, the second process would find too little.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("devices")
+    if marker is not None:
+        import jax
+
+        need, have = marker.args[0], jax.device_count()
+        if have < need:
+            import pytest
+
+            pytest.skip(f"needs {need} devices, {have} visible")
 
 
 # The longest test files first. `make test` hands whole files to two workers as they free up

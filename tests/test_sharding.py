@@ -76,6 +76,7 @@ def _reference_logits(mixer, options=None):
 # ----------------------------------------------------------------------------- make_mesh
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize(
     "sizes, shape",
     [
@@ -95,6 +96,7 @@ def test_make_mesh_fills_the_minus_one(sizes, shape):
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
+@pytest.mark.devices(8)
 def test_make_mesh_on_a_subset_of_devices():
     devices = jax.devices()[:4]
     mesh = sharding.make_mesh(data=-1, tensor=2, devices=devices)
@@ -102,6 +104,7 @@ def test_make_mesh_on_a_subset_of_devices():
     assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize(
     "sizes, match",
     [
@@ -179,6 +182,7 @@ def _expected_spec(preset, names):
     return tuple(spec)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("preset, shape", LAYOUTS)
 def test_param_shardings_follow_the_preset(mixer, preset, shape):
@@ -205,6 +209,7 @@ def test_param_shardings_follow_the_preset(mixer, preset, shape):
         assert flat["params/embed"].shard_shape((V, D)) == (V // tensor, D // fsdp)
 
 
+@pytest.mark.devices(8)
 def test_param_shardings_of_concrete_variables_and_unboxed_leaves():
     mesh = sharding.make_mesh(1, 8, 1)
     tree = {
@@ -218,6 +223,7 @@ def test_param_shardings_of_concrete_variables_and_unboxed_leaves():
     assert shardings["table"] == sharding.replicated(mesh)
 
 
+@pytest.mark.devices(8)
 def test_non_divisible_dimension_names_the_parameter():
     # GLA has 4 heads; fsdp_tp puts heads on tensor, here 8 wide.
     mesh = sharding.make_mesh(1, 1, 8)
@@ -276,6 +282,7 @@ def _check_sharded_model(mixer, preset, shape):
 
 
 # Every layout once; every mixer on every layout is the slow test below.
+@pytest.mark.devices(8)
 @pytest.mark.parametrize(
     "mixer, preset, shape",
     [
@@ -300,6 +307,7 @@ def test_jitted_init_lands_in_the_shardings_all(mixer, preset, shape):
 # ----------------------------------------------------------------------------- batch
 
 
+@pytest.mark.devices(8)
 def test_batch_sharding_splits_the_leading_dim_over_data_and_fsdp():
     mesh = sharding.make_mesh(2, 2, 2)
     s = sharding.batch_sharding(mesh)

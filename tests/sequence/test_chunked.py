@@ -19,6 +19,9 @@ from effseq.ops.gla import gated_linear_attention
 from effseq.ops.ssd import ssd
 from tests.sequence.harness import compare_sharded, mesh
 
+# Built for 8 (fake CPU) devices; skipped where fewer are visible (one GPU).
+pytestmark = pytest.mark.devices(8)
+
 B, H, DK, DV = 2, 2, 4, 6
 SSD_H, SSD_P, SSD_N, SSD_G = 4, 4, 8, 2
 

@@ -14,6 +14,9 @@ from effseq.models import Backbone, LanguageModel, SequenceClassifier, registry
 from tests.models.test_packing import EVERY, OPTIONS
 from tests.sequence.harness import compare_sharded
 
+# Built for 8 (fake CPU) devices; skipped where fewer are visible (one GPU).
+pytestmark = pytest.mark.devices(8)
+
 V, D, T = 13, 16, 32
 
 

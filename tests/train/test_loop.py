@@ -93,6 +93,7 @@ def one_device_losses(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize(
     "rules,mesh",
     [
@@ -140,6 +141,7 @@ def _same_sharding(x, s):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
 
 
+@pytest.mark.devices(8)
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     train_and_evaluate(tiny(), tmp_path / "full")
     train_and_evaluate(tiny(**{"train.micro_batches": 2, "mesh.data": 8}), tmp_path / "acc")
@@ -147,6 +149,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert_close(np.array(list(b.values())), np.array(list(a.values())))
 
 
+@pytest.mark.devices(8)
 def test_resume_on_another_mesh_continues_the_run(tmp_path):
     ref = tmp_path / "ref"
     train_and_evaluate(tiny(steps=6, **{"train.checkpoint_every": 3}), ref)
@@ -204,6 +207,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert step == int(state.step) >= 1
 
 
+@pytest.mark.devices(8)
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(
         ValueError, match="unknown config key 'train.stepz'; did you mean 'train.steps'"

@@ -335,6 +335,7 @@ def _rules():
     return [(name, "fsdp" if name == sharding.EMBED else None) for name in sharding.PARAM_AXES]
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_sharded_update_keeps_shardings_and_matches_one_device(axis_type):
     boxed = _boxed("s4d")
