@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPU_STAMP := $(VENV)/.installed-gpu
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing bench-sequence clean
+.PHONY: run test test-gpu bench-gpu test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing bench-sequence clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,21 @@ bench-small: $(STAMP)
 ## test: lint, then the fast test suite (what CI runs)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# jax's CUDA plugin (the `gpu` extra of setup.cfg), for the GPU targets only.
+$(GPU_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,gpu]'
+	touch $(GPU_STAMP)
+
+## test-gpu: the fast suite on one NVIDIA GPU, in one process (tests that need several devices
+## skip); float32 checks at "highest" precision, the default-precision (TF32) tier in
+## tests/test_gpu_precision.py, the Pallas kernels compiled by Triton instead of interpreted
+test-gpu: $(GPU_STAMP)
+	JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false $(BIN)/python -m pytest -q
+
+## bench-gpu: every mixer's op at FLA's shapes vs cuDNN attention (benchmarks/results/<gpu>/)
+bench-gpu: $(GPU_STAMP)
+	JAX_PLATFORMS=cuda $(BIN)/effseq bench --plan gpu
 
 ## test-slow: only the tests marked slow
 test-slow: $(STAMP)

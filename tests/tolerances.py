@@ -13,6 +13,19 @@ long: gradients at realistic lengths (t in the thousands) are float32 sums of th
   relative error means nothing. Errors are measured against the array's largest magnitude
   instead. Against a float64 truth, the reference and the fast paths measured alike (e.g. the
   kernel gradient of an FFT conv at t = 8191: 1.2e-4 fast, 1.9e-4 direct, on a scale of 627).
+tf32 (GPU default precision): what users get on an NVIDIA GPU without asking for more. Float32
+  matrix products there run on the tensor cores with TF32 operands (10 explicit mantissa bits,
+  unit roundoff u = 2**-11 = 4.9e-4; XLA's and Triton's default for float32 dots), so the
+  entrywise float32 entries above cannot hold: tests/test_gpu_precision.py compares each fast
+  path at the default precision with its reference at "highest" by relative RMS error,
+  ||y - y_ref|| / ||y_ref||. One product with rounded operands lands near u / sqrt(3) to u
+  (about 3e-4 seen for TF32 products elsewhere); the chunked forms chain up to four products
+  (scores, their product with the values, the state read-out and update), gradients twice as
+  many, so 2e-3 for values and 5e-3 for gradients, about four and ten single products' worth.
+  These bounds are derived, not yet measured on a GPU (issue 19): the first GPU run of
+  `make test-gpu` checks them, and a miss there is to be explained, not widened. Everywhere
+  else (CPU; the rest of the suite on a GPU, which conftest pins to "highest") the float32
+  entries apply.
 """
 
 import numpy as np
@@ -27,6 +40,8 @@ LONG_RTOL = {"float32": 1e-5}
 # so single entries can drift by several bf16 ulps; its output is compared by relative RMS
 # error against the float32 layer: ||y - y_ref|| / ||y_ref||.
 BF16_LAYER_REL_RMS = 1e-2
+# The GPU default-precision tier (see "tf32" above), relative RMS error.
+TF32_REL_RMS = {"value": 2e-3, "grad": 5e-3}
 
 
 def assert_close_rms(actual, expected, rel=BF16_LAYER_REL_RMS):
