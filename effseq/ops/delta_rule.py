@@ -281,10 +281,17 @@ def gated_delta_rule(
                 f"{op}: impl='pallas' does not support packed rows (segment_ids); use "
                 "impl='chunked' (the default) or 'recurrent', which do"
             )
+        from effseq.ops.pallas._common import per_device
         from effseq.ops.pallas.delta import gated_delta_rule_pallas
 
-        return gated_delta_rule_pallas(
-            q, k, v, log_g, beta, h0, default_scale(scale, dk), chunk_size=chunk_size
+        def kernel(q, k, v, log_g, beta, h0):
+            return gated_delta_rule_pallas(
+                q, k, v, log_g, beta, h0, default_scale(scale, dk), chunk_size=chunk_size
+            )
+
+        # Rows over data x fsdp, heads over tensor: each device runs its block of the kernel.
+        return per_device(
+            kernel, (q, k, v, log_g, beta, h0), (0,) * 6, (2, 2, 2, 2, 2, 1), (0, 0), (2, 1)
         )
     args = (
         q.astype(f32) * default_scale(scale, dk),

@@ -219,11 +219,16 @@ def gated_linear_attention(
         sequence.check_length(op, t, n)
         return _sharded(q, k, v, log_g, h0, scale, chunk_size, impl, segment_ids)
     if impl == "pallas":
+        from effseq.ops.pallas._common import per_device
         from effseq.ops.pallas.gla import gated_linear_attention_pallas
 
-        return gated_linear_attention_pallas(
-            q, k, v, log_g, h0, default_scale(scale, dk), chunk_size=chunk_size
-        )
+        def kernel(q, k, v, log_g, h0):
+            return gated_linear_attention_pallas(
+                q, k, v, log_g, h0, default_scale(scale, dk), chunk_size=chunk_size
+            )
+
+        # Rows over data x fsdp, heads over tensor: each device runs its block of the kernel.
+        return per_device(kernel, (q, k, v, log_g, h0), (0,) * 5, (2, 2, 2, 2, 1), (0, 0), (2, 1))
     q32 = q.astype(f32) * default_scale(scale, dk)
     args = (q32, k.astype(f32), v.astype(f32), log_g.astype(f32), h0)
     if impl == "recurrent":

@@ -460,10 +460,22 @@ def selective_scan(
         return _sharded(u, delta, A, B, C, D, h0, impl, chunk_size, segment_ids)
     if impl == "pallas":
         # Imported here: Pallas is only loaded when asked for.
+        from effseq.ops.pallas._common import per_device
         from effseq.ops.pallas.selective import selective_scan_pallas
 
-        # u, delta, B, C go in their own dtype (bfloat16 halves the kernels' reads).
-        return selective_scan_pallas(u, delta, A, B, C, D, h0, chunk_size=chunk_size, keep=keep)
+        def kernel(u, delta, A, B, C, D, h0, keep):
+            # u, delta, B, C go in their own dtype (bfloat16 halves the kernels' reads).
+            return selective_scan_pallas(u, delta, A, B, C, D, h0, chunk_size=chunk_size, keep=keep)
+
+        # Rows over data x fsdp, channels over tensor: each device runs its block.
+        return per_device(
+            kernel,
+            (u, delta, A, B, C, D, h0, keep),
+            (0, 0, None, 0, 0, None, 0, 0),
+            (2, 2, 0, None, None, 0, 1, None),
+            (0, 0),
+            (2, 1),
+        )
     u32, delta32, A32, B32, C32 = (_f32(x) for x in (u, delta, A, B, C))
     if impl == "chunked":
         if chunk_size is None:

@@ -262,9 +262,21 @@ def ssd(
         sequence.check_length(op, t, shards)
         return _sharded(x, dt, A, B, C, D, h0, chunk_size, impl, segment_ids)
     if impl == "pallas":
+        from effseq.ops.pallas._common import per_device
         from effseq.ops.pallas.ssd import ssd_pallas
 
-        return ssd_pallas(x, dt, A, B, C, D, h0, chunk_size=chunk_size)
+        def kernel(x, dt, A, B, C, D, h0):
+            return ssd_pallas(x, dt, A, B, C, D, h0, chunk_size=chunk_size)
+
+        # Rows over data x fsdp, heads (and B/C groups where they divide) over tensor.
+        return per_device(
+            kernel,
+            (x, dt, A, B, C, D, h0),
+            (0, 0, None, 0, 0, None, 0),
+            (2, 2, 0, 2, 2, 0, 1),
+            (0, 0),
+            (2, 1),
+        )
     args = tuple(z.astype(f32) for z in (x, dt, A, B, C))
     D = None if D is None else D.astype(f32)
     if impl == "recurrent":

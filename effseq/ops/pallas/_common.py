@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 
 # Triton: every array inside a kernel has power-of-two dimensions, and tl.dot wants each of
 # its dimensions at least 16.
@@ -103,6 +104,10 @@ def lower_for_gpu(fn, *args, **kwargs) -> str:
     returns the StableHLO text; raises what the Triton lowering raises (unsupported ops,
     non-power-of-two blocks). Traced under :class:`gpu_lowering`, so the kernels are built
     for Triton, not for interpret mode, whatever the host."""
+    # Whether a kernel is interpreted is decided when it is traced, and JAX reuses traces of
+    # the same function (jit's caches, inner jits): an earlier CPU trace would come back
+    # interpreted. So the caches go first.
+    jax.clear_caches()
     with gpu_lowering():
         traced = jax.jit(fn).trace(*args, **kwargs)
         return traced.lower(lowering_platforms=("cuda",)).as_text()
@@ -120,3 +125,79 @@ class gpu_lowering:  # noqa: N801 (a context manager used like a function)
     def __exit__(self, *exc):
         gpu_lowering._depth -= 1
         return False
+
+
+# The trainer's mesh axes (effseq.sharding.MESH_AXES) that a kernel call is mapped over by
+# hand: rows over the batch axes, heads over the tensor axis. XLA cannot split a custom call
+# (a Triton kernel is one), so under a mesh it would otherwise gather every operand whole
+# onto each device and run the whole batch there.
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+
+def _free_axes(mesh, names) -> tuple[str, ...]:
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return tuple(a for a in names if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
+
+
+def per_device(fn, args, batch_dims, head_dims, out_batch_dims, out_head_dims):
+    """``fn(*args)``, run on each device's block of rows and heads under the current mesh.
+
+    ``batch_dims`` / ``head_dims`` give, per argument (``None`` entries for arguments that are
+    None), the position of its batch and head dimensions (None: it has none and every device
+    gets it whole); ``out_*`` the same per output. Rows are split over the mesh's free
+    ``data`` x ``fsdp`` axes when the batch divides by their size, and an array's head
+    dimension over ``tensor`` when it divides (a head dimension that does not, e.g. SSD's one
+    B/C group, is given whole: each device's heads then still find their group). Without a
+    mesh, or with nothing to split, this is ``fn(*args)``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    batch_axes = _free_axes(mesh, BATCH_AXES)
+    head_axes = _free_axes(mesh, (HEAD_AXIS,))
+    n_batch = 1
+    for a in batch_axes:
+        n_batch *= mesh.shape[a]
+    n_head = mesh.shape[HEAD_AXIS] if head_axes else 1
+    sizes = [
+        x.shape[d] for x, d in zip(args, batch_dims, strict=True) if x is not None and d is not None
+    ]
+    if not sizes or sizes[0] % n_batch:
+        batch_axes, n_batch = (), 1
+    if not batch_axes and not head_axes:
+        return fn(*args)
+
+    def spec(x, bd, hd):
+        entries = [None] * x.ndim
+        if bd is not None and batch_axes:
+            entries[bd] = batch_axes
+        if hd is not None and head_axes and x.shape[hd] % n_head == 0:
+            entries[hd] = HEAD_AXIS
+        return PartitionSpec(*entries)
+
+    present = [i for i, x in enumerate(args) if x is not None]
+    outs = jax.eval_shape(fn, *args)
+    flat_outs, tree = jax.tree.flatten(outs)
+    out_specs = jax.tree.unflatten(
+        tree,
+        [
+            spec(o, bd, hd)
+            for o, bd, hd in zip(flat_outs, out_batch_dims, out_head_dims, strict=True)
+        ],
+    )
+
+    def local(*present_args):
+        full = list(args)
+        for i, x in zip(present, present_args, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    mapped = jax.shard_map(
+        local,
+        in_specs=tuple(spec(args[i], batch_dims[i], head_dims[i]) for i in present),
+        out_specs=out_specs,
+        axis_names=set(batch_axes) | set(head_axes),
+        check_vma=False,
+    )
+    return mapped(*(args[i] for i in present))
