@@ -55,6 +55,8 @@ class GLA(Mixer):
       norm_eps: epsilon of the per-head norm.
       chunk_size: chunk length of :func:`effseq.ops.gated_linear_attention` (None: its
         backend default).
+      impl: ``impl`` of :func:`effseq.ops.gated_linear_attention` (None: the backend default;
+        ``"pallas"``: the Pallas kernels, no packed rows).
       dtype: compute dtype; the recurrence accumulates in float32.
       param_dtype: storage dtype of the parameters.
     """
@@ -67,6 +69,7 @@ class GLA(Mixer):
     norm: str = "layer"
     norm_eps: float = 1e-5
     chunk_size: int | None = None
+    impl: str | None = None
 
     def _head_dim(self, expand: float, name: str) -> int:
         total = int(expand * self.d_model)
@@ -164,7 +167,7 @@ class GLA(Mixer):
         # Padded steps keep the state as it is: no decay (log g = 0) and nothing written (k = 0).
         k, log_g = zero_padding(k, mask), zero_padding(log_g, mask)
         o, state = ops.gated_linear_attention(
-            q, k, v, log_g, chunk_size=self.chunk_size, segment_ids=seg
+            q, k, v, log_g, chunk_size=self.chunk_size, impl=self.impl, segment_ids=seg
         )
         return self._output(x, o), state
 
@@ -182,7 +185,9 @@ class GLA(Mixer):
         if segment_ids is not None:
             return self._forward(x, None, segment_ids)
         q, k, v, log_g = self._inputs(x)
-        o, state = ops.gated_linear_attention(q, k, v, log_g, chunk_size=self.chunk_size)
+        o, state = ops.gated_linear_attention(
+            q, k, v, log_g, chunk_size=self.chunk_size, impl=self.impl
+        )
         return self._output(x, o), state
 
     def step(self, x_t: Array, state: Array) -> tuple[Array, Array]:

@@ -1,0 +1,57 @@
+"""The layers whose op has a Pallas impl take it through their impl option (the way a config
+reaches it: ``model.mixer_options.scan_impl`` / ``impl``) and compute what their default does:
+outputs and the gradients of the input and every parameter, causal (and bidirectional where
+the layer has that form). Interpret mode on a CPU."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effseq.layers.gdn import GatedDeltaNet
+from effseq.layers.gla import GLA
+from effseq.layers.mamba import Mamba
+from effseq.layers.mamba2 import Mamba2
+from tests.tolerances import assert_close
+
+D_MODEL, T = 32, 24
+
+# layer class, option name, extra options (small heads, chunks the kernels accept), causal forms
+CASES = {
+    "gla": (GLA, "impl", {"num_heads": 2, "chunk_size": 16}, (True,)),
+    "gdn": (GatedDeltaNet, "impl", {"num_heads": 2, "chunk_size": 16}, (True,)),
+    "mamba": (Mamba, "scan_impl", {"state_size": 8, "chunk_size": 8}, (True, False)),
+    "mamba2": (
+        Mamba2,
+        "scan_impl",
+        {"head_dim": 16, "state_size": 16, "chunk_size": 16},
+        (True, False),
+    ),
+}
+PARAMS = [(name, causal) for name, case in CASES.items() for causal in case[3]]
+
+
+@pytest.mark.parametrize(
+    "name,causal", PARAMS, ids=[f"{n}-{'causal' if c else 'bidirectional'}" for n, c in PARAMS]
+)
+def test_pallas_layer_equals_the_default(name, causal):
+    cls, option, extra, _ = CASES[name]
+    base = cls(d_model=D_MODEL, causal=causal, **extra)
+    fast = cls(d_model=D_MODEL, causal=causal, **extra, **{option: "pallas"})
+    x = jax.random.normal(jax.random.key(0), (2, T, D_MODEL))
+    variables = base.init(jax.random.key(1), x)
+    cot = jax.random.normal(jax.random.key(2), (2, T, D_MODEL))
+
+    def loss(module):
+        def f(variables, x):
+            return jnp.sum(module.apply(variables, x) * cot)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    (want, (want_p, want_x)) = loss(base)(variables, x)
+    (got, (got_p, got_x)) = loss(fast)(variables, x)
+    assert_close(got, want)
+    assert_close(got_x, want_x, kind="grad")
+    for (path, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(got_p), jax.tree.leaves(want_p), strict=True
+    ):
+        assert_close(g, w, kind="grad", err_msg=jax.tree_util.keystr(path))
