@@ -7,7 +7,7 @@ GPU_STAMP := $(VENV)/.installed-gpu
 # Progress lines appear as they happen, also through a pipe.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-gpu bench-gpu test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing bench-sequence clean
+.PHONY: run test test-gpu bench-gpu kernel-report test-slow test-parity lint format bench bench-ops bench-models bench-small bench-packing bench-sequence clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ test-gpu: $(GPU_STAMP)
 ## bench-gpu: every mixer's op at FLA's shapes vs cuDNN attention (benchmarks/results/<gpu>/)
 bench-gpu: $(GPU_STAMP)
 	JAX_PLATFORMS=cuda $(BIN)/effseq bench --plan gpu
+
+## kernel-report: every Pallas kernel compiled for sm_90 by the triton package (no GPU needed):
+## registers, spills, shared memory against Hopper's 227 KiB (results/kernels/)
+kernel-report: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[kernels]'
+	$(BIN)/python -m effseq.benchmarks.kernel_report
 
 ## test-slow: only the tests marked slow
 test-slow: $(STAMP)
