@@ -1,7 +1,7 @@
 """The layers whose op has a Pallas impl take it through their impl option (the way a config
 reaches it: ``model.mixer_options.scan_impl`` / ``impl``) and compute what their default does:
-outputs and the gradients of the input and every parameter, causal (and bidirectional where
-the layer has that form). Interpret mode on a CPU."""
+outputs, and (slow) the gradients of the input and every parameter and the bidirectional
+forms where the layer has one. Interpret mode on a CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from effseq.layers.mamba import Mamba
 from effseq.layers.mamba2 import Mamba2
 from tests.tolerances import assert_close
 
-D_MODEL, T = 32, 24
+D_MODEL, T = 32, 16
 
 # layer class, option name, extra options (small heads, chunks the kernels accept), causal forms
 CASES = {
@@ -27,18 +27,32 @@ CASES = {
         (True, False),
     ),
 }
-PARAMS = [(name, causal) for name, case in CASES.items() for causal in case[3]]
+# Fast: the causal outputs (the option reaches the kernels; the kernels' gradients are checked
+# op by op in tests/ops/pallas). Slow (make test-slow): the gradients of the input and every
+# parameter, and the bidirectional forms (the same kernels on flipped inputs).
+PARAMS = [
+    pytest.param(name, causal, grads, marks=() if causal and not grads else pytest.mark.slow)
+    for name, case in CASES.items()
+    for causal in case[3]
+    for grads in (False, True)
+]
 
 
-@pytest.mark.parametrize(
-    "name,causal", PARAMS, ids=[f"{n}-{'causal' if c else 'bidirectional'}" for n, c in PARAMS]
-)
-def test_pallas_layer_equals_the_default(name, causal):
+def _id(p):
+    name, causal, grads = p.values
+    return f"{name}-{'causal' if causal else 'bidirectional'}{'-grads' if grads else ''}"
+
+
+@pytest.mark.parametrize("name,causal,grads", PARAMS, ids=[_id(p) for p in PARAMS])
+def test_pallas_layer_equals_the_default(name, causal, grads):
     cls, option, extra, _ = CASES[name]
     base = cls(d_model=D_MODEL, causal=causal, **extra)
     fast = cls(d_model=D_MODEL, causal=causal, **extra, **{option: "pallas"})
     x = jax.random.normal(jax.random.key(0), (2, T, D_MODEL))
     variables = base.init(jax.random.key(1), x)
+    if not grads:
+        assert_close(jax.jit(fast.apply)(variables, x), jax.jit(base.apply)(variables, x))
+        return
     cot = jax.random.normal(jax.random.key(2), (2, T, D_MODEL))
 
     def loss(module):

@@ -157,7 +157,7 @@ def test_bad_block_d_raises():
         selective_scan_pallas(u, delta, A, B, C, D, h0, block_d=24)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 128])
+@pytest.mark.parametrize("chunk_size", [None, pytest.param(128, marks=pytest.mark.slow)])
 def test_lowers_for_gpu(chunk_size):
     # Forward and gradient (both kernels) lower through Triton for the cuda platform, in bf16
     # and with packed rows (the decay-zeroing load), at the default chunk and channel tile, and

@@ -19,7 +19,7 @@ from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.devices(4)
 
-B, T, H, D = 4, 32, 4, 16
+B, T, H, D = 2, 16, 4, 16
 
 
 def _normal(key, shape):
@@ -88,9 +88,12 @@ def _selective():
 
 
 CASES = {"gla": _gla, "gated_delta_rule": _delta, "ssd": _ssd, "selective_scan": _selective}
+# Heads split (GLA, SSD with its unsplit B/C group) and channels split (selective scan) in the
+# fast set; the gated delta rule maps like GLA: slow.
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "gated_delta_rule" else n for n in CASES]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_each_device_runs_its_block(name):
     fn, args, specs = CASES[name]()
     cot = jax.random.normal(jax.random.key(9), jax.eval_shape(fn, *args)[0].shape)
