@@ -95,7 +95,9 @@ def run(local: Callable, in_specs, out_specs) -> Callable:
         # XLA's PartitionId, which the SPMD partitioner refused ("UNIMPLEMENTED: PartitionId
         # ... ambiguous") once a program held several such shard_maps (a 5-mixer model's
         # logits and prefill in one jit, jax 0.10.2 CPU).
-        return mapped(jnp.arange(shards(), dtype=jnp.int32), *args)
+        # Under jit even when called eagerly: JAX's eager transpose of a shard_map manual over
+        # some axes only fails (jax.grad outside jit names the other axes in out_specs).
+        return jax.jit(mapped)(jnp.arange(shards(), dtype=jnp.int32), *args)
 
     return call
 

@@ -14,6 +14,7 @@ from effseq.layers.s4d import init_imag
 from effseq.ops import s4d_discretize, s4d_scan, selective_scan
 from effseq.ops.s4d import _power
 from tests.sequence.harness import compare_sharded, mesh
+from tests.tolerances import assert_close
 
 # Built for 8 (fake CPU) devices; skipped where fewer are visible (one GPU).
 pytestmark = pytest.mark.devices(8)
@@ -251,3 +252,20 @@ def test_selective_long_slices():
 
     args = [u, delta, A, Bm, C, Dskip, h0]
     compare_sharded(fn, args, 2, names=["u", "delta", "A", "B", "C", "D", "h0"])
+
+
+def test_gradient_outside_jit_under_a_sequence_mesh():
+    # jax.grad called eagerly (no jit) under jax.set_mesh: JAX's eager transpose of a
+    # shard_map manual over some axes only used to fail ("out_specs refers to 'data'").
+    u, delta, A, Bm, C, Dskip, h0 = _selective_args()
+
+    def loss(u, delta, Bm, C, h0):
+        y, h = selective_scan(u, delta, A, Bm, C, Dskip, h0=h0)
+        return jnp.sum(y) + jnp.sum(h)
+
+    args = (u, delta, Bm, C, h0)
+    want = jax.grad(loss, argnums=range(5))(*args)
+    with jax.set_mesh(mesh(2)):
+        got = jax.grad(loss, argnums=range(5))(*args)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, kind="grad")

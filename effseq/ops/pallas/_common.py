@@ -200,4 +200,7 @@ def per_device(fn, args, batch_dims, head_dims, out_batch_dims, out_head_dims):
         axis_names=set(batch_axes) | set(head_axes),
         check_vma=False,
     )
-    return mapped(*(args[i] for i in present))
+    # Under jit even when called eagerly: JAX's eager transpose of a shard_map that is manual
+    # over some mesh axes only names the others in its out_specs and fails (seen under
+    # jax.grad outside jit, jax 0.10.2; the sequence-parallel ops share it).
+    return jax.jit(mapped)(*(args[i] for i in present))

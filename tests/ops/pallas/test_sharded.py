@@ -121,3 +121,18 @@ def test_each_device_runs_its_block(name):
     manual = gpu_text.index("sdy.manual_computation")
     triton = gpu_text.index("__gpu$xla.gpu.triton")
     assert manual < triton, "the Triton call is outside the per-device computation"
+
+
+def test_gradient_outside_jit_under_a_mesh():
+    # jax.grad called eagerly (no jit) under jax.set_mesh: the per-device mapping is jitted
+    # inside, since JAX's eager transpose of a partly manual shard_map fails.
+    fn, args, _ = _gla()
+
+    def loss(*a):
+        return jnp.sum(fn(*a)[0])
+
+    want = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    with jax.set_mesh(sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])):
+        got = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, kind="grad")
