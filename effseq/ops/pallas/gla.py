@@ -7,8 +7,8 @@ Hardware-Efficient Training" (arXiv:2312.06635), eq. 3 in the row-vector convent
 
 **Forward (Pallas).** One kernel in the "fused chunk" form: the grid is parallel over
 (batch, head, tiles of the value dimension) and each program walks the chunks of its row in a
-``lax.fori_loop``, carrying its (dk, bv) slice of the state in float32 (held transposed,
-(bv, dk), so that every gate multiplies along the lane axis). One kernel rather than two
+``lax.fori_loop``, carrying its (dk, bv) slice of the state in float32 (dk rows: the state
+update below is then an M = dk product, Hopper's wgmma at any bv >= 16). One kernel rather than two
 (chunk states, then outputs) because the state never leaves the program without a backward
 pass to feed (no (n, dk, dv) array of chunk states goes through HBM then), and the only
 sequential part, the state carry, is one (c, dk)^T (c, bv) product per chunk. The value tiles
@@ -22,12 +22,18 @@ Per chunk of c steps, with Lambda_t the running sum of log gates from the chunk 
 * between sub-chunks (the paper's secondary chunking): for rows t in sub-chunk i and columns
   s before it, with b the last step before sub-chunk i, the decay exp(Lambda_t - Lambda_s)
   factors through b as exp(Lambda_t - Lambda_b) * exp(Lambda_b - Lambda_s), both exponents
-  <= 0, so o_i += [(q_i * exp(Lambda_i - Lambda_b)) (k * exp(Lambda_b - Lambda))^T] v is two
-  matmuls (columns at or after sub-chunk i are masked to 0; they are c wide, a power of two);
-* inside a sub-chunk: A_ts = sum_d q_td k_sd exp(Lambda_td - Lambda_sd) for s <= t, formed
-  elementwise over (c2, c2, dkt) blocks of dkt <= 32 key channels, the exponent masked to
-  -inf above the diagonal;
-* state: S_out = diag(exp(Lambda_c)) S_in + (k * exp(Lambda_c - Lambda))^T v.
+  <= 0, so per earlier sub-chunk j, o_i += [(q_i * exp(Lambda_i - Lambda_b))
+  (k_j * exp(Lambda_b - Lambda_j))^T] v_j is two (c2-sized) matmuls;
+* inside a sub-chunk, one key step s at a time: the score column A_ts = sum_d q_td k_sd
+  exp(Lambda_td - Lambda_sd) for t >= s is an elementwise (c2, dk) product and row sum (the
+  exponent masked to -inf for t < s), and o_i += A_{:,s} v_s a rank-one update;
+* state: S_out = diag(exp(Lambda_c)) S_in + sum_j (k_j * exp(Lambda_c - Lambda_j))^T v_j.
+
+Every loop (chunks, sub-chunks, earlier sub-chunks, steps inside one) is a ``fori_loop``, an
+scf.for in Triton, not unrolled in Python: one sub-chunk's (c2, dk) tiles are live at a time,
+which is what fits the kernels in a Hopper SM (``effseq.benchmarks.kernel_report``, dk = dv =
+128, chunk 64, bf16: the unrolled form asked for 596 KiB of shared memory and spilled; this one
+asks for under 64 KiB; see ``_BLOCK_V`` and ``_NUM_WARPS`` for the rest).
 
 Every ``exp`` has a non-positive argument, so gates of any strength are safe (exp(-20) per
 step is tested): products underflow to 0 where the true decay does. Lambda is formed in the
@@ -52,7 +58,7 @@ stay 0 (h0 padded with zeros), zero value columns give zero output columns; both
 off.
 
 **Backward (Pallas, gate gradient in XLA).** ``jax.custom_vjp``. The forward kernel also
-writes the state entering each chunk and the final one, (n + 1, dv, dk) per (batch, head), as
+writes the state entering each chunk and the final one, (n + 1, dk, dv) per (batch, head), as
 the residual (fla's "chunk" form keeps them likewise; recomputing them would cost a second
 sequential pass). A second kernel, on the same grid, walks the chunks in reverse carrying
 dS^T in float32: dS_in = diag(exp(Lambda_c)) dS_out + (q * exp(Lambda))^T dO, and per chunk
@@ -62,8 +68,9 @@ dS^T in float32: dS_in = diag(exp(Lambda_c)) dS_out + (q * exp(Lambda))^T dO, an
   exp(Lambda_t - Lambda_s),
 * dv_s = (k_s exp(Lambda_c - Lambda_s)) dS_out + sum_{t >= s} A_ts dO_t,
 
-with the same factorisation of pairs of sub-chunks through a boundary step and (c2, c2, dkt)
-blocks inside sub-chunks, so again every exp argument is <= 0. dq and dk are partial sums per
+with the same factorisation of pairs of sub-chunks through a boundary step and one step at a
+time inside a sub-chunk (dk_j, dv_j: a query step t against the keys of j; dq_i: a key step s
+against the queries of i), so again every exp argument is <= 0. dq and dk are partial sums per
 value tile; XLA adds them and forms the gate gradient in closed form (Yang et al. 2023,
 section 4): dLambda_r = q_r dq_r - k_r dk_r, plus rowsum(S_out * dS_out) (written by the
 kernel) at each chunk's last step, and dlog_g_r is the suffix sum of dLambda within the chunk.
@@ -88,14 +95,33 @@ from effseq.typing import Array
 OP = "gated_linear_attention"
 # Sub-chunk length: the smallest dot dimension Triton accepts.
 _SUB = _common.MIN_DOT
-# Value-dimension tile of the grid.
-_BLOCK_V = 64
-# Key channels per block of the intra-sub-chunk (c2, c2, k) product.
-_DIAG_K = 32
+# Value-dimension tile of the grid. 32: at dk = dv = 128, chunk 64 (the GPU benchmark) the
+# forward compiles for sm_90 without spills at 8 warps, and b * h * dv / 32 programs fill more
+# of a Hopper's 132 SMs than / 64 (kernel_report: the backward spills 672 B at 32, 876 at 64).
+_BLOCK_V = 32
+# Triton launch parameters of both kernels: 8 warps halve the registers each (c2, dk) tile
+# and the (dk, bv) state take per thread; 2 stages (loads of the next loop step prefetched).
+_NUM_WARPS = 8
+_NUM_STAGES = 2
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _rows(ref, r0, n=_SUB):
+    """Rows r0 .. r0 + n - 1 of a (T, d) block, as float32."""
+    return ref[pl.ds(r0, n), :].astype(jnp.float32)
+
+
+def _decay(hi_a, lo_a, hi_b, lo_b):
+    """exp(Lambda_a - Lambda_b) from the (hi, lo) parts: (hi_a - hi_b) + (lo_a - lo_b)."""
+    return jnp.exp((hi_a - hi_b) + (lo_a - lo_b))
+
+
+def _masked_decay(hi_a, lo_a, hi_b, lo_b, keep):
+    """As :func:`_decay`, 0 where ``keep`` is False (masked before the exp: no overflow)."""
+    return jnp.exp(jnp.where(keep, (hi_a - hi_b) + (lo_a - lo_b), -jnp.inf))
 
 
 def _kernel(
@@ -112,70 +138,67 @@ def _kernel(
     n_chunks: int,
     c: int,
 ):
-    """One (batch, head, value tile): all chunks in order, the state carried as (bv, dk).
+    """One (batch, head, value tile): all chunks in order, the state carried as (dk, bv).
 
-    ``states_ref`` (for the backward pass, optional): (n + 1, bv, dk), the transposed state
-    entering each chunk and the final one."""
+    ``states_ref`` (for the backward pass, optional): (n + 1, dk, bv), the state entering each
+    chunk and the final one. Sub-chunks, the earlier sub-chunks of each and the steps inside
+    one are loops (scf.for), not unrolled: one sub-chunk's tiles are live at a time."""
     f32 = jnp.float32
     scale = scale_ref[...].astype(f32)  # (1, 1)
     m = c // _SUB
-    dk = q_ref.shape[-1]
-    dkt = min(dk, _DIAG_K)
-    rows_c = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
-    sub_t = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 0)
-    sub_s = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 1)
-    causal = sub_t >= sub_s
+    step = jax.lax.broadcasted_iota(jnp.int32, (_SUB, 1), 0)
 
     def chunk(n, st):
         if states_ref:
             states_ref[0][n] = st
         start = pl.multiple_of(n * c, c)
-        whole = pl.ds(start, c)
-        # Whole-chunk tiles are loaded where they are used (L1/L2 hits after the first), not
-        # held across the sub-chunk loop: fewer live registers per program.
-        for i in range(m):
-            rows = pl.ds(start + i * _SUB, _SUB)
-            q_i = q_ref[rows, :].astype(f32) * scale
-            hi_i = hi_ref[rows, :]
-            lo_i = lo_ref[rows, :]
-            # Inter-chunk: queries read the entering state, decayed from the chunk start.
-            o_i = _common.dot(q_i * jnp.exp(hi_i + lo_i), st, trans_b=True)
-            if i:
-                # Sub-chunks before i, factored through the boundary step b = i * c2 - 1.
-                bnd = pl.ds(start + i * _SUB - 1, 1)
-                hi_b = hi_ref[bnd, :]
-                lo_b = lo_ref[bnd, :]
-                q_w = q_i * jnp.exp((hi_i - hi_b) + (lo_i - lo_b))
-                expo = (hi_b - hi_ref[whole, :]) + (lo_b - lo_ref[whole, :])
-                expo = jnp.where(rows_c < i * _SUB, expo, -jnp.inf)
-                k_w = k_ref[whole, :].astype(f32) * jnp.exp(expo)
-                scores = _common.dot(q_w, k_w, trans_b=True)  # (c2, c)
-                o_i = o_i + _common.dot(scores, v_ref[whole, :].astype(f32))
-            # Inside sub-chunk i: pairwise decays, elementwise over (c2, c2, dkt) blocks of
-            # key channels (dkt <= 32 bounds the live block to 8192 values per program).
-            diag = jnp.zeros((_SUB, _SUB), f32)
-            for j in range(dk // dkt):
-                cols = pl.ds(j * dkt, dkt)
-                q_j = q_ref[rows, cols].astype(f32) * scale
-                k_j = k_ref[rows, cols].astype(f32)
-                hi_j = hi_ref[rows, cols]
-                lo_j = lo_ref[rows, cols]
-                expo = (hi_j[:, None, :] - hi_j[None, :, :]) + (lo_j[:, None, :] - lo_j[None, :, :])
-                decay = jnp.exp(jnp.where(causal, expo, -jnp.inf))
-                diag = diag + jnp.sum(q_j[:, None, :] * k_j[None, :, :] * decay, axis=-1)
-            o_i = o_i + _common.dot(diag, v_ref[rows, :].astype(f32))
-            o_ref[rows, :] = o_i.astype(o_ref.dtype)
-        # State: S_out = diag(exp(Lambda_c)) S_in + (k * exp(Lambda_c - Lambda))^T v.
-        last = pl.ds(start + c - 1, 1)
-        hi_l = hi_ref[last, :]
-        lo_l = lo_ref[last, :]
-        k_end = k_ref[whole, :].astype(f32)
-        k_end = k_end * jnp.exp((hi_l - hi_ref[whole, :]) + (lo_l - lo_ref[whole, :]))
-        v_all = v_ref[whole, :].astype(f32)
-        return st * jnp.exp(hi_l + lo_l) + _common.dot(v_all, k_end, trans_a=True)
 
-    st = jax.lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(f32).T)
-    s_ref[...] = st.T
+        def sub_chunk(i, carry):
+            r0 = pl.multiple_of(start + i * _SUB, _SUB)
+            q_i = _rows(q_ref, r0) * scale
+            hi_i, lo_i = _rows(hi_ref, r0), _rows(lo_ref, r0)
+            # Inter-chunk: queries read the entering state, decayed from the chunk start.
+            o_i = _common.dot(q_i * jnp.exp(hi_i + lo_i), st)  # (c2, bv)
+            # Earlier sub-chunks j < i, factored through the boundary step b = r0 - 1 (for
+            # i = 0 the loop is empty; b = start keeps the read in bounds).
+            b = jnp.maximum(r0 - 1, start)
+            hi_b, lo_b = _rows(hi_ref, b, 1), _rows(lo_ref, b, 1)
+            q_w = q_i * _decay(hi_i, lo_i, hi_b, lo_b)
+
+            def earlier(j, o):
+                s0 = pl.multiple_of(start + j * _SUB, _SUB)
+                k_w = _rows(k_ref, s0) * _decay(hi_b, lo_b, _rows(hi_ref, s0), _rows(lo_ref, s0))
+                scores = _common.dot(q_w, k_w, trans_b=True)  # (t in i, s in j)
+                return o + _common.dot(scores, _rows(v_ref, s0))
+
+            o_i = jax.lax.fori_loop(0, i, earlier, o_i)
+
+            # Inside sub-chunk i, one key step s at a time: the score column A[:, s] as an
+            # elementwise (c2, dk) product, then the rank-one update A[:, s] v_s.
+            def inside(s, o):
+                r = r0 + s
+                e = _masked_decay(hi_i, lo_i, _rows(hi_ref, r, 1), _rows(lo_ref, r, 1), step >= s)
+                a = jnp.sum(q_i * _rows(k_ref, r, 1) * e, axis=1, keepdims=True)  # (c2, 1)
+                return o + a * _rows(v_ref, r, 1)
+
+            o_i = jax.lax.fori_loop(0, _SUB, inside, o_i)
+            o_ref[pl.ds(r0, _SUB), :] = o_i.astype(o_ref.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, m, sub_chunk, 0)
+        # State: S_out = diag(exp(Lambda_c)) S_in + (k * exp(Lambda_c - Lambda))^T v.
+        last = start + c - 1
+        hi_l, lo_l = _rows(hi_ref, last, 1), _rows(lo_ref, last, 1)
+
+        def update(j, acc):
+            s0 = pl.multiple_of(start + j * _SUB, _SUB)
+            k_e = _rows(k_ref, s0) * _decay(hi_l, lo_l, _rows(hi_ref, s0), _rows(lo_ref, s0))
+            return acc + _common.dot(k_e, _rows(v_ref, s0), trans_a=True)  # (dk, bv)
+
+        return jax.lax.fori_loop(0, m, update, st * jnp.exp(hi_l + lo_l).T)
+
+    st = jax.lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(f32))
+    s_ref[...] = st
     if states_ref:
         states_ref[0][n_chunks] = st
 
@@ -199,128 +222,103 @@ def _bwd_kernel(
     n_chunks: int,
     c: int,
 ):
-    """Backward of one (batch, head, value tile): chunks in reverse order, carrying dS^T.
+    """Backward of one (batch, head, value tile): chunks in reverse order, carrying dS (dk, bv).
 
-    Everything indexed by key channel is held in column blocks of dkt <= 32 (Python lists),
-    the intra-chunk terms in (c2, c2) blocks: pairs of sub-chunks (t in i, s in j < i) factor
-    through the last step before i, as in the forward. Pass B walks the key sub-chunks j
-    (dk_j, dv_j), pass A the query sub-chunks i (dq_i and the state gradient), so that only one
-    sub-chunk's accumulators are live at a time; the pair scores are recomputed in each."""
+    Per chunk, pass B walks the key sub-chunks j (dk_j, dv_j: the later sub-chunks i > j
+    through the boundary before i, then the query steps t inside j one at a time), then dS is
+    decayed and pass A walks the query sub-chunks i (dq_i and the state gradient: the earlier
+    sub-chunks, then the key steps s inside i). All loops are scf.for; the pair scores are
+    recomputed in each pass."""
     f32 = jnp.float32
     scale = scale_ref[...].astype(f32)
     m = c // _SUB
-    dk = q_ref.shape[-1]
-    dkt = min(dk, _DIAG_K)
-    cols = [pl.ds(j * dkt, dkt) for j in range(dk // dkt)]
-    sub_t = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 0)
-    sub_s = jax.lax.broadcasted_iota(jnp.int32, (_SUB, _SUB, 1), 1)
-    causal = sub_t >= sub_s
-
-    def blocks(ref, rows, mul=None):
-        out = [ref[rows, col].astype(f32) for col in cols]
-        return out if mul is None else [x * mul for x in out]
-
-    def decays(hi, lo):
-        """(c2, c2, dkt) exp(Lambda_t - Lambda_s) for s <= t inside a sub-chunk, else 0."""
-        expo = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])
-        return jnp.exp(jnp.where(causal, expo, -jnp.inf))
+    step = jax.lax.broadcasted_iota(jnp.int32, (_SUB, 1), 0)
 
     def chunk(r, dst):
         n = n_chunks - 1 - r
         start = pl.multiple_of(n * c, c)
-        sub = [pl.ds(start + i * _SUB, _SUB) for i in range(m)]
-        last = pl.ds(start + c - 1, 1)
-        hi_l, lo_l = blocks(hi_ref, last), blocks(lo_ref, last)
-        st_in = [states_ref[n, :, col] for col in cols]  # (bv, dkt)
+        last = start + c - 1
+        hi_l, lo_l = _rows(hi_ref, last, 1), _rows(lo_ref, last, 1)
         # dLambda at the chunk's last step through the decay of the state: rowsum(S_out dS_out).
-        for col, d in zip(cols, dst, strict=True):
-            rt_ref[pl.ds(n, 1), col] = jnp.sum(states_ref[n + 1, :, col] * d, axis=0)[None, :]
-
-        def boundary(i):
-            bnd = pl.ds(start + i * _SUB - 1, 1)
-            return blocks(hi_ref, bnd), blocks(lo_ref, bnd)
-
-        def pair(i, j, hb, lb):
-            """Gated q of sub-chunk i, gated k of sub-chunk j < i, their factors, scores."""
-            hi_i, lo_i = blocks(hi_ref, sub[i]), blocks(lo_ref, sub[i])
-            hi_j, lo_j = blocks(hi_ref, sub[j]), blocks(lo_ref, sub[j])
-            g_q = [
-                jnp.exp((a - b) + (x - y)) for a, b, x, y in zip(hi_i, hb, lo_i, lb, strict=True)
-            ]
-            g_k = [
-                jnp.exp((b - a) + (y - x)) for a, b, x, y in zip(hi_j, hb, lo_j, lb, strict=True)
-            ]
-            q_w = [x * g for x, g in zip(blocks(q_ref, sub[i], scale), g_q, strict=True)]
-            k_w = [x * g for x, g in zip(blocks(k_ref, sub[j]), g_k, strict=True)]
-            scores = sum(_common.dot(a, b, trans_b=True) for a, b in zip(q_w, k_w, strict=True))
-            return q_w, k_w, g_q, g_k, scores
+        rt_ref[pl.ds(n, 1), :] = jnp.sum(states_ref[n + 1] * dst, axis=1)[None, :]
 
         # Pass B: key sub-chunks j -> dk_j, dv_j.
-        for j in range(m):
-            v_j = v_ref[sub[j], :].astype(f32)
-            do_j = do_ref[sub[j], :].astype(f32)
-            hi_j, lo_j = blocks(hi_ref, sub[j]), blocks(lo_ref, sub[j])
-            k_j = blocks(k_ref, sub[j])
-            e_k = [
-                jnp.exp((a - b) + (x - y))
-                for a, b, x, y in zip(hi_l, hi_j, lo_l, lo_j, strict=True)
-            ]
-            dk_j = [e * _common.dot(v_j, d) for e, d in zip(e_k, dst, strict=True)]
-            dv_j = sum(
-                _common.dot(x * e, d, trans_b=True) for x, e, d in zip(k_j, e_k, dst, strict=True)
-            )
-            for i in range(j + 1, m):
-                hb, lb = boundary(i)
-                q_w, _, _, g_k, scores = pair(i, j, hb, lb)
-                do_i = do_ref[sub[i], :].astype(f32)
-                dscores = _common.dot(do_i, v_j, trans_b=True)  # (t in i, s in j)
+        def key_sub(j, carry):
+            s0 = pl.multiple_of(start + j * _SUB, _SUB)
+            k_j, v_j = _rows(k_ref, s0), _rows(v_ref, s0)
+            hi_j, lo_j = _rows(hi_ref, s0), _rows(lo_ref, s0)
+            e_k = _decay(hi_l, lo_l, hi_j, lo_j)
+            dk_j = e_k * _common.dot(v_j, dst, trans_b=True)  # (c2, dk)
+            dv_j = _common.dot(k_j * e_k, dst)  # (c2, bv)
+
+            def later(i, acc):
+                dk_j, dv_j = acc
+                r0 = pl.multiple_of(start + i * _SUB, _SUB)
+                hi_b, lo_b = _rows(hi_ref, r0 - 1, 1), _rows(lo_ref, r0 - 1, 1)
+                q_w = (_rows(q_ref, r0) * scale) * _decay(
+                    _rows(hi_ref, r0), _rows(lo_ref, r0), hi_b, lo_b
+                )
+                g_k = _decay(hi_b, lo_b, hi_j, lo_j)
+                do_i = _rows(do_ref, r0)
+                scores = _common.dot(q_w, k_j * g_k, trans_b=True)  # (t in i, s in j)
+                dscores = _common.dot(do_i, v_j, trans_b=True)
                 dv_j = dv_j + _common.dot(scores, do_i, trans_a=True)
-                dk_j = [
-                    a + g * _common.dot(dscores, w, trans_a=True)
-                    for a, g, w in zip(dk_j, g_k, q_w, strict=True)
-                ]
-            q_j = blocks(q_ref, sub[j], scale)
-            dec = [decays(a, b) for a, b in zip(hi_j, lo_j, strict=True)]
-            scores = sum(
-                jnp.sum(a[:, None, :] * b[None, :, :] * d, axis=-1)
-                for a, b, d in zip(q_j, k_j, dec, strict=True)
-            )
-            dscores = _common.dot(do_j, v_j, trans_b=True)
-            dv_ref[sub[j], :] = dv_j + _common.dot(scores, do_j, trans_a=True)
-            for col, a, x, d in zip(cols, dk_j, q_j, dec, strict=True):
-                dk_ref[sub[j], col] = a + jnp.sum(dscores[:, :, None] * x[:, None, :] * d, axis=0)
+                dk_j = dk_j + g_k * _common.dot(dscores, q_w, trans_a=True)
+                return dk_j, dv_j
+
+            dk_j, dv_j = jax.lax.fori_loop(j + 1, m, later, (dk_j, dv_j))
+
+            # Inside sub-chunk j, one query step t at a time: rows s <= t of the decays.
+            def inside(t, acc):
+                dk_j, dv_j = acc
+                r = s0 + t
+                e = _masked_decay(_rows(hi_ref, r, 1), _rows(lo_ref, r, 1), hi_j, lo_j, step <= t)
+                q_e = (_rows(q_ref, r, 1) * scale) * e  # (c2, dk)
+                do_t = _rows(do_ref, r, 1)
+                a = jnp.sum(q_e * k_j, axis=1, keepdims=True)  # A[t, s], (c2, 1)
+                da = jnp.sum(v_j * do_t, axis=1, keepdims=True)  # dA[t, s]
+                return dk_j + da * q_e, dv_j + a * do_t
+
+            dk_j, dv_j = jax.lax.fori_loop(0, _SUB, inside, (dk_j, dv_j))
+            dk_ref[pl.ds(s0, _SUB), :] = dk_j
+            dv_ref[pl.ds(s0, _SUB), :] = dv_j
+            return carry
+
+        jax.lax.fori_loop(0, m, key_sub, 0)
 
         # Pass A: query sub-chunks i -> dq_i and dS_in.
-        new = [d * jnp.exp(a + b) for d, a, b in zip(dst, hi_l, lo_l, strict=True)]
-        for i in range(m):
-            do_i = do_ref[sub[i], :].astype(f32)
-            hi_i, lo_i = blocks(hi_ref, sub[i]), blocks(lo_ref, sub[i])
-            q_i = blocks(q_ref, sub[i], scale)
-            e_q = [jnp.exp(a + b) for a, b in zip(hi_i, lo_i, strict=True)]
-            dq_i = [e * _common.dot(do_i, s) for e, s in zip(e_q, st_in, strict=True)]
-            new = [
-                d + _common.dot(do_i, x * e, trans_a=True)
-                for d, x, e in zip(new, q_i, e_q, strict=True)
-            ]
-            if i:
-                hb, lb = boundary(i)
-                for j in range(i):
-                    _, k_w, g_q, _, _ = pair(i, j, hb, lb)
-                    dscores = _common.dot(do_i, v_ref[sub[j], :].astype(f32), trans_b=True)
-                    dq_i = [
-                        a + g * _common.dot(dscores, w)
-                        for a, g, w in zip(dq_i, g_q, k_w, strict=True)
-                    ]
-            k_i = blocks(k_ref, sub[i])
-            dscores = _common.dot(do_i, v_ref[sub[i], :].astype(f32), trans_b=True)
-            for col, a, x, h_, l_ in zip(cols, dq_i, k_i, hi_i, lo_i, strict=True):
-                d = decays(h_, l_)
-                dq_ref[sub[i], col] = a + jnp.sum(dscores[:, :, None] * x[None, :, :] * d, axis=1)
-        return new
+        def query_sub(i, dst):
+            r0 = pl.multiple_of(start + i * _SUB, _SUB)
+            q_i = _rows(q_ref, r0) * scale
+            hi_i, lo_i = _rows(hi_ref, r0), _rows(lo_ref, r0)
+            do_i = _rows(do_ref, r0)
+            e_q = jnp.exp(hi_i + lo_i)
+            dq_i = e_q * _common.dot(do_i, states_ref[n], trans_b=True)  # (c2, dk)
+            dst = dst + _common.dot(q_i * e_q, do_i, trans_a=True)  # (dk, bv)
+            b = jnp.maximum(r0 - 1, start)
+            hi_b, lo_b = _rows(hi_ref, b, 1), _rows(lo_ref, b, 1)
 
-    dst = jax.lax.fori_loop(0, n_chunks, chunk, [ds_ref[col, :].T for col in cols])
-    for col, d in zip(cols, dst, strict=True):
-        dh0_ref[col, :] = d.T
+            def earlier(j, acc):
+                s0 = pl.multiple_of(start + j * _SUB, _SUB)
+                k_w = _rows(k_ref, s0) * _decay(hi_b, lo_b, _rows(hi_ref, s0), _rows(lo_ref, s0))
+                dscores = _common.dot(do_i, _rows(v_ref, s0), trans_b=True)
+                return acc + _common.dot(dscores, k_w)
+
+            acc = jax.lax.fori_loop(0, i, earlier, jnp.zeros_like(dq_i))
+            dq_i = dq_i + _decay(hi_i, lo_i, hi_b, lo_b) * acc
+
+            def inside(s, dq):
+                r = r0 + s
+                e = _masked_decay(hi_i, lo_i, _rows(hi_ref, r, 1), _rows(lo_ref, r, 1), step >= s)
+                da = jnp.sum(do_i * _rows(v_ref, r, 1), axis=1, keepdims=True)  # dA[:, s]
+                return dq + da * (_rows(k_ref, r, 1) * e)
+
+            dq_ref[pl.ds(r0, _SUB), :] = jax.lax.fori_loop(0, _SUB, inside, dq_i)
+            return dst
+
+        return jax.lax.fori_loop(0, m, query_sub, dst * jnp.exp(hi_l + lo_l).T)
+
+    dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, ds_ref[...].astype(f32))
 
 
 def _running_log_gates(log_g: Array, c: int) -> tuple[Array, Array]:
@@ -369,22 +367,22 @@ def _pad_state(S: Array, lay: _Layout) -> Array:
 
 def _specs(lay: _Layout):
     """BlockSpecs over the grid (batch, head, value tile): a scalar, (T, dk) and (T, bv)
-    sequences of one (batch, head), a (dk, bv) state tile, and the (n + 1, bv, dk) chunk states."""
+    sequences of one (batch, head), a (dk, bv) state tile, and the (n + 1, dk, bv) chunk states."""
     scalar = pl.BlockSpec((1, 1), lambda ib, ih, iv: (0, 0))
     seq_k = pl.BlockSpec((None, lay.T, None, lay.dk), lambda ib, ih, iv: (ib, 0, ih, 0))
     seq_v = pl.BlockSpec((None, lay.T, None, lay.bv), lambda ib, ih, iv: (ib, 0, ih, iv))
     state = pl.BlockSpec((None, None, lay.dk, lay.bv), lambda ib, ih, iv: (ib, ih, 0, iv))
     n = lay.T // lay.c
     states = pl.BlockSpec(
-        (None, None, n + 1, lay.bv, lay.dk), lambda ib, ih, iv: (ib, ih, 0, iv, 0)
+        (None, None, n + 1, lay.dk, lay.bv), lambda ib, ih, iv: (ib, ih, 0, 0, iv)
     )
     return scalar, seq_k, seq_v, state, states
 
 
 def _forward(q, k, v, log_g, h0, scale, *, chunk_size: int, with_states: bool = False):
     """The Pallas forward: shapes as the public op, h0 float32. Returns (o in q's dtype,
-    S_last float32) and, ``with_states``, the padded transposed chunk states
-    (b, h, n + 1, dv_padded, dk_padded) float32 for the backward pass."""
+    S_last float32) and, ``with_states``, the padded chunk states
+    (b, h, n + 1, dk_padded, dv_padded) float32 for the backward pass."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     lay = _layout(t, dk, dv, chunk_size)
@@ -398,7 +396,7 @@ def _forward(q, k, v, log_g, h0, scale, *, chunk_size: int, with_states: bool = 
     ]
     out_specs = [seq_v, state]
     if with_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, n + 1, lay.dv, lay.dk), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n + 1, lay.dk, lay.dv), jnp.float32))
         out_specs.append(states)
     o, S, *rest = _common.call(
         functools.partial(_kernel, n_chunks=n, c=lay.c),
@@ -407,6 +405,8 @@ def _forward(q, k, v, log_g, h0, scale, *, chunk_size: int, with_states: bool = 
         in_specs=[scalar, seq_k, seq_k, seq_v, seq_k, seq_k, state],
         out_specs=tuple(out_specs),
         name="gla_chunk_fwd",
+        num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
     )(
         jnp.asarray(scale, jnp.float32).reshape(1, 1),
         q,
@@ -455,6 +455,8 @@ def _backward(q, k, v, log_g, scale, states, do, dS, *, chunk_size: int):
         in_specs=[scalar, seq_k, seq_k, seq_v, seq_k, seq_k, seq_v, states_spec, state],
         out_specs=(per_tile, per_tile, seq_v, state, rows),
         name="gla_chunk_bwd",
+        num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
     )(
         scale.reshape(1, 1),
         qp,

@@ -52,13 +52,19 @@ def _reference(scale=None):
     return ref
 
 
+# The fast set (CPU time, interpret mode) keeps one case of each kind: values, states and every
+# gradient with padded t, k, v, mixed gates and two sub-chunks per chunk here; value tiles and a
+# scale, bfloat16, strong gates, errors and the cuda lowering (forward and grad) below.
+slow = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "shape,chunk_size,gates",
     [
-        ((2, 40, 2, 16, 32), 16, "realistic"),  # 3 chunks, the last one partial
+        pytest.param((2, 40, 2, 16, 32), 16, "realistic", marks=slow),  # 3 chunks, last partial
         ((1, 37, 2, 12, 20), 32, "mixed"),  # 2 sub-chunks per chunk; k, v padded to 16, 32
-        ((1, 5, 2, 16, 16), 64, "mixed"),  # shorter than a chunk: one chunk of 16
-        ((1, 70, 1, 48, 16), 64, "realistic"),  # 4 sub-chunks; k 48 -> 64, two key blocks
+        pytest.param((1, 5, 2, 16, 16), 64, "mixed", marks=slow),  # one chunk of 16
+        pytest.param((1, 70, 1, 48, 16), 64, "realistic", marks=slow),  # 4 sub-chunks; k 48 -> 64
     ],
     ids=["t40-c16", "t37-c32-padded-dims-mixed-gates", "t5-c64-mixed-gates", "t70-c64-k48"],
 )
@@ -78,6 +84,7 @@ def test_without_h0_value_tiles_and_scale(monkeypatch):
     compare_with_reference(_pallas(16, 0.3), _reference(0.3), args, jit=True, names=NAMES[:4])
 
 
+@pytest.mark.slow
 def test_xla_backward(monkeypatch):
     # The fallback backward (recompute through the XLA chunked path's VJP) agrees too.
     monkeypatch.setattr(pallas_gla, "BACKWARD", "xla")
@@ -116,7 +123,7 @@ def test_errors():
             gated_linear_attention(q, k, v, log_g, chunk_size=bad, impl="pallas")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=slow), jnp.bfloat16])
 def test_lowers_for_gpu(dtype):
     q, k, v, log_g, h0 = _inputs(1, 40, 2, 32, 64)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
