@@ -106,6 +106,17 @@ def test_tiny_run_of_the_baselines_and_a_chunked_op(tmp_path):
     assert "| gla/chunked |" in md and "gla/pallas vs attention/cudnn at T=8192" in md
 
 
+def test_lower_only_lowers_every_kind_of_row_for_cuda(tmp_path):
+    rows = ("attention/xla-dpa", "gla/pallas", "mamba/chunked")
+    plan = gpu.dataclasses.replace(TINY, rows=rows, lengths=(16,), lower_only=True)
+    result = gpu.run(plan, tmp_path, log=lambda *_: None)
+    recs = {(r["row"], r["mode"]): r for r in result["records"]}
+    assert all("error" not in r and "median_s" not in r for r in recs.values())
+    assert recs[("gla/pallas", "fwd")]["triton_calls"] == 1
+    assert recs[("gla/pallas", "fwd_bwd")]["triton_calls"] >= 2  # forward and backward kernels
+    assert recs[("mamba/chunked", "fwd_bwd")]["triton_calls"] == 0
+
+
 def test_cli_rejects_an_unknown_row():
     run = subprocess.run(
         [sys.executable, "-m", "effseq.cli", "bench", "--plan", "gpu", "--rows", "gla/cuda"],
