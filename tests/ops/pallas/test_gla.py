@@ -53,29 +53,38 @@ def _reference(scale=None):
 
 
 # The fast set (CPU time, interpret mode) keeps one case of each kind: values, states and every
-# gradient with padded t, k, v, mixed gates and two sub-chunks per chunk here; value tiles and a
-# scale, bfloat16, strong gates, errors and the cuda lowering (forward and grad) below.
+# gradient with padded t, k, v, mixed gates, two sub-chunks per chunk, two value tiles and a
+# scale here; bfloat16, strong gates, errors and the cuda lowering (forward and grad) below.
 slow = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "shape,chunk_size,gates",
+    "shape,chunk_size,gates,block_v,scale",
     [
-        pytest.param((2, 40, 2, 16, 32), 16, "realistic", marks=slow),  # 3 chunks, last partial
-        ((1, 37, 2, 12, 20), 32, "mixed"),  # 2 sub-chunks per chunk; k, v padded to 16, 32
-        pytest.param((1, 5, 2, 16, 16), 64, "mixed", marks=slow),  # one chunk of 16
-        pytest.param((1, 70, 1, 48, 16), 64, "realistic", marks=slow),  # 4 sub-chunks; k 48 -> 64
+        pytest.param((2, 40, 2, 16, 32), 16, "realistic", None, None, marks=slow),  # 3 chunks
+        # 2 sub-chunks per chunk; k, v padded to 16, 32; v in two tiles of 16; a scale.
+        ((1, 37, 2, 12, 20), 32, "mixed", 16, 0.3),
+        pytest.param((1, 5, 2, 16, 16), 64, "mixed", None, None, marks=slow),  # one chunk of 16
+        pytest.param((1, 70, 1, 48, 16), 64, "realistic", None, None, marks=slow),  # 4 sub-chunks
     ],
-    ids=["t40-c16", "t37-c32-padded-dims-mixed-gates", "t5-c64-mixed-gates", "t70-c64-k48"],
+    ids=[
+        "t40-c16",
+        "t37-c32-padded-dims-mixed-gates-value-tiles-scale",
+        "t5-c64-mixed-gates",
+        "t70-c64-k48",
+    ],
 )
-def test_matches_reference(shape, chunk_size, gates):
+def test_matches_reference(shape, chunk_size, gates, block_v, scale, monkeypatch):
+    if block_v is not None:
+        monkeypatch.setattr(pallas_gla, "_BLOCK_V", block_v)
     args = _inputs(*shape, gates=gates)
     (o, S), _ = compare_with_reference(
-        _pallas(chunk_size), _reference(), args, jit=True, names=NAMES
+        _pallas(chunk_size, scale), _reference(scale), args, jit=True, names=NAMES
     )
     assert o.dtype == jnp.float32 and S.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_without_h0_value_tiles_and_scale(monkeypatch):
     # No h0 (zeros, whose gradient is not asked for), the value axis split over two tiles,
     # a scale that is not the default.
