@@ -58,8 +58,22 @@ chunk's H and G and does the (c, c) work: dx (complete) and each p tile's share 
 (per head), of x . du and of the log decays' gradient. XLA then sums the shares over p tiles
 and over the heads of each group, forms d(dt) = x . du + A da, dA = sum dt da and
 dD = sum dy x. The decays' gradient is taken over exactly the exponent terms containing each
-step (the segment-sum part as a product with a 0/1 triangle at ``Precision.HIGHEST``), never
-as a difference of sums, so decays of exp(-20) beside ~1 lose nothing.
+step (the segment-sum part as a product with a 0/1 triangle, its other factor split exactly
+into three bfloat16 parts so the products are exact on the tensor cores), never as a
+difference of sums, so decays of exp(-20) beside ~1 lose nothing.
+
+On a Hopper SM (``python -m effseq.benchmarks.kernel_report --ops ssd``: Triton's compile for
+sm_90 at the GPU plan's shapes, 32 heads x p 64, n 128, chunk 64, bf16; p tile 64): all five
+kernels fit in shared memory (64-104 KiB of 227) and use wgmma. The two heavy ones run with
+8 warps (``LAUNCH``): their float32 state slices (64 x 128: H, and G in the backward) and
+(c, c) matrices spilled registers at 4 warps (fused forward 692 B, chunk backward 2556 B).
+The fused forward also runs with one stage (the prefetched next chunk held registers) and
+does its float32 product with the state before the (c, c) scores exist: no spills. The chunk
+backward is ordered so few arrays are live at once, reads H, G, B, C and dy from their refs
+where used, takes H and G as the left operand of their float32 products (staged in shared
+memory, not a float32 left operand in registers), and no longer has a float32 CUDA-core
+product (the 0/1-triangle product above): 68 B of spills remain (80 with D). The three
+other kernels use 166-222 registers at 4 warps, no spills.
 """
 
 from __future__ import annotations
@@ -79,6 +93,14 @@ __all__ = ["ssd_pallas"]
 OP = "ssd"
 # Widest slice of the head dimension p one program handles (its state slice is P_TILE x n).
 P_TILE = 64
+# Triton's num_warps / num_stages per kernel (the module docstring's "On a Hopper SM").
+LAUNCH = {
+    "ssd_fused_chunk_fwd": dict(num_warps=8, num_stages=1),
+    "ssd_fwd_states": dict(num_warps=4, num_stages=2),
+    "ssd_fwd_chunks": dict(num_warps=4, num_stages=2),
+    "ssd_bwd_states": dict(num_warps=4, num_stages=2),
+    "ssd_bwd_chunks": dict(num_warps=8, num_stages=1),
+}
 
 
 def _next_pow2(v: int) -> int:
@@ -102,20 +124,25 @@ def _chunk_decays(ak, c):
     return L, to_end, from_start, total, causal
 
 
-def _chunk_output(xk, ak, dtk, Bk, Ck, d, H, c):
+def _chunk_output(x_ref, a_ref, dt_ref, b_ref, c_ref, s, d, H, c):
     """y (c, bp) float32 of one chunk: (L * C B^T)(dt x) + from_start * (C H^T) + D x, from
-    its x (c, bp), log decays and dt (c,), B, C (c, n), D (1,) or None and the state entering
-    it H (bp, n) float32. Also returns to_end and total for the state update."""
+    the rows ``s`` of its refs: x (c, bp), log decays and dt (c,), B, C (c, n); D (1,) or
+    None and the state entering it H (bp, n) float32. Also returns u = dt x, to_end, total
+    and B for the state update. The refs are read in the order that left the fused kernel
+    without register spills on sm_90 (the decays before dt)."""
     f32 = jnp.float32
+    Bk, Ck, xk = b_ref[s, :], c_ref[s, :], x_ref[s, :]
     cd = xk.dtype
-    L, to_end, from_start, total, _ = _chunk_decays(ak, c)
-    u = xk.astype(f32) * dtk[:, None]  # dt x, (c, bp)
+    L, to_end, from_start, total, _ = _chunk_decays(a_ref[s], c)
+    u = xk.astype(f32) * dt_ref[s][:, None]  # dt x, (c, bp)
+    # The read of the state first: its float32 product is done before the (c, c) scores
+    # are live (in the other order the fused kernel spilled registers on sm_90).
+    y = from_start[:, None] * _common.dot(Ck.astype(f32), H, trans_b=True)
     scores = _common.dot(Ck, Bk, trans_b=True) * L  # (c, c) float32
-    y = _common.dot(scores.astype(cd), u.astype(cd))
-    y = y + from_start[:, None] * _common.dot(Ck.astype(f32), H, trans_b=True)
+    y = y + _common.dot(scores.astype(cd), u.astype(cd))
     if d is not None:
-        y = y + d[None, :] * xk.astype(f32)
-    return y, u, to_end, total
+        y = y + d[None, :] * x_ref[s, :].astype(f32)  # x read again: not held
+    return y, u, to_end, total, Bk
 
 
 def _state_update(H, u, to_end, total, Bk):
@@ -132,10 +159,7 @@ def _fwd_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h_ref,
 
     def body(k, H):
         s = pl.ds(pl.multiple_of(k * c, c), c)
-        Bk = b_ref[s, :]
-        y, u, to_end, total = _chunk_output(
-            x_ref[s, :], a_ref[s], dt_ref[s], Bk, c_ref[s, :], d, H, c
-        )
+        y, u, to_end, total, Bk = _chunk_output(x_ref, a_ref, dt_ref, b_ref, c_ref, s, d, H, c)
         y_ref[s, :] = y.astype(y_ref.dtype)
         return _state_update(H, u, to_end, total, Bk)
 
@@ -164,9 +188,7 @@ def _fwd_chunk_kernel(x_ref, a_ref, dt_ref, b_ref, c_ref, d_ref, hs_ref, y_ref, 
     """Training form, parallel part: one chunk of one (batch, head, p tile) from the state
     entering it (hs_ref (bp, n) float32); refs as in :func:`_fwd_kernel`, one chunk long."""
     d = None if d_ref is None else d_ref[...]
-    y, *_ = _chunk_output(
-        x_ref[...], a_ref[...], dt_ref[...], b_ref[...], c_ref[...], d, hs_ref[...], c
-    )
+    y, *_ = _chunk_output(x_ref, a_ref, dt_ref, b_ref, c_ref, slice(None), d, hs_ref[...], c)
     y_ref[...] = y.astype(y_ref.dtype)
 
 
@@ -212,35 +234,56 @@ def _bwd_chunk_kernel(
     cd = x_ref.dtype
     row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    H, G = hs_ref[...], gs_ref[...]
-    xk, Bk, Ck, dyk, dtk = x_ref[...], b_ref[...], c_ref[...], dy_ref[...], dt_ref[...]
+    # Register pressure (sm_90, p tile 64, n 128, c 64; see "On a Hopper SM" above): the
+    # (c, c) work comes first, reduced to what the rest needs (S L and P in x's dtype, the
+    # decays' segment-sum gradient); then the terms with H, then those with G, each read
+    # from its ref where used, not held. The float32 products with H and G take the state
+    # as the left operand (computed transposed, then transposed back), so that Triton
+    # stages it in shared memory, not a (c, n) float32 left operand in registers.
     L, to_end, from_start, total, causal = _chunk_decays(a_ref[...], c)
-    u = xk.astype(f32) * dtk[:, None]
-    dy32 = dyk.astype(f32)
+    Bk, Ck, dyk = b_ref[...], c_ref[...], dy_ref[...].astype(cd)
+    u = x_ref[...].astype(f32) * dt_ref[...][:, None]
     S = _common.dot(Ck, Bk, trans_b=True)  # (c, c)
-    P = _common.dot(dyk.astype(cd), u.astype(cd), trans_b=True) * L  # L * (dy u^T)
-    BG = _common.dot(Bk.astype(f32), G, trans_b=True)  # (c, bp)
-    Pc = P.astype(cd)
-    dc_ref[...] = _common.dot(Pc, Bk) + from_start[:, None] * _common.dot(dy32, H)
-    db_ref[...] = _common.dot(Pc, Ck, trans_a=True) + to_end[:, None] * _common.dot(u, G)
-    du = _common.dot((S * L).astype(cd), dyk.astype(cd), trans_a=True) + to_end[:, None] * BG
-    dx = dtk[:, None] * du
-    if d_ref is not None:
-        dx = dx + d_ref[...][None, :] * dy32
-    dx_ref[...] = dx.astype(dx_ref.dtype)
-    ddt_ref[...] = jnp.sum(xk.astype(f32) * du, axis=1)
+    P = _common.dot(dyk, u.astype(cd), trans_b=True) * L  # L * (dy u^T)
     # Gradients of the log decays: a_m is in seg[i, j] for j < m <= i, in from_start_i for
     # m <= i, in to_end_j for j < m, and in the chunk's total; each sum below spans exactly
     # those terms (no differences of larger sums, which would cancel where strong and weak
-    # decays meet).
-    M = S * P  # d seg[i, j] = L S (dy u^T)
-    strict_upper = (row < col).astype(f32)  # [j, m] = j < m
-    spans = jnp.dot(M, strict_upper, precision=lax.Precision.HIGHEST)  # sum_{j < m} M[i, j]
-    CH = _common.dot(Ck.astype(f32), H, trans_b=True)  # (c, bp)
-    d_read = from_start * jnp.sum(dy32 * CH, axis=1)  # d from_start_i (log)
-    d_to_end = to_end * jnp.sum(u * BG, axis=1)  # d to_end_j (log)
-    d_total = total * jnp.sum(H * G)
-    da = jnp.sum(jnp.where(causal, spans + d_read[:, None], 0.0), axis=0)  # over i >= m
+    # decays meet). First the segment sums': with M = d seg = L S (dy u^T) = S P,
+    # spans[i, m] = sum_{j < m} M[i, j], a product with a 0/1 triangle. M is split exactly
+    # into three bfloat16 parts (8 + 8 + 8 significant bits: hi + mid + lo == M in float32)
+    # so that the three products are exact on the tensor cores and accumulate in float32:
+    # a float32 ("highest") product here was a CUDA-core loop heavy in registers.
+    M = S * P
+    hi = M.astype(jnp.bfloat16)
+    rest = M - hi.astype(f32)
+    mid = rest.astype(jnp.bfloat16)
+    lo = (rest - mid.astype(f32)).astype(jnp.bfloat16)
+    strict_upper = (row < col).astype(jnp.bfloat16)  # [j, m] = j < m
+    spans = _common.dot(hi, strict_upper) + _common.dot(mid, strict_upper)
+    spans = spans + _common.dot(lo, strict_upper)
+    da = jnp.sum(jnp.where(causal, spans, 0.0), axis=0)  # over i >= m
+    SLc, Pc = (S * L).astype(cd), P.astype(cd)
+    # The terms with H, the state entering the chunk: dC = P B + from_start * (dy H) and
+    # d from_start_i (log) = from_start_i sum_p dy[i, p] (C H^T)[i, p]
+    #                      = from_start_i sum_n C[i, n] (dy H)[i, n].
+    dy32 = dy_ref[...].astype(f32)
+    dyH = _common.dot(hs_ref[...], dy32, trans_a=True, trans_b=True).T  # (H^T dy^T)^T, (c, n)
+    d_read = from_start * jnp.sum(c_ref[...].astype(f32) * dyH, axis=1)
+    dc_ref[...] = _common.dot(Pc, b_ref[...]) + from_start[:, None] * dyH
+    da = da + jnp.sum(jnp.where(causal, d_read[:, None], 0.0), axis=0)  # over i >= m
+    # The terms with G, the gradient of the state leaving it: dB = P^T C + to_end * (u G),
+    # du = (L S)^T dy + to_end * (B G^T) and d to_end_j (log) = to_end_j sum_n B (u G)[j, n].
+    uG = _common.dot(gs_ref[...], u, trans_a=True, trans_b=True).T  # (G^T u^T)^T, (c, n)
+    db_ref[...] = _common.dot(Pc, c_ref[...], trans_a=True) + to_end[:, None] * uG
+    d_to_end = to_end * jnp.sum(b_ref[...].astype(f32) * uG, axis=1)
+    BG = _common.dot(gs_ref[...], b_ref[...].astype(f32), trans_b=True).T  # (G B^T)^T, (c, bp)
+    du = _common.dot(SLc, dy_ref[...].astype(cd), trans_a=True) + to_end[:, None] * BG
+    dx = dt_ref[...][:, None] * du
+    if d_ref is not None:
+        dx = dx + d_ref[...][None, :] * dy_ref[...].astype(f32)  # dy read again: not held
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+    ddt_ref[...] = jnp.sum(x_ref[...].astype(f32) * du, axis=1)
+    d_total = total * jnp.sum(hs_ref[...] * gs_ref[...])
     da_ref[...] = da + jnp.sum(jnp.where(col < row, d_to_end[None, :], 0.0), axis=1) + d_total
 
 
@@ -344,6 +387,7 @@ def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = Fals
             in_specs=[*_specs(d, D is not None), _state_spec(d)],
             out_specs=(_specs(d, False)[0], _state_spec(d)),
             name="ssd_fused_chunk_fwd",
+            **LAUNCH["ssd_fused_chunk_fwd"],
         )(x, a, dt, B, C, *Ds, h0)
         return y[:, : d.t, :, : d.p], H[:, :, : d.p, : d.n]
 
@@ -355,6 +399,7 @@ def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = Fals
         in_specs=[*seq_specs[:4], _state_spec(d)],
         out_specs=(_state_spec(d), _states_spec(d)),
         name="ssd_fwd_states",
+        **LAUNCH["ssd_fwd_states"],
     )(x, a, dt, B, h0)
     specs, seq, state = _chunk_specs(d, D is not None)
     y = _common.call(
@@ -364,6 +409,7 @@ def _forward(x, dt, A, B, C, D, h0, *, chunk_size: int, keep_states: bool = Fals
         in_specs=[*specs, state],
         out_specs=seq,
         name="ssd_fwd_chunks",
+        **LAUNCH["ssd_fwd_chunks"],
     )(x, a, dt, B, C, *Ds, states)
     return (y[:, : d.t, :, : d.p], H[:, :, : d.p, : d.n]), states
 
@@ -389,6 +435,7 @@ def _backward(chunk_size, res, cts):
         in_specs=[seq_specs[1], seq_specs[4], seq_specs[0], _state_spec(d)],  # a, C, dy, dH
         out_specs=(_states_spec(d), _state_spec(d)),
         name="ssd_bwd_states",
+        **LAUNCH["ssd_bwd_states"],
     )(a, C, dy_p, _pad_state(d, dH))
 
     # Grid (batch, head, chunk x p tile): every chunk independent given H and G.
@@ -411,6 +458,7 @@ def _backward(chunk_size, res, cts):
         in_specs=[*specs, state, state, seq],
         out_specs=(seq, tile_t, tile_t, tile_v, tile_v),
         name="ssd_bwd_chunks",
+        **LAUNCH["ssd_bwd_chunks"],
     )(x, a, dt, B, C, *Ds, states, grads_out, dy_p)
 
     def group_sum(z):  # (b, tiles, T, h, npad) -> (b, t, g, n)

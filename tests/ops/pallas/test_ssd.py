@@ -73,6 +73,24 @@ def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", plain=F
         assert_close(H, H_ref, dtype, err_msg="h_last without gradients")
 
 
+# The fast set: one float32 case and one bfloat16 case between them cover values (both
+# forward forms), h_last and every input's gradient, padding of t, p and n, groups, with and
+# without D and h0, and strong decays; the slow set repeats them on other shapes.
+
+
+def test_matches_reference():
+    # 3 chunks, the last partial (t 37 -> 48); p = 8 padded to 16, n = 20 to 32; 4 heads on
+    # 2 groups; D and h0; dt A = -20 beside ~0 (the in-kernel segment sums must not be
+    # differences of running sums); values also from the fused inference kernel.
+    _check(37, 16, h=4, p=8, n=20, g=2, decay="mixed", seed=2, plain=True)
+
+
+def test_bfloat16_matches_float32_reference():
+    # t shorter than one chunk (one chunk of 16); no D, no h0.
+    _check(5, 64, with_D=False, with_h0=False, dtype="bfloat16", g=1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "t,chunk_size,shape,with_D",
     [
@@ -82,26 +100,29 @@ def _check(t, chunk_size, *, with_D=True, with_h0=True, dtype="float32", plain=F
         (5, 64, dict(h=4, n=20, g=2), False),
     ],
 )
-def test_matches_reference(t, chunk_size, shape, with_D):
+def test_matches_reference_more_shapes(t, chunk_size, shape, with_D):
     _check(t, chunk_size, with_D=with_D, with_h0=with_D, plain=True, **shape)
 
 
-def test_bfloat16_matches_float32_reference():
+@pytest.mark.slow
+def test_bfloat16_several_chunks():
     _check(37, 16, dtype="bfloat16", g=1)
 
 
 def test_mixed_input_dtypes_keep_x_dtype():
-    x, dt, A, B, C, D, h0 = _inputs(9, dtype=jnp.bfloat16)
+    x, dt, A, B, C, D, h0 = _inputs(5, dtype=jnp.bfloat16)
     fast = functools.partial(ssd, chunk_size=16, impl="pallas")
     y, H = jax.eval_shape(fast, x, dt, A, B.astype(jnp.float32), C, D, h0=h0)
     assert y.dtype == jnp.bfloat16 and H.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_strong_decay_is_exact():
     # dt A = -20 beside ~0: the in-kernel segment sums must not be differences of running sums.
     _check(40, 16, decay="mixed", g=2, seed=2, plain=True)
 
 
+@pytest.mark.slow
 @pytest.mark.devices(2)
 def test_sequence_sharded_matches_unsharded():
     x, dt, A, B, C, D, h0 = _inputs(32, b=1, p=8, g=1, seed=4)
@@ -110,7 +131,7 @@ def test_sequence_sharded_matches_unsharded():
 
 
 def test_segment_ids_raise():
-    x, dt, A, B, C, D, h0 = _inputs(8)
+    x, dt, A, B, C, D, h0 = _inputs(5, dtype=jnp.bfloat16)  # shapes seen before: no compiles
     ids = jnp.zeros(x.shape[:2], jnp.int32)
     with pytest.raises(ValueError, match=r"ssd: impl='pallas'.*segment_ids.*impl='chunked'"):
         ssd(x, dt, A, B, C, D, impl="pallas", segment_ids=ids)
@@ -118,12 +139,15 @@ def test_segment_ids_raise():
 
 @pytest.mark.parametrize("chunk_size", [24, 8])
 def test_bad_chunk_size_raises(chunk_size):
-    x, dt, A, B, C, D, h0 = _inputs(8)
+    x, dt, A, B, C, D, h0 = _inputs(5, dtype=jnp.bfloat16)  # shapes seen before: no compiles
     with pytest.raises(ValueError, match="impl='pallas' needs chunk_size to be a power of two"):
         ssd(x, dt, A, B, C, D, impl="pallas", chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("dtype,with_D", [("float32", True), ("bfloat16", False)])
+@pytest.mark.parametrize(
+    "dtype,with_D",
+    [("bfloat16", True), pytest.param("float32", False, marks=pytest.mark.slow)],
+)
 def test_lowers_for_gpu_through_triton(dtype, with_D):
     x, dt, A, B, C, D, h0 = _inputs(37, h=4, p=8, n=20, g=2, dtype=jnp.dtype(dtype))
     args = (x, dt, A, B, C, D, h0) if with_D else (x, dt, A, B, C, h0)
