@@ -5,7 +5,8 @@
 
 Every ``impl="pallas"`` op is lowered for the ``cuda`` platform at the GPU benchmark's shapes
 (``effseq bench --plan gpu``: 16 heads x 128 for GLA and Gated DeltaNet, Mamba-2's 32 heads x
-64 with state 128, Mamba's 2048 channels with state 16; T = 1024, bf16), forward and under
+64 with state 128, Mamba's 2048 channels with state 16; T = 1024, bf16; each op's default
+chunk on a GPU unless ``--chunk-size`` is given), forward and under
 ``grad``. The Triton IR Pallas emits for each kernel is then compiled by the ``triton``
 package for sm_90 (Hopper) with the kernel's own ``num_warps`` / ``num_stages``, and its PTX
 assembled by the ``ptxas`` that ships with triton (``-v``): registers per thread, spill bytes,
@@ -69,6 +70,9 @@ def _inputs(op: str, t: int, dtype):
 
 
 def _op(op: str, chunk_size: int | None):
+    # GLA's default chunk depends on the backend (16 on a CPU, 64 on accelerators): the GPU's.
+    if chunk_size is None and op == "gla":
+        chunk_size = 64
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     fns = {
         "gla": lambda *a: ops.gated_linear_attention(*a, impl="pallas", **kw)[0],
