@@ -25,13 +25,16 @@ Split between XLA and Pallas (forward):
   tensor does not fit a kernel's registers, so it is formed here like A and passed in.
 * Pallas, one kernel (``_forward_kernel``), the fla-style "fused chunk" form: grid over
   (batch, head, value tiles of width ``block_v``), all independent; inside, a
-  ``lax.fori_loop`` over the chunks carries S (k x block_v, float32) and per chunk forms W,
-  U0, U, with per-head gates also P (q k^T times the masked decays, exp of compensated
-  log-gate differences, -inf above the diagonal so nothing overflows), writes O and updates
-  S. One kernel rather than two (chunk states, then outputs): the state never leaves the
-  chip, each input is read once per value tile, and W and P, recomputed per value tile, are
-  O(c^2 k) per chunk against the O(c k v) of the state products, a small share at the usual
-  k = v.
+  ``lax.fori_loop`` over the chunks carries S (k x block_v, float32) and per chunk forms
+  U = T diag(beta) (V - (K * Gamma) S_0) (the same U: W S_0 = T X S_0 with X =
+  diag(beta) (K * Gamma), so the (c, k) tile W is never formed), with per-head gates also P
+  (q k^T times the masked decays, exp of compensated log-gate differences, -inf above the
+  diagonal so nothing overflows), writes O and updates S. Per head every gate is a (c, 1)
+  column and is applied to the (c, block_v) side of a product (Q * Gamma) S = Gamma (Q S),
+  (K * E)^T U = K^T (E U), so q and k stay as stored: the kernels hold no (c, k) float32
+  tile. One kernel rather than two (chunk states, then outputs): the state never leaves the
+  chip, each input is read once per value tile, and P, recomputed per value tile, is
+  O(c^2 k) per chunk against the O(c k block_v) of the state products.
 
 Backward: Pallas for the chunk loop, autodiff for the XLA terms. The kernel is a
 ``jax.custom_vjp``: its forward also saves the state entering every chunk ((b, h, n k, v)
@@ -39,15 +42,19 @@ float32, as fla's chunked kernels do). The backward is two kernels, as the forwa
 splits into a recurrence and per-chunk products:
 
 * ``_backward_state_kernel``, grid (batch, head, value tile), sequential: the chunks in
-  reverse carrying dL/dS in float32; per chunk it recomputes W, P and Q * Gamma and writes
-  dU (the corrections' gradient) and dL/dS leaving the chunk; the last carry is dh0. It
-  keeps few tiles live (no S, no U), like the forward.
+  reverse carrying dL/dS in float32; per chunk it recomputes P and writes dU (the
+  corrections' gradient) and dL/dS leaving the chunk; the last carry is dh0. It keeps few
+  tiles live (no S, no U, no W: W^T dU = X^T (T^T dU)), like the forward.
 * ``_backward_chunk_kernel``, grid (batch, head, chunk x value tile), all independent: from
   the saved S, dL/dS' and dU it recomputes U and forms the gradients of the scaled query, k,
   v, beta, the running log gates and T, and per key channel of P (the formulas are in the
   docstrings). The heavy per-chunk products run in parallel over chunks, not inside the
   recurrence. Gradients other than dv sum over the value axis: each value tile writes its
-  share and XLA adds the shares.
+  share and XLA adds the shares. Its own value tile (``BLOCK_V_CHUNKS``): wider than the
+  sequential kernels' (fewer shares, less recomputation of the per-chunk (c, c) terms),
+  which already have n times more programs to fill the GPU. Its products with S come first
+  and those with S^T last, so the two shared-memory copies of S (one per operand layout of
+  the TF32 products) are not live at once.
 
 JAX's autodiff then takes dT, dP and the log-gate gradient back through the XLA terms (the UT
 transform's inverse, A, P, the running sums) to q, k, beta and log_g, as it does for the XLA
@@ -56,8 +63,12 @@ backward through the XLA chunked path (``jax.vjp`` of ``delta_rule._chunked``), 
 cross-check.
 
 Dtypes: q, k, v reach the kernel in their own dtype (q k^T, the one product of inputs alone,
-runs on bf16 operands as they are); gates, beta, T and the state are float32, products
-involving them run in float32 (``_common.dot``: float32 accumulation at the configured matmul
+runs on bf16 operands as they are); gates, beta, T and the state are float32. A product of
+bf16 q or k with a float32 tile (the state, U, dO, ...) runs as bf16 products: the float32
+side is split into 2 bf16 terms (16 significant bits, finer than the TF32 of the default
+matmul precision) or 3 where the precision is 'highest' (all 24), see ``_dot``; q and k are
+never widened to float32 tiles (half the registers, the bf16 tensor-core rate). Products of
+float32 tiles alone use ``_common.dot`` (float32 accumulation at the configured matmul
 precision). o comes back in the dtype of q, the final state in float32.
 
 Padding (exact): t up to a multiple of the chunk with zero keys, beta 0 and log gate 0 (an
@@ -66,11 +77,16 @@ widths up to powers of two >= 16 with zero columns of q, k, v and h0 (a zero key
 neither reads nor writes the state, whose extra rows stay 0; a zero value column stays 0 in
 U and S), sliced off after.
 
+Fit (``python -m effseq.benchmarks.kernel_report --ops gated_delta_rule``: Triton's compile
+for sm_90 at b 1, t 1024, 16 heads x 128, bf16, chunk 64): every kernel fits Hopper's
+227 KiB of shared memory (60-112 KiB) and uses wgmma; per head the forward spills nothing,
+the sequential backward 88 B, the chunk backward 116 B. ``BLOCK_V``, ``BLOCK_V_CHUNKS`` and
+``LAUNCH`` (warps, software-pipelining stages) were chosen by that report; per key channel
+(KDA) the (c, k) gate tiles are float32 and the loops still spill ~1.2 KB.
+
 Limits: packed rows (``segment_ids``) are refused with a ValueError (``"chunked"`` and
-``"recurrent"`` support them). Not yet measured on a GPU (no GPU was at hand when this was
-written): ``BLOCK_V`` and the Triton warp count are unmeasured defaults; the forward and the
-backward's chunk kernel hold several (c, k) float32 tiles live, which at c = 64,
-k = v = 128 may spill registers and want ``chunk_size=32`` or a smaller ``BLOCK_V``.
+``"recurrent"`` support them). Not yet timed on a GPU (no GPU was at hand when this was
+written).
 """
 
 from __future__ import annotations
@@ -86,12 +102,25 @@ from effseq.ops.pallas import _common
 from effseq.typing import Array
 
 OP = "gated_delta_rule"
-# Value-tile width of the grid: the state tile is (k, BLOCK_V) float32.
-BLOCK_V = 64
+# Value-tile width of the grid of the forward and of the backward's sequential kernel: the
+# state tile is (k, BLOCK_V) float32.
+BLOCK_V = 16
+# Value-tile width of the backward's chunk-parallel kernel (its grid has n chunks x v /
+# BLOCK_V_CHUNKS programs per head, and every gradient but dv is summed over the tiles).
+BLOCK_V_CHUNKS = 32
 # "pallas": the chunk loop's backward is a Pallas kernel, the XLA terms (T, the running log
 # gates) are differentiated by autodiff; "xla": the whole backward recomputes through the XLA
 # chunked path (the first version, kept as a cross-check).
 BACKWARD = "pallas"
+# Triton launch parameters per kernel: (num_warps, num_stages), from kernel_report at
+# k = v = 128, chunk 64 (fewest spills; the forward's loop keeps its load pipelining, the
+# sequential backward's spills 4x more with it).
+LAUNCH = {"fwd": (4, 2), "bwd_state": (4, 1), "bwd_chunks": (8, 1)}
+
+
+def _launch(kernel: str) -> dict:
+    warps, stages = LAUNCH[kernel]
+    return dict(num_warps=warps, num_stages=stages)
 
 
 def _next_pow2(n: int, least: int = _common.MIN_DOT) -> int:
@@ -99,22 +128,22 @@ def _next_pow2(n: int, least: int = _common.MIN_DOT) -> int:
 
 
 def _chunk(refs, i, c: int, per_channel: bool):
-    """Chunk ``i``'s inputs and the state-independent quantities built from them, float32.
+    """Chunk ``i``'s inputs and the state-independent quantities built from them.
 
-    Returns a dict: q, k (as stored), kf (k in float32), v (float32), beta (c,), T (c, c);
-    F = Gamma_t and E = Gamma_c / Gamma_t as (c, 1) per head or (c, kp) per key channel, gc =
-    Gamma_c as a column (1, 1) or (kp, 1) that scales the state's rows, X = diag(beta) (K *
-    Gamma), Y = diag(beta) V; per head also D[t, s] = Gamma_t / Gamma_s for s <= t else 0
-    (c, c), per key channel instead P, the XLA-formed (c, c) read-out matrix.
+    Returns a dict: q, k (as stored), v (float32), beta (c, 1), T (c, c); F = Gamma_t and
+    E = Gamma_c / Gamma_t as (c, 1) per head or (c, kp) per key channel, gc = Gamma_c as a
+    column (1, 1) or (kp, 1) that scales the state's rows; per head also D[t, s] =
+    Gamma_t / Gamma_s for s <= t else 0 (c, c), per key channel instead P, the XLA-formed
+    (c, c) read-out matrix. No (c, kp) float32 tile is formed here: the kernels apply the
+    per-head gates to the narrower (c, bv) side of each product (see :func:`_gdot`).
     """
     q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs[:7]
     f32 = jnp.float32
     # A traced chunk index (the loops) is hinted as a multiple of c; a constant one is not.
     span = pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
     end = pl.ds(i * c + c - 1, 1)
-    beta = beta_ref[span]
-    x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], beta=beta, span=span)
-    x["kf"] = x["k"].astype(f32)
+    x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], span=span)
+    x["beta"] = beta_ref[span][:, None]
     x["v"] = v_ref[span, :].astype(f32)
     if per_channel:
         pre, lo = pre_ref[span, :], lo_ref[span, :]  # (c, kp)
@@ -126,8 +155,6 @@ def _chunk(refs, i, c: int, per_channel: bool):
     x["F"] = jnp.exp(pre + lo)
     x["E"] = jnp.exp((pre_end - pre) + (lo_end - lo))
     x["gc"] = jnp.transpose(jnp.exp(pre_end + lo_end))
-    x["X"] = beta[:, None] * x["F"] * x["kf"]
-    x["Y"] = beta[:, None] * x["v"]
     if not per_channel:
         rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
         cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -135,6 +162,50 @@ def _chunk(refs, i, c: int, per_channel: bool):
         # -inf above the diagonal before the exp: those entries are exactly 0, no overflow.
         x["D"] = jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
     return x
+
+
+def _split_terms() -> int:
+    """How many bfloat16 terms an f32 operand is split into against a bf16 one: 3 (the f32
+    significand whole) where JAX's matmul precision asks for IEEE float32, else 2 (16 bits,
+    finer than TF32's 11, the default's rounding of an f32 product on a GPU)."""
+    return 3 if _common._precision() is not None else 2
+
+
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """:func:`_common.dot`, but a product of a bfloat16 tile (q, k as stored) with a float32
+    one runs as bf16 products: the f32 side is split into bf16 terms hi + lo (+ lo2), each
+    exact in bf16, and their products summed in float32. The bf16 tile then never becomes a
+    float32 one (half its registers, and the tensor cores' bf16 rate) and the result is
+    within 2^-16 of the f32 product's (exact at 'highest'), where TF32 gives 2^-11."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    if (a.dtype == bf16) != (b.dtype == bf16) and f32 in (a.dtype, b.dtype):
+        wide_is_a = a.dtype == f32
+        wide = a if wide_is_a else b
+        total = None
+        for _ in range(_split_terms()):
+            term = wide.astype(bf16)
+            wide = wide - term.astype(f32)
+            part = _common.dot(
+                term if wide_is_a else a, b if wide_is_a else term, trans_a=trans_a, trans_b=trans_b
+            )
+            total = part if total is None else total + part
+        return total
+    if a.dtype != b.dtype:
+        a, b = a.astype(f32), b.astype(f32)
+    return _common.dot(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _gdot(a, G, m, *, trans_a: bool = False, trans_b: bool = False):
+    """(a * G) @ m (``trans_a``: (a * G)^T @ m; ``trans_b``: (a * G) @ m^T) for a (c, kp) tile
+    ``a`` scaled row-wise by G (c, 1) (per-head gates) or elementwise by G (c, kp) (per key
+    channel). With a column G the scaling moves to the (c, bv) side (m's rows, or the result's
+    rows): a (c, kp) float32 tile is then never formed, and ``a`` stays in its own dtype
+    (:func:`_dot`)."""
+    if G.shape[1] != 1:
+        return _common.dot(a.astype(jnp.float32) * G, m, trans_a=trans_a, trans_b=trans_b)
+    if trans_a:
+        return _dot(a, G * m, trans_a=True)
+    return G * _dot(a, m, trans_b=trans_b)
 
 
 def _read_out(x, scale):
@@ -146,6 +217,10 @@ def _read_out(x, scale):
 
 def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_states: bool):
     """One (batch, head, value tile): the chunks in order, the state carried in float32.
+
+    Per chunk, with V' = V - (K * Gamma) S_0 (c, bv), U = T diag(beta) V' (= U0 - W S_0 of
+    the module docstring, with W's (c, kp) tile never formed), O = (Q * Gamma) S_0 + P U and
+    S_c = diag(Gamma_c) S_0 + (K * E)^T U.
 
     Refs: q, k (tp, kp), v (tp, bv), beta (tp,), pre, lo (tp,) per head or (tp, kp) per key
     channel, T (tp, c) (row t of chunk i holds row t of that chunk's T), per key channel P
@@ -161,12 +236,11 @@ def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_stat
         x = _chunk(inputs, i, c, per_channel)
         if save_states:
             outs[2][pl.ds(pl.multiple_of(i * kp, kp), kp), :] = S
-        W = _common.dot(x["T"], x["X"])  # (c, kp)
-        U = _common.dot(x["T"], x["Y"]) - _common.dot(W, S)  # (c, bv): the corrections
-        Qg = x["q"].astype(jnp.float32) * x["F"] * scale[:, None]
-        o = _common.dot(Qg, S) + _common.dot(_read_out(x, scale), U)
+        F = x["F"]
+        U = _common.dot(x["T"], x["beta"] * (x["v"] - _gdot(x["k"], F, S)))  # (c, bv)
+        o = _gdot(x["q"], F * scale[:, None], S) + _common.dot(_read_out(x, scale), U)
         o_ref[x["span"], :] = o.astype(o_ref.dtype)
-        return x["gc"] * S + _common.dot(x["kf"] * x["E"], U, trans_a=True)
+        return x["gc"] * S + _gdot(x["k"], x["E"], U, trans_a=True)
 
     s_ref[...] = lax.fori_loop(0, n, body, h0_ref[...].astype(jnp.float32))
 
@@ -174,11 +248,13 @@ def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_stat
 def _backward_state_kernel(*refs, c: int, n: int, kp: int, per_channel: bool):
     """Backward, sequential part. One (batch, head, value tile): the chunks in reverse,
     carrying dL/dS in float32. Per chunk, with dO and dS' the gradients of its outputs and of
-    the state leaving it, and the forward's W, P, Qg = q~ * Gamma recomputed:
+    the state leaving it, and P recomputed:
 
-        dU = P^T dO + (K * E) dS'        dS = Qg^T dO + diag(Gamma_c) dS' - W^T dU
+        dU = P^T dO + (K * E) dS'      dY = T^T dU      (Y = diag(beta) V')
+        dS = (Q~ * Gamma)^T dO + diag(Gamma_c) dS' - (K * Gamma)^T diag(beta) dY
 
-    (E = Gamma_c / Gamma). Writes dU (the gradient of the corrections) and dS' per chunk, for
+    (E = Gamma_c / Gamma; W^T dU = X^T T^T dU with X = diag(beta) (K * Gamma), so W is not
+    formed). Writes dU (the gradient of the corrections) and dS' per chunk, for
     :func:`_backward_chunk_kernel`, and dS of the first chunk as dh0.
 
     Refs: the forward's inputs, scale (1,), dO (tp, bv), dS_last (kp, bv); out dU (tp, bv),
@@ -195,29 +271,32 @@ def _backward_state_kernel(*refs, c: int, n: int, kp: int, per_channel: bool):
         x = _chunk(inputs, i, c, per_channel)
         dstates_ref[pl.ds(pl.multiple_of(i * kp, kp), kp), :] = dS
         dO = do_ref[x["span"], :].astype(f32)
-        W = _common.dot(x["T"], x["X"])
-        Qg = x["q"].astype(f32) * x["F"] * scale[:, None]
-        dU = _common.dot(_read_out(x, scale), dO, trans_a=True)
-        dU = dU + _common.dot(x["kf"] * x["E"], dS)
+        F = x["F"]
+        dU = _common.dot(_read_out(x, scale), dO, trans_a=True) + _gdot(x["k"], x["E"], dS)
         du_ref[x["span"], :] = dU
-        return _common.dot(Qg, dO, trans_a=True) + x["gc"] * dS - _common.dot(W, dU, trans_a=True)
+        dY = _common.dot(x["T"], dU, trans_a=True)
+        dS_in = _gdot(x["q"], F * scale[:, None], dO, trans_a=True) + x["gc"] * dS
+        return dS_in - _gdot(x["k"], x["beta"] * F, dY, trans_a=True)
 
     dh0_ref[...] = lax.fori_loop(0, n, body, ds_ref[...].astype(f32))
 
 
 def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
     """Backward, parallel part. One (batch, head, chunk, value tile), all independent: with
-    S the saved state entering the chunk, dS' and dU from :func:`_backward_state_kernel`, the
-    forward's W, U, P, Qg recomputed:
+    S the saved state entering the chunk, dS' and dU from :func:`_backward_state_kernel`, and
+    the forward's V' = V - (K * Gamma) S, R = diag(beta) V', U = T R and P recomputed:
 
-        dQg = dO S^T, dP = dO U^T, d(K * E) = U dS'^T, dGamma_c = <S, dS'>, dW = -dU S^T
-        dT = dW X^T + dU Y^T, dX = T^T dW, dY = T^T dU    (X = diag(beta) (K * Gamma),
-                                                           Y = diag(beta) V)
+        dY = T^T dU, dT = dU R^T, dv = diag(beta) dY, dbeta = rowsum(dY * V')
+        dQg = dO S^T, dP = dO U^T, d(K * E) = U dS'^T, dX = -dY S^T, dGamma_c = <S, dS'>
 
-    and from those the gradients of the scaled query, k, v, beta, the running log gates
-    (Gamma = exp of them) and T; per head P = (q~ k^T) * D is differentiated here too, per
-    key channel dP is written for XLA. Every gradient but dv sums over the value axis, so
-    this tile's share is written and the wrapper adds the tiles up.
+    (X = diag(beta) (K * Gamma); dX = T^T dW with dW = -dU S^T, and dT = dW X^T + dU Y^T
+    = dU R^T), and from those the gradients of the scaled query q~, k, the running log
+    gates (Gamma = exp of them); per head P = (q~ k^T) * D is differentiated here too, per
+    key channel dP is written for XLA. Per head the log-gate gradient is a row sum, and each
+    of its (c, kp) terms is read off a (c, bv) one (e.g. rowsum(dQg * Qg) = scale F
+    rowsum(dO * (q S))), so the only (c, kp) float32 tiles are the dq and dk accumulators.
+    Every gradient but dv sums over the value axis, so this tile's share is written and the
+    wrapper adds the tiles up.
 
     Refs: the forward's inputs as (c, ...) blocks, scale (1,), S, dS' (kp, bv), dO, dU
     (c, bv); out dq~, dk (c, kp), dv (c, bv), dbeta (c,), dgamma (c,) or (c, kp), dT (c, c),
@@ -230,46 +309,58 @@ def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
     scale = scale_ref[...]
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     x = _chunk(inputs, 0, c, per_channel)
-    T, kf, F, E, X = x["T"], x["kf"], x["F"], x["E"], x["X"]
+    T, beta, F, E, q, k = x["T"], x["beta"], x["F"], x["E"], x["q"], x["k"]
+    # Program order matters for shared memory: the products with S and dS' as the right
+    # operand (contracting over k) come first, those with S^T and dS'^T (contracting over the
+    # value tile) last, after S and dS' are read again, so Triton's two shared-memory copies
+    # of each (one per operand layout) are not live at once.
     S, dS = s_ref[...], ds_ref[...]
-    dO, dU = do_ref[...].astype(f32), du_ref[...]
-    qs = x["q"].astype(f32) * scale[:, None]  # q~ = scale q
-    U = _common.dot(T, x["Y"]) - _common.dot(_common.dot(T, X), S)
-    Qg = qs * F
-    KE = kf * E
-    dQg = _common.dot(dO, S, trans_b=True)
-    dP = _common.dot(dO, U, trans_b=True)
-    dKE = _common.dot(U, dS, trans_b=True)
-    dW = -_common.dot(dU, S, trans_b=True)
-    dt_ref[...] = _common.dot(dW, X, trans_b=True) + _common.dot(dU, x["Y"], trans_b=True)
-    dX = _common.dot(T, dW, trans_a=True)
-    dY = _common.dot(T, dU, trans_a=True)
-    dq = dQg * F
-    dk = dKE * E + dX * (x["beta"][:, None] * F)
-    dv_ref[...] = (x["beta"][:, None] * dY).astype(dv_ref.dtype)
-    dbeta_ref[...] = jnp.sum(dX * kf * F, axis=1) + jnp.sum(dY * x["v"], axis=1)
-    # The running log gates: through Qg, K * E, X, Gamma_c (and D per head).
-    through_end = dKE * KE
     state_end = jnp.sum(S * dS, axis=1, keepdims=True) * x["gc"]  # (kp, 1)
+    KS = _gdot(k, F, S)  # (K * Gamma) S, (c, bv)
+    if not per_channel:
+        qS = _dot(q, S)  # (c, bv)
+        kdS = _gdot(k, E, dS)  # (K * E) dS': rowsum(d(K * E) * (K * E)) = rowsum(U * kdS)
+    dO, dU = do_ref[...].astype(f32), du_ref[...]
+    Vp = x["v"] - KS
+    R = beta * Vp
+    U = _common.dot(T, R)
+    dY = _common.dot(T, dU, trans_a=True)
+    dt_ref[...] = _common.dot(dU, R, trans_b=True)
+    dv_ref[...] = (beta * dY).astype(dv_ref.dtype)
+    dbeta_ref[...] = jnp.sum(dY * Vp, axis=1)
+    dP = _common.dot(dO, U, trans_b=True)  # (c, c)
     if per_channel:
         refs[nin + 11][...] = dP
-        at_end = jnp.sum(through_end, axis=0, keepdims=True) + jnp.transpose(state_end)
-        dgamma_ref[...] = dQg * Qg - through_end + dX * X + jnp.where(last, at_end, 0.0)
-    else:
-        P = _read_out(x, scale)
-        dPD = dP * x["D"]
-        dq = dq + _common.dot(dPD, kf)
-        dk = dk + _common.dot(dPD, qs, trans_a=True)
-        M = dP * P
-        at_end = jnp.sum(through_end) + jnp.sum(state_end)
-        dgamma_ref[...] = (
-            jnp.sum(M, axis=1)
-            - jnp.sum(M, axis=0)
-            + jnp.sum(dQg * Qg - through_end + dX * X, axis=1)
-            + jnp.where(last[:, 0], at_end, 0.0)
-        )
-    dq_ref[...] = dq
-    dk_ref[...] = dk
+        S, dS = s_ref[...], ds_ref[...]
+        kf = k.astype(f32)
+        dq = _common.dot(dO, S, trans_b=True) * F  # dQg * Gamma
+        dgamma = dq * (q.astype(f32) * scale[:, None])  # dQg * Qg
+        a1 = _common.dot(U, dS, trans_b=True) * E  # d(K * E) * E
+        a2 = _common.dot(dY, S, trans_b=True) * (-beta * F)  # dX * beta Gamma
+        dk_ref[...] = a1 + a2
+        at_end = jnp.sum(a1 * kf, axis=0, keepdims=True) + jnp.transpose(state_end)
+        dgamma_ref[...] = dgamma + kf * (a2 - a1) + jnp.where(last, at_end, 0.0)
+        dq_ref[...] = dq
+        return
+    # Per head: F, E, beta are (c, 1) columns, scaled onto the (c, bv) / (c, c) side; the
+    # log-gate gradient is a row sum, each (c, kp) term of it read off a (c, bv) one.
+    P = _read_out(x, scale)
+    dPD = dP * x["D"]
+    through_end = jnp.sum(U * kdS, axis=1)
+    M = dP * P
+    at_end = jnp.sum(through_end) + jnp.sum(state_end)
+    dgamma_ref[...] = (
+        jnp.sum(M, axis=1)
+        - jnp.sum(M, axis=0)
+        + jnp.sum(dO * qS, axis=1) * (scale * F[:, 0])
+        - through_end
+        - jnp.sum(dY * KS, axis=1) * beta[:, 0]
+        + jnp.where(last[:, 0], at_end, 0.0)
+    )
+    S, dS = s_ref[...], ds_ref[...]
+    dq_ref[...] = _common.dot(F * dO, S, trans_b=True) + _dot(dPD, k)
+    dk = _common.dot(E * U, dS, trans_b=True) - _common.dot(beta * F * dY, S, trans_b=True)
+    dk_ref[...] = dk + _dot(dPD, q, trans_a=True) * scale[:, None]
 
 
 class _Layout:
@@ -366,6 +457,7 @@ def _forward_call(lay: _Layout, inputs, h0, scale, *, save_states: bool):
         in_specs=[*lay.inputs(), lay.state(kp), lay.scalar()],
         out_specs=tuple(out_specs),
         name="gated_delta_rule_fwd",
+        **_launch("fwd"),
     )(*inputs, h0, scale)
 
 
@@ -386,7 +478,7 @@ def _kernel_bwd(lay, residuals, cotangents):
     q, k, v = inputs[:3]
     dO, dS = cotangents
     f32 = jnp.float32
-    b, h, tp, kp, vp, c, nv = lay.b, lay.h, lay.tp, lay.kp, lay.vp, lay.c, lay.grid[2]
+    b, h, tp, kp, vp, c = lay.b, lay.h, lay.tp, lay.kp, lay.vp, lay.c
     # Sequential: dU per step and dL/dS' per chunk, in reverse; dh0.
     dU, dstates, dh0 = _common.call(
         functools.partial(_backward_state_kernel, **lay.kwargs()),
@@ -399,8 +491,11 @@ def _kernel_bwd(lay, residuals, cotangents):
         in_specs=[*lay.inputs(), lay.scalar(), lay.seq(lay.bv, tiled=True), lay.state(kp)],
         out_specs=(lay.seq(lay.bv, tiled=True), lay.state(lay.n * kp), lay.state(kp)),
         name="gated_delta_rule_bwd_state",
+        **_launch("bwd_state"),
     )(*inputs, scale, dO, dS)
-    # Parallel over chunks: everything else.
+    # Parallel over chunks: everything else, on its own value tile (BLOCK_V_CHUNKS).
+    lay = _Layout(b, h, tp, c, kp, vp, min(BLOCK_V_CHUNKS, vp), lay.per_channel)
+    nv = lay.grid[2]
     shares = lambda *shape: jax.ShapeDtypeStruct((nv, b, tp, h, *shape), f32)  # noqa: E731
     gate_width = kp if lay.per_channel else None
     out_shape = [shares(kp), shares(kp), jax.ShapeDtypeStruct((b, tp, h, vp), v.dtype)]
@@ -418,6 +513,7 @@ def _kernel_bwd(lay, residuals, cotangents):
         in_specs=[*lay.c_inputs(), lay.scalar(), lay.c_state(), lay.c_state(), tile, tile],
         out_specs=tuple(out_specs),
         name="gated_delta_rule_bwd_chunks",
+        **_launch("bwd_chunks"),
     )(*inputs, scale, states, dstates, dO, dU)
     dq, dk, dv, dbeta, dgamma, dT = grads[:6]
     dq = dq.sum(0)  # the gradient of the scaled query q~ = scale q

@@ -45,21 +45,58 @@ def _reference(q, k, v, log_g, beta, h0):
     return gated_delta_rule_reference(q, k, v, log_g, beta, h0=h0)
 
 
-@pytest.mark.parametrize(
-    "shape,chunk_size,gates,per_channel,with_h0,block_v",
-    [
-        # A partial last chunk (t 37 = 2 chunks of 16 + 5), h0 given, one value tile.
-        ((2, 37, 2, 16, 32), 16, "realistic", False, True, 64),
-        # Shorter than a chunk; k 12 and v 20 padded to 16 and 32; exp(-20) gates next to ~1;
-        # no h0 (zeros); the value axis over two tiles of 16.
-        ((1, 10, 2, 12, 20), 16, "mixed", False, False, 16),
-        # KDA: one gate per key channel (P formed in XLA), exp(-20) next to ~1, t 21 = 16 + 5.
-        ((1, 21, 2, 16, 16), 16, "mixed", True, True, 64),
-    ],
-    ids=["t37-c16-h0", "t10-padded-mixed-gates-no-h0-two-tiles", "kda-t21-mixed-gates"],
-)
+# The fast set: one case per gate kind, each as small as still covers its checks (interpret
+# mode's cost is per grid program and per traced op); the larger ones are slow-marked.
+FAST = [
+    # Per head: a partial last chunk (t 21 = 16 + 5), k 12 and v 20 padded to 16 and 32, the
+    # value axis over two tiles of 16, exp(-20) gates next to ~1, h0 given.
+    pytest.param((1, 21, 1, 12, 20), 16, "mixed", False, True, 16, id="gdn-t21-padded-two-tiles"),
+]
+SLOW = [
+    # KDA in float32 (the fast set has it in bf16): one gate per key channel (P formed in
+    # XLA), two heads, exp(-20) next to ~1.
+    pytest.param(
+        (1, 21, 2, 16, 16),
+        16,
+        "mixed",
+        True,
+        True,
+        64,
+        id="kda-t21-mixed-gates",
+        marks=pytest.mark.slow,
+    ),
+    # Two rows and heads, realistic gates; two value tiles in the sequential kernels, one in
+    # the chunk kernel.
+    pytest.param(
+        (2, 37, 2, 16, 32),
+        16,
+        "realistic",
+        False,
+        True,
+        (16, 32),
+        id="t37-c16-h0-tiles-16-32",
+        marks=pytest.mark.slow,
+    ),
+    # Shorter than a chunk, no h0 (zeros).
+    pytest.param(
+        (1, 10, 2, 12, 20),
+        16,
+        "mixed",
+        False,
+        False,
+        16,
+        id="t10-padded-mixed-gates-no-h0-two-tiles",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize("shape,chunk_size,gates,per_channel,with_h0,block_v", FAST + SLOW)
 def test_matches_reference(monkeypatch, shape, chunk_size, gates, per_channel, with_h0, block_v):
-    monkeypatch.setattr(delta, "BLOCK_V", block_v)
+    # block_v: both kernels' value tile, or (the sequential kernels', the chunk kernel's).
+    seq_tile, chunk_tile = block_v if isinstance(block_v, tuple) else (block_v, block_v)
+    monkeypatch.setattr(delta, "BLOCK_V", seq_tile)
+    monkeypatch.setattr(delta, "BLOCK_V_CHUNKS", chunk_tile)
     args = _inputs(*shape, gates=gates, per_channel=per_channel)
     if with_h0:
         fast, reference, names = _pallas(chunk_size), _reference, NAMES
@@ -73,8 +110,15 @@ def test_matches_reference(monkeypatch, shape, chunk_size, gates, per_channel, w
     assert o.dtype == jnp.float32 and S.dtype == jnp.float32
 
 
-def test_bfloat16_inputs():
-    args = _inputs(1, 37, 2, 16, 16, seed=2)
+@pytest.mark.parametrize(
+    "per_channel",
+    [pytest.param(False, id="gdn", marks=pytest.mark.slow), pytest.param(True, id="kda")],
+)
+def test_bfloat16_inputs(per_channel):
+    # bf16 q, k, v, log_g, beta (per head, the products of q / k with float32 tiles run as
+    # split bf16 products, delta._dot). The fast set's KDA case: one gate per key channel (P
+    # formed in XLA), two heads, a partial last chunk, exp(-20) gates next to ~1.
+    args = _inputs(1, 21, 2, 16, 16, gates="mixed", per_channel=per_channel, seed=2)
     bf16 = tuple(x.astype(jnp.bfloat16) for x in args[:5]) + (args[5],)
     (o, S), grads = compare_with_reference(
         _pallas(16), _reference, bf16, dtype="bfloat16", jit=True, names=NAMES
@@ -83,8 +127,28 @@ def test_bfloat16_inputs():
     assert [g.dtype for g in grads] == [x.dtype for x in bf16]
 
 
+@pytest.mark.parametrize("precision,terms,bound", [("highest", 3, 1e-6), ("default", 2, 2.0**-15)])
+def test_split_bf16_products(precision, terms, bound):
+    # delta._dot: a bf16 tile times a float32 one as `terms` bf16 products; against the float32
+    # product (numpy, float64) the error is <= 2^-16 relative per entry of the f32 operand
+    # with two terms, float32 rounding with three.
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((64, 16)) * np.logspace(-6, 6, 16), jnp.float32)
+    want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    scale = np.abs(np.asarray(a, np.float64)) @ np.abs(np.asarray(b, np.float64))
+    with jax.default_matmul_precision(precision):
+        assert delta._split_terms() == terms
+        for got in (delta._dot(a, b), delta._dot(b, a, trans_a=True, trans_b=True).T):
+            assert got.dtype == jnp.float32
+            assert np.max(np.abs(np.asarray(got, np.float64) - want) / scale) <= bound
+
+
 def test_clear_errors():
-    q, k, v, log_g, beta, _ = _inputs(1, 8, 2, 16, 16)
+    q = k = v = jnp.zeros((1, 8, 2, 16))
+    log_g = beta = jnp.zeros((1, 8, 2))
     ids = jnp.zeros((1, 8), jnp.int32)
     with pytest.raises(ValueError, match="impl='pallas'.*segment_ids"):
         gated_delta_rule(q, k, v, log_g, beta, impl="pallas", segment_ids=ids)
@@ -93,22 +157,25 @@ def test_clear_errors():
             gated_delta_rule(q, k, v, log_g, beta, impl="pallas", chunk_size=bad)
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
-def test_lowers_for_gpu_through_triton(per_channel):
-    # The forward kernel, then it and the backward's two (sequential state gradients, chunks in
-    # parallel) appear as Triton calls.
-    args = _inputs(1, 40, 2, 16, 32, per_channel=per_channel)
-    fast = _pallas(16)
-    text = _common.lower_for_gpu(fast, *args)
-    assert text.count("__gpu$xla.gpu.triton") == 1 and "gated_delta_rule_fwd" in text
-
+def test_lowers_for_gpu_through_triton():
+    # One program (one lowering: each clears JAX's caches and retraces): per head the forward
+    # alone (one Triton call, the forward kernel) and under grad (the forward kernel saving
+    # states and the backward's two: sequential state gradients, chunks in parallel), per key
+    # channel under grad. 1 + 3 + 3 Triton calls.
     def loss(*args):
-        o, S = fast(*args)
+        o, S = _pallas(16)(*args)
         return o.sum() + S.sum()
 
-    text = _common.lower_for_gpu(jax.grad(loss, argnums=tuple(range(6))), *args)
-    assert text.count("__gpu$xla.gpu.triton") == 3
-    assert "gated_delta_rule_bwd_state" in text and "gated_delta_rule_bwd_chunks" in text
+    grad = jax.grad(loss, argnums=tuple(range(6)))
+
+    def program(gdn, kda):
+        return _pallas(16)(*gdn), grad(*gdn), grad(*kda)
+
+    gdn, kda = _inputs(1, 40, 2, 16, 32), _inputs(1, 40, 2, 16, 32, per_channel=True)
+    text = _common.lower_for_gpu(program, gdn, kda)
+    assert text.count("__gpu$xla.gpu.triton") == 7
+    for name, count in (("fwd", 3), ("bwd_state", 2), ("bwd_chunks", 2)):
+        assert text.count(f'name = "gated_delta_rule_{name}"') == count, name
 
 
 @pytest.mark.slow
