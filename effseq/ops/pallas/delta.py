@@ -79,10 +79,11 @@ U and S), sliced off after.
 
 Fit (``python -m effseq.benchmarks.kernel_report --ops gated_delta_rule``: Triton's compile
 for sm_90 at b 1, t 1024, 16 heads x 128, bf16, chunk 64): every kernel fits Hopper's
-227 KiB of shared memory (60-112 KiB) and uses wgmma; per head the forward spills nothing,
-the sequential backward 88 B, the chunk backward 116 B. ``BLOCK_V``, ``BLOCK_V_CHUNKS`` and
-``LAUNCH`` (warps, software-pipelining stages) were chosen by that report; per key channel
-(KDA) the (c, k) gate tiles are float32 and the loops still spill ~1.2 KB.
+227 KiB of shared memory (68-112 KiB) and uses wgmma; per head the forward spills nothing,
+the sequential backward 60 B, the chunk backward 64 B. ``BLOCK_V``, ``BLOCK_V_CHUNKS`` and
+``LAUNCH`` (warps, software-pipelining stages) were chosen by that report. Per key channel
+(KDA) the (c, k) gate tiles are float32: the forward spills 0.6 KB, the sequential backward
+1.2 KB, the chunk backward 0.3 KB.
 
 Limits: packed rows (``segment_ids``) are refused with a ValueError (``"chunked"`` and
 ``"recurrent"`` support them). Not yet timed on a GPU (no GPU was at hand when this was
@@ -113,13 +114,15 @@ BLOCK_V_CHUNKS = 32
 # chunked path (the first version, kept as a cross-check).
 BACKWARD = "pallas"
 # Triton launch parameters per kernel: (num_warps, num_stages), from kernel_report at
-# k = v = 128, chunk 64 (fewest spills; the forward's loop keeps its load pipelining, the
-# sequential backward's spills 4x more with it).
-LAUNCH = {"fwd": (4, 2), "bwd_state": (4, 1), "bwd_chunks": (8, 1)}
+# k = v = 128, chunk 64 (fewest spills). Per head the forward's loop keeps its load
+# pipelining (without it: 44 B of spills); the sequential backward spills 5x more with it.
+# Per key channel the forward reads the log gates afresh for each (c, kp) gate tile, which
+# pipelined would need more shared memory than a block has; unpipelined it halves the spills.
+LAUNCH = {"fwd": (4, 2), "fwd_per_channel": (4, 1), "bwd_state": (4, 1), "bwd_chunks": (8, 1)}
 
 
-def _launch(kernel: str) -> dict:
-    warps, stages = LAUNCH[kernel]
+def _launch(kernel: str, per_channel: bool = False) -> dict:
+    warps, stages = LAUNCH.get(kernel + "_per_channel" if per_channel else kernel, LAUNCH[kernel])
     return dict(num_warps=warps, num_stages=stages)
 
 
@@ -127,40 +130,70 @@ def _next_pow2(n: int, least: int = _common.MIN_DOT) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-def _chunk(refs, i, c: int, per_channel: bool):
+class _Chunk(dict):
+    """A chunk's tiles, the gate terms formed on first use (see :func:`_chunk`)."""
+
+    def __missing__(self, key):
+        self[key] = value = self.again(key)
+        return value
+
+    def again(self, key):
+        """``key`` formed anew (not the cached one), from fresh reads where the chunk has
+        ``fresh_reads``: a (c, kp) term used early and late need not be live in between."""
+        return dict.__getitem__(self, "_make")(key)
+
+
+def _chunk(refs, i, c: int, per_channel: bool, fresh_reads: bool = False):
     """Chunk ``i``'s inputs and the state-independent quantities built from them.
 
     Returns a dict: q, k (as stored), v (float32), beta (c, 1), T (c, c); F = Gamma_t and
     E = Gamma_c / Gamma_t as (c, 1) per head or (c, kp) per key channel, gc = Gamma_c as a
     column (1, 1) or (kp, 1) that scales the state's rows; per head also D[t, s] =
     Gamma_t / Gamma_s for s <= t else 0 (c, c), per key channel instead P, the XLA-formed
-    (c, c) read-out matrix. No (c, kp) float32 tile is formed here: the kernels apply the
-    per-head gates to the narrower (c, bv) side of each product (see :func:`_gdot`).
+    (c, c) read-out matrix. The gate terms are traced where a kernel first uses them, each
+    from its own reads of the running log gates: per key channel they are (c, kp) float32
+    tiles, and Triton emits them in program order, so F and E are then not live together.
+    Per head no (c, kp) float32 tile is formed: the kernels apply the per-head gates to the
+    narrower (c, bv) side of each product (see :func:`_gdot`).
     """
     q_ref, k_ref, v_ref, beta_ref, pre_ref, lo_ref, t_ref = refs[:7]
     f32 = jnp.float32
     # A traced chunk index (the loops) is hinted as a multiple of c; a constant one is not.
     span = pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
     end = pl.ds(i * c + c - 1, 1)
-    x = dict(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], span=span)
+    x = _Chunk(q=q_ref[span, :], k=k_ref[span, :], T=t_ref[span, :], span=span)
     x["beta"] = beta_ref[span][:, None]
     x["v"] = v_ref[span, :].astype(f32)
     if per_channel:
-        pre, lo = pre_ref[span, :], lo_ref[span, :]  # (c, kp)
-        pre_end, lo_end = pre_ref[end, :], lo_ref[end, :]  # (1, kp)
         x["P"] = refs[7][span, :]
-    else:
-        pre, lo = pre_ref[span][:, None], lo_ref[span][:, None]  # (c, 1)
-        pre_end, lo_end = pre_ref[end][:, None], lo_ref[end][:, None]  # (1, 1)
-    x["F"] = jnp.exp(pre + lo)
-    x["E"] = jnp.exp((pre_end - pre) + (lo_end - lo))
-    x["gc"] = jnp.transpose(jnp.exp(pre_end + lo_end))
-    if not per_channel:
+
+    def gates(whole: bool):
+        """(pre, lo) of the chunk's steps (``whole``) or of its last one."""
+        rows = span if whole else end
+        if per_channel:
+            return pre_ref[rows, :], lo_ref[rows, :]  # (c or 1, kp)
+        return pre_ref[rows][:, None], lo_ref[rows][:, None]  # (c or 1, 1)
+
+    loaded = {}
+
+    def make(key):
+        if not loaded or fresh_reads:
+            loaded.update(whole=gates(True), last=gates(False))
+        (pre, lo), (pre_end, lo_end) = loaded["whole"], loaded["last"]
+        if key == "F":
+            return jnp.exp(pre + lo)
+        if key == "E":
+            return jnp.exp((pre_end - pre) + (lo_end - lo))
+        if key == "gc":
+            return jnp.transpose(jnp.exp(pre_end + lo_end))
+        assert key == "D" and not per_channel, key
         rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
         cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
         expo = (pre - jnp.transpose(pre)) + (lo - jnp.transpose(lo))
         # -inf above the diagonal before the exp: those entries are exactly 0, no overflow.
-        x["D"] = jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
+        return jnp.exp(jnp.where(rows >= cols, expo, -jnp.inf))
+
+    x["_make"] = make
     return x
 
 
@@ -233,7 +266,7 @@ def _forward_kernel(*refs, c: int, n: int, kp: int, per_channel: bool, save_stat
     scale = scale_ref[...]  # (1,), broadcasts
 
     def body(i, S):
-        x = _chunk(inputs, i, c, per_channel)
+        x = _chunk(inputs, i, c, per_channel, fresh_reads=per_channel)
         if save_states:
             outs[2][pl.ds(pl.multiple_of(i * kp, kp), kp), :] = S
         F = x["F"]
@@ -308,18 +341,18 @@ def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
     dq_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref, dt_ref = refs[nin + 5 : nin + 11]
     scale = scale_ref[...]
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    x = _chunk(inputs, 0, c, per_channel)
-    T, beta, F, E, q, k = x["T"], x["beta"], x["F"], x["E"], x["q"], x["k"]
+    x = _chunk(inputs, 0, c, per_channel, fresh_reads=True)
+    T, beta, q, k = x["T"], x["beta"], x["q"], x["k"]
     # Program order matters for shared memory: the products with S and dS' as the right
     # operand (contracting over k) come first, those with S^T and dS'^T (contracting over the
     # value tile) last, after S and dS' are read again, so Triton's two shared-memory copies
     # of each (one per operand layout) are not live at once.
     S, dS = s_ref[...], ds_ref[...]
     state_end = jnp.sum(S * dS, axis=1, keepdims=True) * x["gc"]  # (kp, 1)
-    KS = _gdot(k, F, S)  # (K * Gamma) S, (c, bv)
+    KS = _gdot(k, x["F"], S)  # (K * Gamma) S, (c, bv)
     if not per_channel:
         qS = _dot(q, S)  # (c, bv)
-        kdS = _gdot(k, E, dS)  # (K * E) dS': rowsum(d(K * E) * (K * E)) = rowsum(U * kdS)
+        kdS = _gdot(k, x["E"], dS)  # (K * E) dS': rowsum(d(K * E) * (K * E)) = rowsum(U * kdS)
     dO, dU = do_ref[...].astype(f32), du_ref[...]
     Vp = x["v"] - KS
     R = beta * Vp
@@ -333,9 +366,10 @@ def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
         refs[nin + 11][...] = dP
         S, dS = s_ref[...], ds_ref[...]
         kf = k.astype(f32)
+        F = x.again("F")
         dq = _common.dot(dO, S, trans_b=True) * F  # dQg * Gamma
         dgamma = dq * (q.astype(f32) * scale[:, None])  # dQg * Qg
-        a1 = _common.dot(U, dS, trans_b=True) * E  # d(K * E) * E
+        a1 = _common.dot(U, dS, trans_b=True) * x.again("E")  # d(K * E) * E
         a2 = _common.dot(dY, S, trans_b=True) * (-beta * F)  # dX * beta Gamma
         dk_ref[...] = a1 + a2
         at_end = jnp.sum(a1 * kf, axis=0, keepdims=True) + jnp.transpose(state_end)
@@ -352,14 +386,16 @@ def _backward_chunk_kernel(*refs, c: int, per_channel: bool):
     dgamma_ref[...] = (
         jnp.sum(M, axis=1)
         - jnp.sum(M, axis=0)
-        + jnp.sum(dO * qS, axis=1) * (scale * F[:, 0])
+        + jnp.sum(dO * qS, axis=1) * (scale * x["F"][:, 0])
         - through_end
         - jnp.sum(dY * KS, axis=1) * beta[:, 0]
         + jnp.where(last[:, 0], at_end, 0.0)
     )
     S, dS = s_ref[...], ds_ref[...]
-    dq_ref[...] = _common.dot(F * dO, S, trans_b=True) + _dot(dPD, k)
-    dk = _common.dot(E * U, dS, trans_b=True) - _common.dot(beta * F * dY, S, trans_b=True)
+    dq_ref[...] = _common.dot(x["F"] * dO, S, trans_b=True) + _dot(dPD, k)
+    dk = _common.dot(x["E"] * U, dS, trans_b=True) - _common.dot(
+        beta * x["F"] * dY, S, trans_b=True
+    )
     dk_ref[...] = dk + _dot(dPD, q, trans_a=True) * scale[:, None]
 
 
@@ -457,7 +493,7 @@ def _forward_call(lay: _Layout, inputs, h0, scale, *, save_states: bool):
         in_specs=[*lay.inputs(), lay.state(kp), lay.scalar()],
         out_specs=tuple(out_specs),
         name="gated_delta_rule_fwd",
-        **_launch("fwd"),
+        **_launch("fwd", lay.per_channel),
     )(*inputs, h0, scale)
 
 
@@ -632,7 +668,8 @@ def gated_delta_rule_pallas(
     unpacked, t > 0, inputs validated: q, k (b, t, h, k), v (b, t, h, v), log_g (b, t, h) (one
     gate per head) or (b, t, h, k) (one per key channel), beta (b, t, h), h0 (b, h, k, v)
     float32, scale a float or scalar array.
-    ``block_v``: the value-tile width, None for ``BLOCK_V``. Returns ``(o, S_last)``: o
+    ``block_v``: the value-tile width of the forward and of the sequential backward kernel,
+    None for ``BLOCK_V`` (the chunk backward uses ``BLOCK_V_CHUNKS``). Returns ``(o, S_last)``: o
     (b, t, h, v) in q's dtype, S_last (b, h, k, v) float32."""
     block_v = BLOCK_V if block_v is None else block_v
     _common.check_tile(OP, "chunk_size", chunk_size)
