@@ -16,7 +16,8 @@ the matrix products became ``wgmma`` (Hopper's warpgroup MMA) is read off the PT
 
 This is the triton package's compiler, not the one inside jaxlib's CUDA plugin that compiles
 the kernels in a real run (XLA's pinned Triton); the two can differ in detail, so the figures
-are a check and a guide, not the run's. Results: ``results/kernels/kernels.{json,md}``.
+are a check and a guide, not the run's. Results: ``results/kernels/kernels.{json,md}``; the
+README's table is ``benchmarks/results/kernels.{json,md}`` (``--out benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -205,7 +206,10 @@ def run(options: Options, log=print) -> dict:
                     log(_line(row))
     import triton
 
+    from effseq.benchmarks.timing import provenance
+
     return {
+        "provenance": provenance(),
         "options": dataclasses.asdict(options),
         "jax": jax.__version__,
         "triton": triton.__version__,
@@ -231,7 +235,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Pallas kernels compiled for sm_90 (no GPU needed)",
         "",
-        f"jax {result['jax']}, triton {result['triton']}; T = {o['t']}, {o['dtype']}, chunk "
+        f"jax {result['jax']}, triton {result['triton']}, commit "
+        f"{result['provenance']['git_commit']}; T = {o['t']}, {o['dtype']}, chunk "
         f"{o['chunk_size'] or 'default'}. Shared-memory limit per block: "
         f"{result['shared_limit_bytes'] // 1024} KiB.",
         "",
