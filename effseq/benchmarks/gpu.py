@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from effseq import ops
-from effseq.benchmarks.timing import memory, provenance
+from effseq.benchmarks.timing import memory, positive_ints, provenance
 
 RESULTS = pathlib.Path("benchmarks/results")
 QUICK_RESULTS = pathlib.Path("results/bench-gpu")
@@ -585,18 +585,6 @@ def write(result: dict, out: pathlib.Path) -> list[pathlib.Path]:
     return paths
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _rows(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(","))
     unknown = [n for n in names if n not in ROWS]
@@ -612,14 +600,14 @@ def parse_args(argv=None):
     p.add_argument("--plan", choices=["gpu"], default="gpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (any backend; a check)")
     p.add_argument("--rows", type=_rows, help="comma-separated subset of " + ",".join(ROWS))
-    p.add_argument("--lengths", type=_ints, help="sequence lengths, e.g. 8192,16384")
+    p.add_argument("--lengths", type=positive_ints, help="sequence lengths, e.g. 8192,16384")
     p.add_argument("--tokens", type=int, help="B x T per call (default 16384)")
     p.add_argument("--heads", type=int)
     p.add_argument("--head-dim", type=int)
     p.add_argument("--dtype", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, help="timed calls per measurement (>= 2)")
     p.add_argument("--modes", choices=["fwd", "fwd_bwd", "both"], default="both")
-    p.add_argument("--chunk-sizes", type=_ints, help="sweep chunk_size for the chunked rows")
+    p.add_argument("--chunk-sizes", type=positive_ints, help="sweep chunk_size (chunked rows)")
     p.add_argument("--max-minutes", type=float, help="start no measurement after this")
     p.add_argument(
         "--lower-only",

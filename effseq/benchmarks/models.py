@@ -50,6 +50,7 @@ from effseq.benchmarks.timing import (
     compile_timed,
     loglog_slope,
     memory,
+    positive_ints,
     provenance,
     time_jitted,
     time_step,
@@ -758,18 +759,6 @@ def markdown(result: dict) -> str:
 # --- entry point -------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
-    return values
-
-
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(","))
     unknown = [n for n in names if n not in MIXERS]
@@ -784,8 +773,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--plan", choices=sorted(PLANS) + ["small", "gpu"], default="quick")
     p.add_argument("--mixers", type=_names, help="comma-separated subset of " + ",".join(MIXERS))
-    p.add_argument("--lengths", type=_ints, help="training lengths, e.g. 1024,2048")
-    p.add_argument("--contexts", type=_ints, help="decoding contexts, e.g. 1024,16384")
+    p.add_argument("--lengths", type=positive_ints, help="training lengths, e.g. 1024,2048")
+    p.add_argument("--contexts", type=positive_ints, help="decoding contexts, e.g. 1024,16384")
     p.add_argument("--batch", type=int)
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int)

@@ -136,6 +136,21 @@ def loglog_slope(xs, ys) -> float:
     return sxy / sxx
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: "1024,2048" -> (1024, 2048); anything else is an argparse error."""
+    import argparse
+
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
 def _git(*args: str) -> str | None:
     try:
         # The checkout this effseq was imported from, wherever the command runs.
