@@ -27,11 +27,17 @@ CASES = {
         (True, False),
     ),
 }
-# Fast: the causal outputs (the option reaches the kernels; the kernels' gradients are checked
-# op by op in tests/ops/pallas). Slow (make test-slow): the gradients of the input and every
+# Fast: the causal outputs of GLA, Mamba and Mamba-2 (the option reaches the kernels; the
+# kernels' gradients are checked op by op in tests/ops/pallas). Slow (make test-slow): GDN's
+# (its impl option is older and already passed through), the gradients of the input and every
 # parameter, and the bidirectional forms (the same kernels on flipped inputs).
 PARAMS = [
-    pytest.param(name, causal, grads, marks=() if causal and not grads else pytest.mark.slow)
+    pytest.param(
+        name,
+        causal,
+        grads,
+        marks=() if causal and not grads and name != "gdn" else pytest.mark.slow,
+    )
     for name, case in CASES.items()
     for causal in case[3]
     for grads in (False, True)

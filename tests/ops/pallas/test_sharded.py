@@ -88,9 +88,10 @@ def _selective():
 
 
 CASES = {"gla": _gla, "gated_delta_rule": _delta, "ssd": _ssd, "selective_scan": _selective}
-# Heads split (GLA, SSD with its unsplit B/C group) and channels split (selective scan) in the
-# fast set; the gated delta rule maps like GLA: slow.
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "gated_delta_rule" else n for n in CASES]
+# Heads split (GLA) and channels split (selective scan) in the fast set; the gated delta rule
+# (mapped like GLA) and SSD (heads split beside an unsplit B/C group) slow.
+SLOW = ("gated_delta_rule", "ssd")
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES]
 
 
 @pytest.mark.parametrize("name", NAMES)
