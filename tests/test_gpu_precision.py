@@ -35,7 +35,7 @@ def _gla():
     def run(impl):
         return lambda *a: ops.gated_linear_attention(*a, impl=impl, chunk_size=16)[0]
 
-    return run, args, "recurrent", list(IMPLEMENTATIONS["gated_linear_attention"])
+    return run, args
 
 
 def _ssd():
@@ -48,7 +48,7 @@ def _ssd():
     def run(impl):
         return lambda *a: ops.ssd(*a, impl=impl, chunk_size=16)[0]
 
-    return run, args, "recurrent", list(IMPLEMENTATIONS["ssd"])
+    return run, args
 
 
 def _delta():
@@ -65,7 +65,7 @@ def _delta():
     def run(impl):
         return lambda *a: ops.gated_delta_rule(*a, impl=impl, chunk_size=16)[0]
 
-    return run, (*args, log_g, beta), "recurrent", list(IMPLEMENTATIONS["gated_delta_rule"])
+    return run, (*args, log_g, beta)
 
 
 def _selective():
@@ -81,7 +81,7 @@ def _selective():
             return lambda *a: ops.selective_scan_reference(*a)[0]
         return lambda *a: ops.selective_scan(*a, impl=impl, chunk_size=16)[0]
 
-    return run, args, "reference", list(IMPLEMENTATIONS["selective_scan"])
+    return run, args
 
 
 def _attention():
@@ -91,7 +91,7 @@ def _attention():
     def run(impl):
         return lambda q, k, v: ops.attention(q, k, v, causal=True, impl=impl)
 
-    return run, args, "xla", list(IMPLEMENTATIONS["attention"])
+    return run, args
 
 
 def _conv():
@@ -101,23 +101,24 @@ def _conv():
     def run(impl):
         return lambda u, w: ops.causal_conv(u, w, impl=impl)
 
-    return run, args, "direct", list(IMPLEMENTATIONS["causal_conv"])
+    return run, args
 
 
+# family -> (inputs and a function of impl, the op's name in IMPLEMENTATIONS, the reference)
 FAMILIES = {
-    "gla": _gla,
-    "ssd": _ssd,
-    "gated_delta_rule": _delta,
-    "selective_scan": _selective,
-    "attention": _attention,
-    "causal_conv": _conv,
+    "gla": (_gla, "gated_linear_attention", "recurrent"),
+    "ssd": (_ssd, "ssd", "recurrent"),
+    "gated_delta_rule": (_delta, "gated_delta_rule", "recurrent"),
+    "selective_scan": (_selective, "selective_scan", "reference"),
+    "attention": (_attention, "attention", "xla"),
+    "causal_conv": (_conv, "causal_conv", "direct"),
 }
 CASES = [
     (family, impl)
-    for family, build in FAMILIES.items()
-    for impl in build()[3]
+    for family, (_, op, reference) in FAMILIES.items()
+    for impl in IMPLEMENTATIONS[op]
     # The per-step reference itself is what the others are measured against.
-    if impl != build()[2]
+    if impl != reference
 ]
 
 
@@ -139,7 +140,8 @@ def _rel_rms(a, b):
 
 @pytest.mark.parametrize("family,impl", CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_default_precision_within_the_tf32_tier(family, impl):
-    run, args, reference, _ = FAMILIES[family]()
+    build, _, reference = FAMILIES[family]
+    run, args = build()
     with jax.default_matmul_precision("highest"):
         ref_out, ref_grads = _value_and_grads(run(reference), args)
     with jax.default_matmul_precision("default"):

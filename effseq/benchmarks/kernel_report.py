@@ -35,7 +35,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from effseq import ops
+from effseq.benchmarks import gpu
 
 OUT = pathlib.Path("results/kernels")
 # Hopper (sm_90): the most shared memory one block may use (227 KiB), registers per thread.
@@ -43,48 +43,26 @@ HOPPER_SMEM = 227 * 1024
 MAX_REGISTERS = 255
 
 
-def _inputs(op: str, t: int, dtype):
-    keys = jax.random.split(jax.random.key(0), 8)
-    b, h, d = 1, 16, 128
-
-    def normal(key, shape, dt=dtype):
-        return jax.random.normal(key, shape, jnp.float32).astype(dt)
-
-    if op in ("gla", "gated_delta_rule"):
-        q, k, v = (normal(kk, (b, t, h, d)) for kk in keys[:3])
-        if op == "gla":
-            log_g = jax.nn.log_sigmoid(normal(keys[3], (b, t, h, d), jnp.float32)) / 16
-            return q, k, v, log_g
-        log_g = jax.nn.log_sigmoid(normal(keys[3], (b, t, h), jnp.float32) + 3.0)
-        return q, k, v, log_g, jax.nn.sigmoid(normal(keys[4], (b, t, h), jnp.float32))
-    if op == "ssd":
-        hs, p, n = 32, 64, 128
-        x = normal(keys[0], (b, t, hs, p))
-        dt = jax.nn.softplus(normal(keys[1], (b, t, hs), jnp.float32) - 4.0)
-        A = -jnp.linspace(1.0, 16.0, hs)
-        return x, dt, A, normal(keys[2], (b, t, 1, n)), normal(keys[3], (b, t, 1, n))
-    d, n = 2048, 16
-    u = normal(keys[0], (b, t, d))
-    delta = jax.nn.softplus(normal(keys[1], (b, t, d), jnp.float32) - 4.0).astype(dtype)
-    A = -jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n))
-    return u, delta, A, normal(keys[2], (b, t, n)), normal(keys[3], (b, t, n))
+# op -> its Pallas row of the GPU benchmark, whose case builder gives the inputs and the call.
+ROWS = {
+    "gla": "gla/pallas",
+    "ssd": "mamba2/pallas",
+    "gated_delta_rule": "gdn/pallas",
+    "selective_scan": "mamba/pallas",
+}
 
 
-def _op(op: str, chunk_size: int | None):
+def _case(op: str, t: int, chunk_size: int | None, dtype):
+    """The GPU plan's call of ``op`` at one row of length ``t`` -> (function, arguments)."""
     # GLA's default chunk depends on the backend (16 on a CPU, 64 on accelerators): the GPU's.
     if chunk_size is None and op == "gla":
         chunk_size = 64
-    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
-    fns = {
-        "gla": lambda *a: ops.gated_linear_attention(*a, impl="pallas", **kw)[0],
-        "gated_delta_rule": lambda *a: ops.gated_delta_rule(*a, impl="pallas", **kw)[0],
-        "ssd": lambda *a: ops.ssd(*a, impl="pallas", **kw)[0],
-        "selective_scan": lambda *a: ops.selective_scan(*a, impl="pallas", **kw)[0],
-    }
-    return fns[op]
+    builder, impl, _ = gpu.ROWS[ROWS[op]]
+    case = builder(gpu.GpuPlan(), 1, t, dtype, impl, chunk_size)
+    return case.fn, case.args
 
 
-OPS = ("gla", "ssd", "gated_delta_rule", "selective_scan")
+OPS = tuple(ROWS)
 
 
 def capture(fn, args) -> list[dict]:
@@ -182,8 +160,7 @@ def run(options: Options, log=print) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for op in options.ops:
-            args = _inputs(op, options.t, jnp.dtype(options.dtype))
-            fn = _op(op, options.chunk_size)
+            fn, args = _case(op, options.t, options.chunk_size, jnp.dtype(options.dtype))
 
             def loss(*a, fn=fn):
                 return fn(*a).astype(jnp.float32).sum()
